@@ -1,0 +1,320 @@
+"""The storage SCP: C-ECHO and C-STORE (PS3.4 Annex A and B) with AE-title and TLS policy.
+
+Receive path per C-STORE (DESIGN step 1): the data set bytes arrive as sent (never decoded), their
+identifying attributes are read and checked (:mod:`dicom_node.instance`), the file is written to a temp
+file and fsynced, renamed into place, reported to the :class:`~dicom_node.events.IngestSink` (the database
+row), and only then is Success answered. Any failure answers a failure status and the association carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.completion import CompletionTracker
+from dicom_node.events import (
+    AssociationSummary,
+    IngestSink,
+    ReceivedInstance,
+    RejectedAssociation,
+    RejectedInstance,
+)
+from dicom_node.instance import InvalidInstance, file_header, identify, is_valid_uid
+from dicom_node.params import CompletionParams, DuplicatePolicy, ListenerParams, UnsupportedSopPolicy
+from dicom_node.sop import (
+    ANALYSABLE_SOP_CLASSES,
+    SR_SOP_CLASSES,
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+    all_storage_sop_classes,
+)
+from dicom_node.status import StoreStatus
+from dicom_node.storage import InstanceStore
+from dicom_node.tls import server_context
+
+log = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ diagnostics (PS3.8 Table 9-21): result 1 = rejected-permanent, source 1 = service-user.
+_REJECT_PERMANENT, _SOURCE_SERVICE_USER = 0x01, 0x01
+_CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
+_LOCK_STRIPES = 64
+
+
+class _SupportedContext(PresentationContext):
+    """A supported presentation context whose copy shares its (immutable) UIDs.
+
+    pynetdicom deep-copies the SCP's supported contexts for every association; with ~170 storage SOP
+    classes × 13 transfer syntaxes that copy re-validates thousands of UIDs and cost more CPU than
+    receiving an image. Sharing the UIDs makes it cheap; each association still gets its own lists."""
+
+    def __init__(self, abstract_syntax: str, transfer_syntaxes: Iterable[str]) -> None:
+        super().__init__()
+        self.abstract_syntax = abstract_syntax
+        for syntax in transfer_syntaxes:
+            self.add_transfer_syntax(syntax)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SupportedContext:
+        clone = object.__new__(_SupportedContext)
+        clone.__dict__.update(self.__dict__)
+        clone._transfer_syntax = list(self._transfer_syntax)
+        return clone
+
+
+@dataclass(slots=True)
+class _AssociationStats:
+    calling_ae_title: str
+    peer_host: str
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    studies: set[str] = field(default_factory=set)
+
+
+class Listener:
+    """A running storage SCP. ``start()`` binds and returns; ``stop()`` closes the socket and waits for the
+    completion tracker. ``port`` is the bound port (useful with ``port=0``)."""
+
+    def __init__(self, params: ListenerParams, completion: CompletionParams, sink: IngestSink) -> None:
+        self.params = params
+        self.sink = sink
+        self.store = InstanceStore(params.storage_root, fsync=params.fsync)
+        self.tracker = CompletionTracker(completion, sink.study_stable)
+        self._server: ThreadedAssociationServer | None = None
+        self._stats: dict[int, _AssociationStats] = {}
+        self._stats_lock = threading.Lock()
+        self._sop_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._accepted_classes = set(ANALYSABLE_SOP_CLASSES) | set(SR_SOP_CLASSES)
+        if params.unsupported_sop_classes is UnsupportedSopPolicy.STORE:
+            self._accepted_classes = all_storage_sop_classes()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("listener is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Drop temp files of interrupted receptions, re-arm studies still receiving, then accept
+        associations in background threads."""
+        removed = self.store.remove_leftovers()
+        if removed:
+            log.warning("removed %d incomplete temp files from an earlier run", removed)
+        for pending in self.sink.pending_studies():
+            self.tracker.arm(
+                pending.study_instance_uid,
+                pending.receiving_since.timestamp(),
+                pending.last_received_at.timestamp(),
+            )
+        ae = self._application_entity()
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        ssl_context = server_context(self.params.tls) if self.params.tls is not None else None
+        self._server = ae.start_server(
+            (self.params.bind_address, self.params.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+            contexts=self._supported_contexts(),
+        )
+        self.tracker.start()
+        log.info(
+            "DICOM node %s listening on %s:%d%s (%d storage SOP classes)",
+            self.params.ae_title, self.params.bind_address, self.port, " with TLS" if ssl_context else "",
+            len(self._accepted_classes),
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.tracker.stop()
+
+    def _application_entity(self) -> AE:
+        ae = AE(ae_title=self.params.ae_title)
+        ae.maximum_pdu_size = self.params.max_pdu_size
+        ae.network_timeout = self.params.network_timeout
+        ae.acse_timeout = self.params.acse_timeout
+        ae.dimse_timeout = self.params.dimse_timeout
+        ae.maximum_associations = self.params.max_associations
+        ae.require_called_aet = False  # checked in _on_requested, which logs and reports why
+        return ae
+
+    def _supported_contexts(self) -> list[PresentationContext]:
+        contexts = [_SupportedContext(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])]
+        contexts += [_SupportedContext(uid, TRANSFER_SYNTAXES) for uid in sorted(self._accepted_classes)]
+        return contexts
+
+    def _on_requested(self, event: Event) -> None:
+        """Called-AE check and calling-AE allow-list, optionally bound to host (PS3.8 §9.3.4 diagnostics)."""
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        called = assoc.requestor.primitive.called_ae_title.strip()
+        host = assoc.requestor.address
+        reason, diagnostic = self._refusal(calling, called, host)
+        if reason is None:
+            return
+        log.warning("association from %s@%s to %s rejected: %s", calling, host, called, reason)
+        self._report(self.sink.association_rejected, RejectedAssociation(calling, called, host, reason))
+        assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
+        assoc.kill()
+
+    def _refusal(self, calling: str, called: str, host: str) -> tuple[str | None, int]:
+        if called != self.params.ae_title:
+            return f"called AE title {called!r} is not {self.params.ae_title!r}", _CALLED_AE_NOT_RECOGNIZED
+        rules = [rule for rule in self.params.allowed_callers if rule.ae_title == calling]
+        if not rules:
+            return f"calling AE title {calling!r} is not in the allow-list", _CALLING_AE_NOT_RECOGNIZED
+        if not any(rule.host is None or rule.host == host for rule in rules):
+            return f"calling AE title {calling!r} is not allowed from host {host}", _CALLING_AE_NOT_RECOGNIZED
+        return None, 0
+
+    def _on_accepted(self, event: Event) -> None:
+        assoc = event.assoc
+        with self._stats_lock:
+            self._stats[id(assoc)] = _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+
+    def _on_echo(self, event: Event) -> int:
+        return 0x0000
+
+    def _on_closed(self, event: Event) -> None:
+        assoc = event.assoc
+        self.tracker.association_closed(id(assoc))
+        with self._stats_lock:
+            stats = self._stats.pop(id(assoc), None)
+        if stats is None:
+            return
+        summary = AssociationSummary(
+            calling_ae_title=stats.calling_ae_title,
+            peer_host=stats.peer_host,
+            stored=stats.stored,
+            duplicates=stats.duplicates,
+            failed=stats.failed,
+            studies=tuple(sorted(stats.studies)),
+            aborted=bool(assoc.is_aborted),
+        )
+        log.info(
+            "association from %s@%s ended%s: %d stored, %d duplicate, %d failed",
+            stats.calling_ae_title, stats.peer_host, " (aborted)" if summary.aborted else "",
+            stats.stored, stats.duplicates, stats.failed,
+        )
+        self._report(self.sink.association_ended, summary)
+
+    def _on_store(self, event: Event) -> int:
+        assoc: Association = event.assoc
+        stats = self._stats.get(id(assoc)) or _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+        request = event.request
+        sop_class_uid = str(request.AffectedSOPClassUID)
+        sop_instance_uid = str(request.AffectedSOPInstanceUID)
+        transfer_syntax = str(event.context.transfer_syntax)
+
+        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None) -> int:
+            stats.failed += 1
+            log.warning(
+                "C-STORE %s from %s@%s refused with 0x%04X: %s",
+                sop_instance_uid or "(no SOP Instance UID)", stats.calling_ae_title, stats.peer_host, status, reason,
+            )
+            rejection = RejectedInstance(
+                int(status), reason, stats.calling_ae_title, stats.peer_host,
+                sop_class_uid or None, sop_instance_uid or None, study_uid,
+            )
+            self._report(self.sink.instance_rejected, rejection)
+            return int(status)
+
+        if sop_class_uid not in self._accepted_classes:
+            return refuse(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class_uid} is not accepted")
+        if not (is_valid_uid(sop_class_uid) and is_valid_uid(sop_instance_uid)):
+            return refuse(StoreStatus.INVALID_IDENTIFIER, "the request's Affected SOP Class/Instance UID is not a UID")
+        dataset: bytes = request.DataSet.getvalue()
+        header = file_header(sop_class_uid, sop_instance_uid, transfer_syntax, stats.calling_ae_title)
+        try:
+            ident = identify(dataset, transfer_syntax, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
+        except InvalidInstance as exc:
+            return refuse(exc.status, exc.reason)
+
+        final = self.store.path_for(ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid)
+        try:
+            temp, sha256 = self.store.write_temp(header, dataset)
+        except OSError as exc:
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc}", ident.study_instance_uid)
+        instance = ReceivedInstance(
+            sop_class_uid=ident.sop_class_uid,
+            sop_instance_uid=ident.sop_instance_uid,
+            study_instance_uid=ident.study_instance_uid,
+            series_instance_uid=ident.series_instance_uid,
+            transfer_syntax_uid=transfer_syntax,
+            path=final,
+            size=len(header) + len(dataset),
+            sha256=sha256,
+            calling_ae_title=stats.calling_ae_title,
+            peer_host=stats.peer_host,
+            received_at=datetime.now(UTC),
+            analysable=ident.sop_class_uid in ANALYSABLE_SOP_CLASSES,
+            patient_id=ident.patient_id,
+            patient_name=ident.patient_name,
+            accession_number=ident.accession_number,
+            study_date=ident.study_date,
+            study_description=ident.study_description,
+            modality=ident.modality,
+            series_number=ident.series_number,
+            series_description=ident.series_description,
+            instance_number=ident.instance_number,
+            laterality=ident.laterality,
+        )
+        with self._sop_locks[hash(ident.sop_instance_uid) % _LOCK_STRIPES]:
+            existed = final.exists()
+            if existed and not self._recorded(ident.sop_instance_uid):
+                existed = False  # a file left by an attempt that never got recorded: this one takes its place
+            if existed and self.params.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
+                self.store.discard(temp)
+                stats.duplicates += 1
+                log.info("duplicate SOP Instance UID %s from %s ignored (keep first)", ident.sop_instance_uid,
+                         stats.calling_ae_title)
+                self._report(self.sink.duplicate_ignored, instance)
+                return int(StoreStatus.SUCCESS)
+            try:
+                self.store.commit(temp, final)
+            except OSError as exc:
+                self.store.discard(temp)
+                return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot store: {exc}", ident.study_instance_uid)
+            self.tracker.instance_received(ident.study_instance_uid, id(assoc))
+            try:
+                self.sink.instance_stored(instance, replaced=existed)
+            except Exception as exc:
+                log.exception("recording instance %s failed", ident.sop_instance_uid)
+                if not existed:
+                    self.store.discard(final)
+                return refuse(StoreStatus.OUT_OF_RESOURCES_DATABASE, f"cannot record: {exc}", ident.study_instance_uid)
+        stats.stored += 1
+        stats.studies.add(ident.study_instance_uid)
+        return int(StoreStatus.SUCCESS)
+
+    def _recorded(self, sop_instance_uid: str) -> bool:
+        try:
+            return bool(self.sink.instance_recorded(sop_instance_uid))
+        except Exception:
+            log.exception("cannot tell whether %s is recorded; treating the stored file as a duplicate",
+                          sop_instance_uid)
+            return True
+
+    def _report(self, method: Any, payload: Any) -> None:
+        """Tell the sink something that must never stop the node."""
+        try:
+            method(payload)
+        except Exception:
+            log.exception("ingest sink failed in %s", getattr(method, "__name__", method))
