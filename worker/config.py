@@ -1,0 +1,333 @@
+"""The one typed configuration of the product.
+
+Read from a TOML file (``--config FILE`` or ``RETINALGPT_CONFIG``) with ``RETINALGPT_<SECTION>__<KEY>``
+environment overrides (environment wins). Every key is documented in ``docs/configuration.md``.
+Relative paths are resolved against ``home``; ``database.url`` and ``broker.url`` default to files below
+``home`` (the embedded default: SQLite database, kombu SQLAlchemy transport, filesystem storage).
+
+Other packages never import this module: :mod:`worker` builds their plain parameter objects from it.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+CONFIG_ENV = "RETINALGPT_CONFIG"
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")]
+"""An Application Entity title: 1–16 printable ASCII characters, not all spaces (PS3.5 §6.2, AE VR)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowedCaller(_Section):
+    """A calling AE title allowed to associate, optionally bound to the host it must come from."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+
+class TlsSettings(_Section):
+    """TLS for the DICOM listener or a DICOM destination (PS3.15 Annex B.1, TLS secure transport)."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = Field(default=None, description="CA bundle to verify the peer")
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.enabled needs tls.certificate and tls.private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("tls.require_client_certificate needs tls.ca_certificates")
+        return self
+
+
+class DuplicatePolicy(StrEnum):
+    KEEP_FIRST = "keep_first"
+    REPLACE = "replace"
+
+
+class UnsupportedSopPolicy(StrEnum):
+    STORE = "store"
+    REJECT = "reject"
+
+
+class DicomSettings(_Section):
+    ae_title: AETitle = "RETINALGPT"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    stable_seconds: float = Field(default=10.0, gt=0)
+    max_wait_seconds: float = Field(default=600.0, gt=0)
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    unsupported_sop_classes: UnsupportedSopPolicy = UnsupportedSopPolicy.STORE
+    max_pdu_size: int = Field(default=4 * 1024 * 1024, ge=0, description="0 means unlimited")
+    network_timeout: float = Field(default=60.0, gt=0)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    max_associations: int = Field(default=16, ge=1)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @model_validator(mode="after")
+    def _waits(self) -> DicomSettings:
+        if self.max_wait_seconds < self.stable_seconds:
+            raise ValueError("dicom.max_wait_seconds must be >= dicom.stable_seconds")
+        return self
+
+
+class StorageSettings(_Section):
+    path: Path = Path("studies")
+    fsync: bool = True
+
+
+class DatabaseSettings(_Section):
+    url: str = ""
+    echo: bool = False
+
+
+class BrokerSettings(_Section):
+    url: str = ""
+    result_backend: str = ""
+    visibility_timeout: int = Field(default=3600, gt=0, description="seconds before an unacked task is redelivered")
+
+
+class PipelineSettings(_Section):
+    """Job supervision: heartbeats of running jobs and when the bookkeeper re-queues lost work."""
+
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    stale_after_seconds: float = Field(default=30.0, gt=0, description="a running job without heartbeat is lost")
+    requeue_after_seconds: float = Field(default=60.0, gt=0, description="a queued job or open delivery untouched")
+    failed_retry_seconds: float = Field(default=30.0, ge=0)
+    max_attempts: int = Field(default=3, ge=1, description="analysis attempts before a job is dead")
+    sweep_seconds: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_shorter(self) -> PipelineSettings:
+        if self.stale_after_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError("pipeline.stale_after_seconds must exceed twice pipeline.heartbeat_seconds")
+        return self
+
+
+class ModelSettings(_Section):
+    """Which RetinalGPT model the inference workers run."""
+
+    enabled: bool = True
+    path: Path | None = Field(default=None, description="model directory; default: the registry's active version")
+    registry: Path = Path("models")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=256, ge=1)
+
+
+class AnalysisSettings(_Section):
+    """The deterministic measurement pipeline."""
+
+    vessel_method: Literal["network", "classical"] = "network"
+    definitions: Literal["standard", "automorph"] = "standard"
+    field_angle_degrees: float = Field(default=45.0, gt=0, le=200)
+    working_size: int = Field(default=768, ge=256, le=2048)
+
+
+class ReportingSettings(_Section):
+    """Result objects built for each analysis (reporting.ReportOptions)."""
+
+    manufacturer: str = "RetinalGPT Worker"
+    institution_name: str | None = None
+    segmentation: bool = False
+    key_image: bool = True
+    pdf: bool = True
+    sr_series_number: int = Field(default=9001, ge=1)
+    seg_series_number: int = Field(default=9002, ge=1)
+    key_image_series_number: int = Field(default=9003, ge=1)
+    pdf_series_number: int = Field(default=9004, ge=1)
+    fhir_patient_system: str = Field(default="urn:retinalgpt:patient-id", min_length=1,
+                                     description="FHIR Patient.identifier.system of the DICOM Patient ID")
+
+
+class FhirAuth(_Section):
+    kind: Literal["none", "bearer", "basic", "mtls"] = "none"
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    client_certificate: Path | None = None
+    client_key: Path | None = None
+    ca_certificates: Path | None = None
+
+
+class Destination(_Section):
+    """Where results go: a DICOM peer (C-STORE), a FHIR server (transaction), or a folder."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["dicom", "fhir", "folder"]
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    url: str | None = None
+    auth: FhirAuth = Field(default_factory=FhirAuth)
+    path: Path | None = None
+    timeout: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_seconds: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> Destination:
+        needed = {"dicom": ("ae_title", "host", "port"), "fhir": ("url",), "folder": ("path",)}[self.kind]
+        missing = [f for f in needed if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"destination {self.name!r} of kind {self.kind} needs {', '.join(missing)}")
+        return self
+
+
+class ApiToken(_Section):
+    """A bearer token, stored as its SHA-256 hex digest (never in clear)."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    role: Literal["read", "admin"] = "read"
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    tokens: list[ApiToken] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    base_url: str | None = Field(default=None, description="public base URL used in FHIR links")
+    chat_timeout_seconds: float = Field(default=120.0, gt=0, description="how long a chat request waits for the answer")
+    metrics_public: bool = Field(default=True, description="serve /metrics without a token")
+
+
+class Settings(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RETINALGPT_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    home: Path = Path("var")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    reporting: ReportingSettings = Field(default_factory=ReportingSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    _toml_file: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = _current_toml.get("path")
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, destinations: list[Destination]) -> list[Destination]:
+        names = [d.name for d in destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique: {', '.join(dupes)}")
+        return destinations
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        self.home = self.home.expanduser().absolute()
+        self.storage.path = self._below_home(self.storage.path)
+        self.model.registry = self._below_home(self.model.registry)
+        if self.model.path is not None:
+            self.model.path = self._below_home(self.model.path)
+        if not self.database.url:
+            self.database.url = f"sqlite:///{self.home / 'retinalgpt.sqlite'}"
+        if not self.broker.url:
+            self.broker.url = f"sqla+sqlite:///{self.home / 'broker.sqlite'}"
+        if not self.broker.result_backend:
+            self.broker.result_backend = f"db+sqlite:///{self.home / 'results.sqlite'}"
+        for dest in self.destinations:
+            if dest.path is not None:
+                dest.path = self._below_home(dest.path)
+        return self
+
+    def _below_home(self, path: Path) -> Path:
+        path = path.expanduser()
+        return path if path.is_absolute() else self.home / path
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name``; :class:`ConfigError` if none is configured."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"unknown destination {name!r} (known: {known})")
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data with secrets masked."""
+        return self.model_dump(mode="json")
+
+
+_current_toml: dict[str, Path | None] = {"path": None}
+
+
+def config_path(explicit: Path | str | None = None) -> Path | None:
+    """The TOML file to read: ``explicit``, else ``$RETINALGPT_CONFIG``, else none (all defaults)."""
+    chosen = explicit if explicit is not None else os.environ.get(CONFIG_ENV)
+    return Path(chosen) if chosen else None
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load and validate the configuration; raise :class:`ConfigError` with one line naming the key."""
+    toml = config_path(path)
+    if toml is not None and not toml.is_file():
+        raise ConfigError(f"configuration file {toml} does not exist")
+    _current_toml["path"] = toml
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, toml)) from None
+    except (ValueError, OSError) as exc:  # TOML syntax errors surface as ValueError (tomllib.TOMLDecodeError)
+        raise ConfigError(f"{toml}: {exc}") from None
+    finally:
+        _current_toml["path"] = None
+    settings._toml_file = toml
+    return settings
+
+
+def _one_line(exc: ValidationError, toml: Path | None) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    where = f"{toml}: " if toml else ""
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    value = f", got {err['input']!r}" if err["type"] not in {"missing", "value_error"} and "input" in err else ""
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}invalid configuration key {key}: {msg}{value}{more}"

@@ -1,0 +1,91 @@
+"""Read-side queries shared by the CLI and the API: study lists and study details as plain data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from worker.db.models import Instance, Series, Study
+from worker.db.states import StudyState
+
+
+def list_studies(session: Session, *, state: StudyState | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Most recently active studies first, with instance counts."""
+    counts = (
+        select(Instance.study_id, func.count(Instance.id).label("instances"))
+        .group_by(Instance.study_id)
+        .subquery()
+    )
+    query = (
+        select(Study, func.coalesce(counts.c.instances, 0))
+        .outerjoin(counts, counts.c.study_id == Study.id)
+        .order_by(Study.last_instance_at.desc())
+        .limit(limit)
+    )
+    if state is not None:
+        query = query.where(Study.state == state)
+    return [study_summary(study, instances) for study, instances in session.execute(query).all()]
+
+
+def get_study(session: Session, study_instance_uid: str) -> Study | None:
+    return session.scalars(
+        select(Study)
+        .where(Study.study_instance_uid == study_instance_uid)
+        .options(selectinload(Study.series).selectinload(Series.instances))
+    ).one_or_none()
+
+
+def study_summary(study: Study, instances: int) -> dict[str, Any]:
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "patient_id": study.patient_id,
+        "patient_name": study.patient_name,
+        "accession_number": study.accession_number,
+        "study_date": study.study_date,
+        "state": study.state.value,
+        "revision": study.revision,
+        "instances": instances,
+        "last_instance_at": study.last_instance_at.isoformat(),
+        "completed_at": study.completed_at.isoformat() if study.completed_at else None,
+    }
+
+
+def study_detail(study: Study) -> dict[str, Any]:
+    """A study with its series and instances."""
+    instances = [i for s in study.series for i in s.instances]
+    detail = study_summary(study, len(instances))
+    detail.update(
+        study_description=study.study_description,
+        created_at=study.created_at.isoformat(),
+        receiving_since=study.receiving_since.isoformat(),
+        series=[
+            {
+                "series_instance_uid": s.series_instance_uid,
+                "modality": s.modality,
+                "series_number": s.series_number,
+                "series_description": s.series_description,
+                "instances": [
+                    {
+                        "sop_instance_uid": i.sop_instance_uid,
+                        "sop_class_uid": i.sop_class_uid,
+                        "transfer_syntax_uid": i.transfer_syntax_uid,
+                        "instance_number": i.instance_number,
+                        "laterality": i.laterality,
+                        "revision": i.revision,
+                        "analysable": i.analysable,
+                        "path": i.path,
+                        "size_bytes": i.size_bytes,
+                        "sha256": i.sha256,
+                        "calling_ae_title": i.calling_ae_title,
+                        "peer_host": i.peer_host,
+                        "received_at": i.received_at.isoformat(),
+                    }
+                    for i in s.instances
+                ],
+            }
+            for s in study.series
+        ],
+    )
+    return detail

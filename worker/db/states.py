@@ -1,0 +1,93 @@
+"""Lifecycle states and the study state machine, in one place.
+
+A study's *current revision* moves through::
+
+    receiving → complete → queued → processing → analysed → delivering → delivered
+                                        ↘            ↘            ↘
+                                         failed ←──────────────────
+
+A late instance after ``receiving`` opens revision N+1, which starts again at ``receiving``; the older
+revision's analyses are marked superseded. ``rerun`` sends a study back to ``queued``, ``resend`` to
+``delivering``, and a failed study may be retried from where it failed.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StudyState(StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    ANALYSED = "analysed"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class JobKind(StrEnum):
+    """What a job does: ``analysis`` (inference + measurement), ``report`` (SR/FHIR building),
+    ``delivery`` (sending to destinations)."""
+
+    ANALYSIS = "analysis"
+    REPORT = "report"
+    DELIVERY = "delivery"
+
+
+class JobState(StrEnum):
+    """``dead``: failed permanently or out of attempts; only an operator retry revives it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+class DeliveryState(StrEnum):
+    """``dead`` is the dead-letter state: a permanent failure or attempts exhausted."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    RETRYING = "retrying"
+    DEAD = "dead"
+
+
+class DeliveryObject(StrEnum):
+    """The kind of object delivered."""
+
+    SR = "sr"
+    KEY_IMAGE = "key_image"
+    PDF = "pdf"
+    SEG = "seg"
+    FHIR = "fhir"
+
+
+S = StudyState
+
+#: Allowed transitions of a study within its current revision. Opening a new revision (late instance)
+#: is not a transition: it is :func:`worker.ingest` resetting the study to ``receiving`` with revision + 1.
+STUDY_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
+    S.RECEIVING: frozenset({S.COMPLETE}),
+    S.COMPLETE: frozenset({S.QUEUED, S.FAILED}),
+    S.QUEUED: frozenset({S.PROCESSING, S.FAILED}),
+    S.PROCESSING: frozenset({S.ANALYSED, S.QUEUED, S.FAILED}),
+    S.ANALYSED: frozenset({S.DELIVERING, S.DELIVERED, S.QUEUED, S.FAILED}),
+    S.DELIVERING: frozenset({S.DELIVERED, S.FAILED, S.QUEUED}),
+    S.DELIVERED: frozenset({S.QUEUED, S.DELIVERING}),
+    S.FAILED: frozenset({S.QUEUED, S.DELIVERING}),
+}
+
+
+class InvalidTransition(ValueError):
+    """A state change the study state machine does not allow."""
+
+
+def check_transition(current: StudyState, target: StudyState) -> None:
+    """Raise :class:`InvalidTransition` unless ``current → target`` is allowed."""
+    if target not in STUDY_TRANSITIONS[current]:
+        allowed = ", ".join(sorted(STUDY_TRANSITIONS[current])) or "none"
+        raise InvalidTransition(f"study cannot go from {current} to {target} (allowed: {allowed})")

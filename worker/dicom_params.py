@@ -1,0 +1,67 @@
+"""Build :mod:`dicom_node`'s parameter objects from the configuration (dicom_node never reads it)."""
+
+from __future__ import annotations
+
+from dicom_node.params import (
+    CallerRule,
+    CompletionParams,
+    DuplicatePolicy,
+    ListenerParams,
+    PeerParams,
+    TlsParams,
+    UnsupportedSopPolicy,
+)
+from worker.config import ConfigError, Destination, Settings, TlsSettings
+
+
+def tls_params(tls: TlsSettings) -> TlsParams | None:
+    if not tls.enabled:
+        return None
+    return TlsParams(
+        certificate=tls.certificate,
+        private_key=tls.private_key,
+        ca_certificates=tls.ca_certificates,
+        require_peer_certificate=tls.require_client_certificate,
+    )
+
+
+def listener_params(settings: Settings) -> ListenerParams:
+    dicom = settings.dicom
+    return ListenerParams(
+        ae_title=dicom.ae_title,
+        storage_root=settings.storage.path,
+        bind_address=dicom.bind_address,
+        port=dicom.port,
+        allowed_callers=tuple(CallerRule(c.ae_title, c.host) for c in dicom.allowed_callers),
+        duplicate_policy=DuplicatePolicy(dicom.duplicate_policy.value),
+        unsupported_sop_classes=UnsupportedSopPolicy(dicom.unsupported_sop_classes.value),
+        fsync=settings.storage.fsync,
+        max_pdu_size=dicom.max_pdu_size,
+        network_timeout=dicom.network_timeout,
+        acse_timeout=dicom.acse_timeout,
+        dimse_timeout=dicom.dimse_timeout,
+        max_associations=dicom.max_associations,
+        tls=tls_params(dicom.tls),
+    )
+
+
+def completion_params(settings: Settings) -> CompletionParams:
+    return CompletionParams(
+        stable_seconds=settings.dicom.stable_seconds, max_wait_seconds=settings.dicom.max_wait_seconds
+    )
+
+
+def peer_params(settings: Settings, destination: Destination | str) -> PeerParams:
+    """The DICOM peer of a destination of kind ``dicom`` (name or object); our AE title calls it."""
+    dest = settings.destination(destination) if isinstance(destination, str) else destination
+    if dest.kind != "dicom" or dest.ae_title is None or dest.host is None or dest.port is None:
+        raise ConfigError(f"destination {dest.name!r} is not a DICOM destination")
+    return PeerParams(
+        ae_title=dest.ae_title,
+        host=dest.host,
+        port=dest.port,
+        calling_ae_title=settings.dicom.ae_title,
+        timeout=dest.timeout,
+        max_pdu_size=settings.dicom.max_pdu_size,
+        tls=tls_params(dest.tls),
+    )
