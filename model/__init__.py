@@ -1,0 +1,1 @@
+"""RetinalGPT runtime (LLaVA-format model, engine, prompts, parsing) and the measurement pipeline."""

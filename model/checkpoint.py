@@ -1,0 +1,203 @@
+"""The RetinalGPT model directory: a transformers ``LlavaForConditionalGeneration`` directory plus ``retinalgpt.json``.
+
+Layout (everything transformers / vLLM expect, so the directory also loads with ``from_pretrained``)::
+
+    config.json                  LlavaConfig (CLIP vision tower, LLaMA text model, projector)
+    model.safetensors            weights (possibly sharded with an index)
+    generation_config.json
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    preprocessor_config.json     CLIP image processor settings (resize shortest edge, centre crop, normalise)
+    retinalgpt.json              :class:`ModelMetadata`: conversation template, protocol version, label
+                                 vocabularies, image size and image-token count, provenance
+
+Torch is only imported by the functions that need it, so reading metadata is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model import protocol
+from model.schema import LesionType, max_grade
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
+METADATA_FILE = "retinalgpt.json"
+FORMAT_VERSION = 1
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CheckpointError(ValueError):
+    """A model directory is missing, incomplete or inconsistent; the message says what and where."""
+
+
+class ImageSpec(BaseModel):
+    """How images are turned into pixel values (CLIP preprocessing) and how many image tokens they become."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(gt=0, description="square input size of the vision tower, px")
+    image_tokens: int = Field(gt=0, description="image tokens one image expands to")
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+def default_vocabularies() -> dict[str, Any]:
+    """The label vocabularies of the current protocol (stored so a model directory says what it was taught)."""
+    return {
+        "conditions": {c.value: max_grade(c) for c in protocol.DISEASE_CONDITIONS},
+        "lesion_types": [t.value for t in LesionType],
+        "vascular_features": list(protocol.VASCULAR_FEATURES),
+        "modalities": list(protocol.MODALITIES),
+        "quality": {g.value: w for g, w in protocol.QUALITY_WORDS.items()},
+    }
+
+
+class ModelMetadata(BaseModel):
+    """Contents of ``retinalgpt.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    name: str = "retinalgpt"
+    version: str = "0"
+    preset: str | None = None
+    protocol_version: str = protocol.PROTOCOL_VERSION
+    template: dict[str, Any] = Field(default_factory=protocol.V0_TEMPLATE.to_dict)
+    image: ImageSpec
+    vocabularies: dict[str, Any] = Field(default_factory=default_vocabularies)
+    provenance: dict[str, Any] = Field(
+        default_factory=dict, description="source, import format, training run, data"
+    )
+
+    def conversation(self) -> protocol.ConversationTemplate:
+        return protocol.ConversationTemplate.from_dict(self.template)
+
+
+def read_metadata(path: Path) -> ModelMetadata:
+    """Read ``retinalgpt.json`` of a model directory; :class:`CheckpointError` when missing or invalid."""
+    file = Path(path) / METADATA_FILE
+    if not Path(path).is_dir():
+        raise CheckpointError(f"model directory {path} does not exist")
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a RetinalGPT model directory: {METADATA_FILE} is missing")
+    try:
+        return ModelMetadata.model_validate_json(file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        raise CheckpointError(f"{file}: invalid metadata ({first[0] if first else exc})") from None
+
+
+def write_metadata(path: Path, metadata: ModelMetadata) -> None:
+    (Path(path) / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors weight files of a model directory, sorted."""
+    return sorted(Path(path).glob("*.safetensors"))
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """SHA-256 over the weight files (names and bytes, sorted by name): the identity of the weights."""
+    files = weight_files(path)
+    if not files:
+        raise CheckpointError(f"{path} holds no *.safetensors weights")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars (they would corrupt CLI output and worker logs)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def device_uid(sha256: str) -> str:
+    """The DICOM Device UID of a checkpoint: a UUID-derived UID ``2.25.<int>`` (PS3.5 §B.2) built from the first
+    128 bits of the weights' SHA-256, so it changes whenever the weights change and is stable otherwise."""
+    if len(sha256) < 32 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+        raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+    return f"2.25.{int(sha256[:32], 16)}"
+
+
+def save_model_dir(
+    path: Path,
+    model: LlavaForConditionalGeneration,
+    tokenizer: PreTrainedTokenizerBase,
+    metadata: ModelMetadata,
+    dtype: str | None = None,
+) -> Path:
+    """Write a complete model directory (weights as safetensors, optionally cast to ``dtype`` such as
+    ``"float16"``) and return its path."""
+    import torch
+    from transformers import CLIPImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model = model.to(getattr(torch, dtype))
+    with quiet_transformers():
+        model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": metadata.image.size},
+        crop_size={"height": metadata.image.size, "width": metadata.image.size},
+        image_mean=list(metadata.image.mean),
+        image_std=list(metadata.image.std),
+    ).save_pretrained(path)
+    write_metadata(path, metadata)
+    return path
+
+
+def validate_model_dir(path: Path) -> ModelMetadata:
+    """Check that ``path`` is a complete, self-consistent model directory without loading weights; return its
+    metadata. Raises :class:`CheckpointError` naming the first problem."""
+    metadata = read_metadata(path)
+    path = Path(path)
+    for required in ("config.json", "tokenizer.json"):
+        if not (path / required).is_file():
+            raise CheckpointError(f"{path}: {required} is missing")
+    if not weight_files(path):
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "llava":
+        raise CheckpointError(
+            f"{path}: config.json model_type is {config.get('model_type')!r}, expected 'llava'"
+        )
+    vision = config.get("vision_config", {})
+    if vision.get("image_size") != metadata.image.size:
+        raise CheckpointError(
+            f"{path}: vision tower image_size {vision.get('image_size')} differs from {METADATA_FILE} {metadata.image.size}"
+        )
+    patches = (metadata.image.size // int(vision.get("patch_size", 14))) ** 2
+    if patches != metadata.image.image_tokens:
+        raise CheckpointError(
+            f"{path}: {patches} patches but {METADATA_FILE} says {metadata.image.image_tokens} image tokens"
+        )
+    if metadata.protocol_version.split(".")[0] != protocol.PROTOCOL_VERSION.split(".")[0]:
+        raise CheckpointError(
+            f"{path}: protocol version {metadata.protocol_version} is not compatible with {protocol.PROTOCOL_VERSION}"
+        )
+    return metadata
