@@ -1,0 +1,1 @@
+"""FHIR R4 resources, transaction Bundle and delivery client."""

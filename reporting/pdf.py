@@ -1,0 +1,200 @@
+"""PDF report and its Encapsulated PDF object (PS3.3 A.45.1 Encapsulated PDF IOD, Modality DOC).
+
+The PDF shows patient and study, the "AI result, not verified" statement, model identity, and per image the
+annotated photograph, the findings and the measurements against reference ranges. The same bytes are the
+FHIR DiagnosticReport ``presentedForm``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from collections.abc import Sequence
+from xml.sax.saxutils import escape
+
+import numpy as np
+from PIL import Image as PILImage
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from reportlab.lib import colors
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import getSampleStyleSheet
+from reportlab.lib.units import mm
+from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+
+from model.schema import ImageAnalysis, StudyAnalysis
+from reporting import summary
+from reporting.key_image import annotate
+from reporting.options import ReportOptions
+from reporting.sources import algorithms, metadata, result_key, rgb_pixels, uid
+
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
+TITLE = "RetinalGPT fundus photograph analysis"
+_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+    "IssuerOfPatientID",
+)
+_TABLE_STYLE = TableStyle(
+    [
+        ("FONTSIZE", (0, 0), (-1, -1), 8),
+        ("BACKGROUND", (0, 0), (-1, 0), colors.lightgrey),
+        ("GRID", (0, 0), (-1, -1), 0.25, colors.grey),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+    ]
+)
+
+
+def _thumbnail(pixels: np.ndarray, width_mm: float = 80) -> Image:
+    picture = PILImage.fromarray(pixels)
+    picture.thumbnail((768, 768))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    buffer.seek(0)
+    ratio = picture.height / picture.width
+    return Image(buffer, width=width_mm * mm, height=width_mm * ratio * mm)
+
+
+def _image_section(analysis: StudyAnalysis, img: ImageAnalysis, source: Dataset | None, styles) -> list:
+    flow: list = [Paragraph(escape(summary.image_title(img)), styles["Heading2"])]
+    if source is not None:
+        flow.append(_thumbnail(annotate(rgb_pixels(source), analysis, img)))
+    if img.quality is not None and img.quality.reasons:
+        flow.append(Paragraph("Quality: " + escape("; ".join(img.quality.reasons)), styles["Normal"]))
+    if img.findings:
+        rows = [["Finding", "Result", "Source"]]
+        rows += [
+            [summary.finding_text(f).split(":")[0], summary.finding_text(f).split(": ", 1)[1], f.source.value]
+            for f in img.findings
+        ]
+        flow += [Spacer(1, 2 * mm), Table(rows, style=_TABLE_STYLE, hAlign="LEFT")]
+    if img.measurements:
+        rows = [["Measurement", "Value", "Unit", "Reference", "", "Source"]]
+        for m in img.measurements:
+            r = summary.measurement_row(m)
+            rows.append([r.name, r.value, r.unit, r.reference, r.flag, r.source])
+        flow += [Spacer(1, 2 * mm), Table(rows, style=_TABLE_STYLE, hAlign="LEFT")]
+    for d in img.disagreements:
+        flow.append(
+            Paragraph(
+                escape(
+                    f"Model estimate of {d.key} ({d.model_value:g}) disagrees with the measurement "
+                    f"({d.measured_value:g})."
+                ),
+                styles["Normal"],
+            )
+        )
+    return flow
+
+
+def render_pdf(analysis: StudyAnalysis, sources: Sequence[Dataset], notes: Sequence[str]) -> bytes:
+    """The PDF report of ``analysis`` (reportlab)."""
+    styles = getSampleStyleSheet()
+    first = sources[0] if sources else Dataset()
+    buffer = io.BytesIO()
+    doc = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        title=TITLE,
+        author="RetinalGPT Worker",
+        leftMargin=15 * mm,
+        rightMargin=15 * mm,
+        topMargin=15 * mm,
+        bottomMargin=15 * mm,
+    )
+    flow: list = [
+        Paragraph(TITLE, styles["Title"]),
+        Paragraph(f"<b>{escape(summary.NOT_VERIFIED)}</b>", styles["Normal"]),
+        Spacer(1, 3 * mm),
+        Table(
+            [
+                [
+                    "Patient",
+                    str(first.get("PatientName", analysis.patient_name or "")),
+                    "Patient ID",
+                    str(first.get("PatientID", analysis.patient_id or "")),
+                ],
+                [
+                    "Study date",
+                    str(first.get("StudyDate", "")),
+                    "Accession",
+                    str(analysis.accession_number or ""),
+                ],
+                ["Study UID", analysis.study_instance_uid, "Revision", str(analysis.revision)],
+            ],
+            style=TableStyle([("FONTSIZE", (0, 0), (-1, -1), 8)]),
+            hAlign="LEFT",
+        ),
+        Spacer(1, 3 * mm),
+        Paragraph(
+            "<b>Algorithms</b>: "
+            + escape(
+                "; ".join(
+                    f"{a.name} {a.version} ({a.manufacturer}, device UID {a.device_uid})"
+                    for a in algorithms(analysis)
+                )
+            ),
+            styles["Normal"],
+        ),
+        Paragraph(f"<b>Referral</b>: {escape(analysis.referral.value)}", styles["Normal"]),
+    ]
+    if analysis.impression:
+        flow.append(Paragraph(f"<b>Impression</b>: {escape(analysis.impression)}", styles["Normal"]))
+    flow += [Paragraph(escape(n), styles["Italic"]) for n in notes]
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    for img in analysis.images:
+        flow += _image_section(analysis, img, by_uid.get(img.sop_instance_uid or ""), styles)
+    doc.build(flow)
+    return buffer.getvalue()
+
+
+def encapsulate_pdf(
+    pdf: bytes,
+    analysis: StudyAnalysis,
+    source: Dataset,
+    options: ReportOptions,
+    created: dt.datetime | None = None,
+) -> Dataset:
+    """The Encapsulated PDF instance in the source's study (Modality DOC, Burned In Annotation YES)."""
+    created = created or dt.datetime.now(dt.UTC)
+    ds = Dataset()
+    reference = metadata(source)
+    for keyword in _PATIENT_STUDY:
+        if keyword in reference:
+            ds[keyword] = reference[keyword]
+    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
+    ds.SOPInstanceUID = uid(result_key(analysis), "pdf")
+    ds.SeriesInstanceUID = uid(result_key(analysis), "pdf-series")
+    ds.SeriesNumber = options.pdf_series_number
+    ds.SeriesDescription = "RetinalGPT PDF report (AI result, not verified)"
+    ds.Modality = "DOC"
+    ds.Manufacturer = options.manufacturer
+    if options.institution_name:
+        ds.InstitutionName = options.institution_name
+    ds.ConversionType = "SYN"
+    ds.InstanceNumber = analysis.revision
+    ds.ContentDate = created.strftime("%Y%m%d")
+    ds.ContentTime = created.strftime("%H%M%S")
+    ds.AcquisitionDateTime = created.strftime("%Y%m%d%H%M%S")
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = TITLE
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(pdf)
+    ds.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 192")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return ds
