@@ -1,0 +1,1 @@
+"""Dataset adapters, instruction data, two-stage trainer, evaluation and model registry."""

@@ -1,0 +1,302 @@
+"""``retinalgpt evaluate MODEL --data KIND=DIR …``: per dataset and task metrics of a model directory.
+
+For every test image the engine answers the disease question (and, for ``full_limit`` images per dataset, the
+whole protocol). Probabilities come from the model's likelihood of each candidate answer
+(:meth:`model.engine.RetinalGPTEngine.score_candidates`), exactly as the engine scores the findings it states:
+
+* a condition: candidates "<Name>: grade k." / "<Name>: absent|present." after the image prompt and the model's
+  own earlier answer lines; P(present) = 1 − P(grade 0); referable DR = P(DR grade ≥ 2);
+* lesion presence per type: candidates " Yes." / " No." after a lesion-presence question;
+* any lesion: 1 − P(the lesion answer opens with "No lesions detected.") among the possible opening lines.
+
+Metrics (:mod:`training.metrics`): DR grade accuracy and quadratic-weighted kappa, ROC AUC of every binary label
+the dataset has, lesion box AP at IoU 0.5, answer-parse failure rate. Written as ``metrics.json``,
+``report.md``, ROC curves and confusion matrices (PNG).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model import protocol
+from model.protocol import Task
+from model.schema import Condition, LandmarkType, LesionType, max_grade
+from training import metrics
+from training.images import load_rgb
+from training.instructions import LESION_PLURALS, NO, YES
+from training.records import Record
+from training.tasks import TASKS_BY_NAME
+
+CONDITION_TASKS: dict[str, Condition] = {
+    "diabetic_retinopathy": Condition.DIABETIC_RETINOPATHY,
+    "referable_diabetic_retinopathy": Condition.DIABETIC_RETINOPATHY,
+    "diabetic_macular_edema": Condition.DIABETIC_MACULAR_EDEMA,
+    "glaucoma": Condition.GLAUCOMA,
+    "cataract": Condition.CATARACT,
+    "pathologic_myopia": Condition.PATHOLOGIC_MYOPIA,
+}
+"""Binary evaluation tasks scored from a disease line, and the condition whose line is scored."""
+
+LESION_TASKS: dict[str, LesionType | None] = {
+    "hard_exudate": LesionType.HARD_EXUDATE,
+    "haemorrhage": LesionType.HAEMORRHAGE,
+    "any_lesion": None,
+}
+
+PRESENCE_QUESTION = "Are there any {name} in this image?"
+
+
+@dataclass
+class ImageOutcome:
+    """What evaluation keeps per image."""
+
+    key: str
+    scores: dict[str, float] = field(default_factory=dict)
+    grade_probabilities: dict[str, list[float]] = field(default_factory=dict)
+    grades: dict[str, int] = field(default_factory=dict)
+    answers: list[tuple[str, str, bool]] = field(default_factory=list)
+    lesions: list[tuple[str, tuple[float, float, float, float]]] = field(default_factory=list)
+    model_measurements: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)
+    disc_centre: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    batch_size: int = 8
+    full_limit: int | None = 16
+    """Images per dataset that get the whole protocol (generation of all four answers); None = all."""
+    limit: int | None = None
+    """Images per dataset to evaluate at all (None = the whole split)."""
+    split: str = "test"
+    device: str = "auto"
+    cpu_threads: int | None = 1
+    measure_limit: int = 0
+    """Fully answered images per dataset also run through the measurement pipeline (seconds each): measurement
+    MAE of the model's vascular numbers and optic-disc localisation error against the labels."""
+
+
+def _wanted(records: Sequence[Record]) -> tuple[list[str], list[str]]:
+    """Condition and lesion tasks that at least one record labels."""
+    conditions = [t for t in CONDITION_TASKS if any(TASKS_BY_NAME[t].label(r) is not None for r in records)]
+    lesions = [t for t in LESION_TASKS if any(TASKS_BY_NAME[t].label(r) is not None for r in records)]
+    return conditions, lesions
+
+
+def score_images(engine: Any, images: Sequence[np.ndarray], condition_tasks: Sequence[str],
+                 lesion_tasks: Sequence[str], full: bool) -> list[ImageOutcome]:
+    """Answers and likelihood scores for one batch of images."""
+    tasks = tuple(protocol.Task) if full else (Task.DISEASE_GRADE,)
+    engine.options = type(engine.options)(**{**engine.options.__dict__, "tasks": tasks, "score_findings": False})
+    results = engine.analyze(images)
+    features = engine.image_features(images)
+    outcomes = [ImageOutcome(key=str(i)) for i in range(len(images))]
+    for outcome, result in zip(outcomes, results, strict=True):
+        for answer in result.answers:
+            outcome.answers.append((answer.task, answer.answer, answer.parsed))
+        outcome.grades = {f.condition.value: int(f.grade) for f in result.findings if f.grade is not None}
+        outcome.lesions = [(lesion.type.value, lesion.box) for lesion in result.lesions]
+        outcome.model_measurements = {m.key: m.value for m in result.measurements}
+    conditions = sorted({CONDITION_TASKS[t] for t in condition_tasks}, key=protocol.DISEASE_CONDITIONS.index)
+    if conditions:
+        prompt = engine.encode(engine.template.prompt(protocol.question(Task.DISEASE_GRADE)))
+        groups, owners = [], []
+        for index, outcome in enumerate(outcomes):
+            stated = {Condition(c): g for c, g in outcome.grades.items() if Condition(c) in protocol.DISEASE_CONDITIONS}
+            for condition in conditions:
+                before = [protocol.render_condition_line(c, g) for c, g in stated.items()
+                          if protocol.DISEASE_CONDITIONS.index(c) < protocol.DISEASE_CONDITIONS.index(condition)]
+                prefix = " " + "".join(line + "\n" for line in before)
+                candidates = [engine.tokenizer(prefix + protocol.render_condition_line(condition, g),
+                                               add_special_tokens=False).input_ids
+                              for g in range(max_grade(condition) + 1)]
+                groups.append((index, candidates))
+                owners.append((index, condition))
+        scores = engine.score_candidates([prompt] * len(images), features, groups)
+        for (index, condition), probabilities in zip(owners, scores, strict=True):
+            total = sum(probabilities)
+            outcomes[index].grade_probabilities[condition.value] = [p / total for p in probabilities]
+    if "any_lesion" in lesion_tasks:
+        # image-level lesion score from the protocol's own lesion answer: 1 − P(it opens "No lesions detected.")
+        # among the possible first lines (each lesion type's line or the no-lesion sentence)
+        prompt = engine.encode(engine.template.prompt(protocol.question(Task.LESIONS)))
+        openings = [" No lesions detected."] + [f" {protocol.LESION_NAMES[kind]}:" for kind in LesionType]
+        candidates = [engine.tokenizer(text, add_special_tokens=False).input_ids for text in openings]
+        scores = engine.score_candidates([prompt] * len(images), features, [(i, candidates) for i in range(len(images))])
+        for outcome, probabilities in zip(outcomes, scores, strict=True):
+            outcome.scores["any_lesion"] = 1.0 - probabilities[0]
+    for task in lesion_tasks:
+        kind = LESION_TASKS[task]
+        if kind is None:
+            continue
+        text = PRESENCE_QUESTION.format(name=LESION_PLURALS[kind])
+        prompt = engine.encode(engine.template.prompt(text))
+        candidates = [engine.tokenizer(" " + YES, add_special_tokens=False).input_ids,
+                      engine.tokenizer(" " + NO, add_special_tokens=False).input_ids]
+        scores = engine.score_candidates([prompt] * len(images), features,
+                                         [(i, candidates) for i in range(len(images))])
+        for outcome, (p_yes, _) in zip(outcomes, scores, strict=True):
+            outcome.scores[task] = p_yes
+    for outcome in outcomes:
+        for task in condition_tasks:
+            probabilities = outcome.grade_probabilities[CONDITION_TASKS[task].value]
+            threshold = 2 if task == "referable_diabetic_retinopathy" else 1
+            outcome.scores[task] = float(sum(probabilities[threshold:]))
+    return outcomes
+
+
+def disc_truth(record: Record) -> tuple[float, float] | None:
+    """The labelled optic-disc centre (normalised): a disc box centre, or HEI-MED's marked centre."""
+    for box in record.boxes:
+        if box.label == LandmarkType.OPTIC_DISC:
+            return ((box.box[0] + box.box[2]) / 2, (box.box[1] + box.box[3]) / 2)
+    if "optic_disc_x" in record.measurements:
+        return (record.measurements["optic_disc_x"], record.measurements["optic_disc_y"])
+    return None
+
+
+def measure(pipeline: Any, record: Record, outcome: ImageOutcome) -> None:
+    """Run the measurement pipeline on ``record``: measured features and the optic-disc centre."""
+    from training.features import whole_image_features
+
+    result = pipeline.analyze(load_rgb(record.image), file_path=str(record.image))
+    outcome.measured = whole_image_features(result.image)
+    disc = result.image.landmark(LandmarkType.OPTIC_DISC)
+    outcome.disc_centre = tuple(disc.center) if disc is not None else None  # type: ignore[assignment]
+
+
+def dataset_metrics(records: Sequence[Record], outcomes: Sequence[ImageOutcome]) -> dict[str, Any]:
+    """Metrics of one dataset from its records and per-image outcomes (same order)."""
+    out: dict[str, Any] = {"images": len(records)}
+    for task in list(CONDITION_TASKS) + list(LESION_TASKS):
+        pairs = [(TASKS_BY_NAME[task].label(r), o.scores.get(task)) for r, o in zip(records, outcomes, strict=True)]
+        pairs = [(y, s) for y, s in pairs if y is not None and s is not None]
+        if pairs and len({y for y, _ in pairs}) == 2:
+            truth, scores = [y for y, _ in pairs], [s for _, s in pairs]
+            out.setdefault("auc", {})[task] = {"auc": metrics.roc_auc(truth, scores), "n": len(pairs),
+                                               "positives": int(sum(truth))}
+    graded = [(r.grades[Condition.DIABETIC_RETINOPATHY], o) for r, o in zip(records, outcomes, strict=True)
+              if Condition.DIABETIC_RETINOPATHY in r.grades and Condition.DIABETIC_RETINOPATHY.value in o.grade_probabilities]
+    if graded:
+        truth = [g for g, _ in graded]
+        predicted = [o.grades.get(Condition.DIABETIC_RETINOPATHY.value,
+                                  int(np.argmax(o.grade_probabilities[Condition.DIABETIC_RETINOPATHY.value])))
+                     for _, o in graded]
+        out["dr_grade"] = {"accuracy": metrics.accuracy(truth, predicted),
+                           "quadratic_weighted_kappa": metrics.quadratic_weighted_kappa(truth, predicted, 5),
+                           "confusion": metrics.confusion_matrix(truth, predicted, 5).tolist(), "n": len(truth)}
+    answers = [parsed for o in outcomes for _, _, parsed in o.answers]
+    out["answers"] = {"n": len(answers), "parse_failure_rate": metrics.failure_rate(answers)}
+    full = [(r, o) for r, o in zip(records, outcomes, strict=True) if any(t == Task.LESIONS.value for t, _, _ in o.answers)]
+    boxed = [(r, o) for r, o in full if any(isinstance(b.label, LesionType) for b in r.boxes)]
+    errors: dict[str, list[float]] = {}
+    for _, o in full:
+        for key, value in o.model_measurements.items():
+            if key in o.measured:
+                errors.setdefault(key, []).append(abs(value - o.measured[key]))
+    if errors:
+        out["measurement_mae"] = {k: {"mae": float(np.mean(v)), "n": len(v)} for k, v in sorted(errors.items())}
+    distances = [metrics.centre_distance((*o.disc_centre, *o.disc_centre), truth)
+                 for r, o in zip(records, outcomes, strict=True)
+                 if o.disc_centre is not None and (truth := disc_truth(r)) is not None]
+    if distances:
+        out["optic_disc_localisation"] = {"mean_centre_distance": float(np.mean(distances)), "n": len(distances),
+                                          "within_0.05": float(np.mean(np.asarray(distances) <= 0.05))}
+    for kind in LesionType:
+        truths = [(r.key, b.box) for r, _ in boxed for b in r.boxes if b.label == kind]
+        if truths:
+            predictions = [(r.key, box, 1.0) for r, o in boxed for t, box in o.lesions if t == kind.value]
+            out.setdefault("box_ap50", {})[kind.value] = {
+                "ap": metrics.average_precision(predictions, truths), "images": len(boxed), "boxes": len(truths)}
+    return out
+
+
+def evaluate(model_dir: Path, datasets: Sequence[tuple[str, list[Record]]], output: Path,
+             options: EvaluationOptions = EvaluationOptions(),
+             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluate ``model_dir`` on each (name, records) and write the report to ``output``."""
+    from model.engine import EngineOptions, RetinalGPTEngine
+
+    engine = RetinalGPTEngine.load(Path(model_dir), EngineOptions(device=options.device,  # type: ignore[arg-type]
+                                                                  batch_size=options.batch_size,
+                                                                  cpu_threads=options.cpu_threads))
+    report: dict[str, Any] = {"model": str(model_dir), "identity": engine.identity.model_dump(), "datasets": {}}
+    raw: dict[str, Any] = {}
+    for name, all_records in datasets:
+        records = [r for r in all_records if r.split == options.split][: options.limit]
+        if not records:
+            continue
+        conditions, lesions = _wanted(records)
+        outcomes: list[ImageOutcome] = []
+        for start in range(0, len(records), options.batch_size):
+            batch = records[start:start + options.batch_size]
+            full = options.full_limit is None or start < options.full_limit
+            images = [load_rgb(r.image) for r in batch]
+            for record, outcome in zip(batch, score_images(engine, images, conditions, lesions, full), strict=True):
+                outcome.key = record.key
+                outcomes.append(outcome)
+            if progress is not None:
+                progress(name, len(outcomes), len(records))
+        if options.measure_limit:
+            from training.features import measurement_pipeline
+
+            pipeline = measurement_pipeline()
+            full = [(r, o) for r, o in zip(records, outcomes, strict=True) if o.answers and len(o.answers) > 1]
+            for record, outcome in full[: options.measure_limit] if pipeline is not None else []:
+                measure(pipeline, record, outcome)
+        report["datasets"][name] = dataset_metrics(records, outcomes)
+        raw[name] = (records, outcomes)
+    answers = [p for _, outs in raw.values() for o in outs for _, _, p in o.answers]
+    report["parse_failure_rate"] = metrics.failure_rate(answers)
+    report["answers"] = len(answers)
+    write_report(report, raw, Path(output))
+    return report
+
+
+
+def write_report(report: dict[str, Any], raw: dict[str, Any], output: Path) -> None:
+    """``metrics.json``, ``report.md``, ``roc_<dataset>.png`` and ``confusion_<dataset>.png`` in ``output``."""
+    import matplotlib
+
+    from training.card import metrics_table
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "metrics.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    lines = [f"# Evaluation of {report['model']}", "",
+             f"Answers: {report['answers']}, parse failures: {100 * report['parse_failure_rate']:.1f}%", "",
+             *metrics_table(report)]
+    (output / "report.md").write_text("\n".join(lines) + "\n")
+    for name, (records, outcomes) in raw.items():
+        result = report["datasets"][name]
+        if result.get("auc"):
+            figure, axis = plt.subplots(figsize=(4, 4))
+            for task in result["auc"]:
+                pairs = [(TASKS_BY_NAME[task].label(r), o.scores.get(task)) for r, o in zip(records, outcomes, strict=True)]
+                pairs = [(y, s) for y, s in pairs if y is not None and s is not None]
+                fpr, tpr = metrics.roc_curve([y for y, _ in pairs], [s for _, s in pairs])
+                axis.plot(fpr, tpr, label=f"{task} ({result['auc'][task]['auc']:.2f})")
+            axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+            axis.set(xlabel="1 - specificity", ylabel="sensitivity", title=name)
+            axis.legend(fontsize=6)
+            figure.tight_layout()
+            figure.savefig(output / f"roc_{name}.png", dpi=100)
+            plt.close(figure)
+        if "dr_grade" in result:
+            matrix = np.asarray(result["dr_grade"]["confusion"])
+            figure, axis = plt.subplots(figsize=(4, 4))
+            axis.imshow(matrix, cmap="Blues")
+            for (i, j), value in np.ndenumerate(matrix):
+                axis.text(j, i, str(value), ha="center", va="center", fontsize=8)
+            axis.set(xlabel="predicted grade", ylabel="true grade", title=f"{name}: DR grade")
+            figure.tight_layout()
+            figure.savefig(output / f"confusion_{name}.png", dpi=100)
+            plt.close(figure)
