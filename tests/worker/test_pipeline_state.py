@@ -1,0 +1,294 @@
+"""The pipeline's database logic: referral rules, delivery retry / dead-letter, bookkeeper re-queueing,
+rerun and resend — on a real SQLite database with real result objects; peers are replaced by a scripted
+``send`` here (the end-to-end suite runs them against Orthanc and a FHIR server)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+
+from model.schema import (
+    Condition,
+    Finding,
+    ImageAnalysis,
+    Laterality,
+    Measurement,
+    ModelIdentity,
+    Quality,
+    QualityGrade,
+    Referral,
+    StudyAnalysis,
+)
+from worker.config import load_settings
+from worker.db import (
+    Analysis,
+    AuditEvent,
+    Database,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobKind,
+    JobState,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+from worker.db.migrate import upgrade
+from worker.pipeline.bookkeeper import Bookkeeper
+from worker.pipeline.delivery import SendOutcome, deliver_revision
+from worker.pipeline.jobs import Pipeline, PipelineError
+from worker.pipeline.referral import image_referral, impression, study_referral
+from worker.pipeline.sources import ophthalmic_photograph
+
+
+def image(grade: int | None = None, *, dme: int | None = None, quality: QualityGrade = QualityGrade.GRADABLE,
+          cdr: float | None = None, eye: Laterality = Laterality.RIGHT) -> ImageAnalysis:
+    findings = []
+    if grade is not None:
+        findings.append(Finding(condition=Condition.DIABETIC_RETINOPATHY, grade=grade, probability=0.9 if grade else 0.1))
+    if dme is not None:
+        findings.append(Finding(condition=Condition.DIABETIC_MACULAR_EDEMA, grade=dme, probability=0.5))
+    measurements = [Measurement(key="CDR_vertical", value=cdr, unit="1")] if cdr is not None else []
+    return ImageAnalysis(sop_instance_uid=generate_uid(), laterality=eye, findings=findings, measurements=measurements,
+                         quality=Quality(grade=quality, score=0.9 if quality != QualityGrade.REJECT else 0.1,
+                                         reasons=[] if quality != QualityGrade.REJECT else ["blur"]))
+
+
+@pytest.mark.parametrize(
+    ("images", "expected"),
+    [
+        ([image(0), image(1, eye=Laterality.LEFT)], Referral.NONE),
+        ([image(2), image(0, eye=Laterality.LEFT)], Referral.ROUTINE),
+        ([image(3), image(0, eye=Laterality.LEFT)], Referral.URGENT),
+        ([image(4)], Referral.URGENT),
+        ([image(0, dme=2)], Referral.URGENT),
+        ([image(0, dme=1)], Referral.ROUTINE),
+        ([image(cdr=0.72)], Referral.ROUTINE),
+        ([image(cdr=0.5)], Referral.NONE),
+        ([image(quality=QualityGrade.REJECT), image(quality=QualityGrade.REJECT, eye=Laterality.LEFT)],
+         Referral.UNGRADABLE),
+        ([image(quality=QualityGrade.REJECT), image(3, eye=Laterality.LEFT)], Referral.URGENT),
+        ([image(quality=QualityGrade.REJECT), image(0, eye=Laterality.LEFT)], Referral.NONE),
+    ],
+)
+def test_study_referral_follows_icdr_thresholds(images: list[ImageAnalysis], expected: Referral) -> None:
+    assert study_referral(images) == expected
+
+
+def test_impression_names_each_eye_and_says_when_the_model_did_not_run() -> None:
+    text = impression([image(3), image(0, eye=Laterality.LEFT)], model_ran=False)
+    assert "Right eye: severe non-proliferative diabetic retinopathy" in text
+    assert "Left eye: no referable findings" in text
+    assert "Referral: urgent." in text and "RetinalGPT was not run" in text
+    assert image_referral(image(2))[1] == ["moderate non-proliferative diabetic retinopathy"]
+
+
+class FakeCelery:
+    """Records the tasks the pipeline sends (the broker itself is exercised by the end-to-end suite)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def send_task(self, name: str, kwargs: dict) -> object:
+        self.sent.append((name, kwargs))
+        return type("Result", (), {"id": f"task-{len(self.sent)}"})()
+
+
+@dataclass
+class World:
+    settings: object
+    db: Database
+    celery: FakeCelery
+    pipeline: Pipeline
+    study_uid: str
+    sources: list = field(default_factory=list)
+
+
+@pytest.fixture
+def world(tmp_path: Path, retina_rgb: np.ndarray) -> World:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'home = "{tmp_path}"\n'
+        "[[destinations]]\nname = \"pacs\"\nkind = \"dicom\"\nae_title = \"PACS\"\nhost = \"127.0.0.1\"\nport = 1\n"
+        "backoff_seconds = 10\nmax_attempts = 3\n"
+        "[[destinations]]\nname = \"archive\"\nkind = \"folder\"\npath = \"out\"\n"
+    )
+    settings = load_settings(config)
+    upgrade(settings.database.url)
+    db = Database(settings.database.url)
+    celery = FakeCelery()
+    study_uid, series_uid = generate_uid(), generate_uid()
+    small = np.asarray(Image.fromarray(retina_rgb).resize((256, 256)))
+    with db.session() as session:
+        study = Study(study_instance_uid=study_uid, state=StudyState.COMPLETE, patient_id="P1")
+        session.add(study)
+        session.flush()
+        series = Series(study_id=study.id, series_instance_uid=series_uid, modality="OP")
+        session.add(series)
+        session.flush()
+        images = []
+        for number, eye in enumerate((Laterality.RIGHT, Laterality.LEFT), 1):
+            ds = ophthalmic_photograph(small, study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                       patient_id="P1", patient_name="Test^Patient", laterality=eye,
+                                       instance_number=number)
+            path = tmp_path / f"{number}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            session.add(Instance(study_id=study.id, series_id=series.id, sop_instance_uid=ds.SOPInstanceUID,
+                                 sop_class_uid=ds.SOPClassUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                                 instance_number=number, path=str(path), size_bytes=path.stat().st_size,
+                                 sha256="0" * 64, calling_ae_title="CAM", peer_host="127.0.0.1", revision=1,
+                                 analysable=True))
+            images.append(ImageAnalysis(sop_instance_uid=str(ds.SOPInstanceUID), series_instance_uid=series_uid,
+                                        laterality=eye, quality=Quality(grade=QualityGrade.GRADABLE, score=0.9),
+                                        findings=[Finding(condition=Condition.DIABETIC_RETINOPATHY, grade=2,
+                                                          probability=0.8)],
+                                        measurements=[Measurement(key="CDR_vertical", value=0.4, unit="1")]))
+        analysis = StudyAnalysis(study_instance_uid=study_uid, patient_id="P1", images=images,
+                                 referral=Referral.ROUTINE, impression="test",
+                                 pipeline=ModelIdentity(name="pipeline", version="1", device_uid=generate_uid()))
+        session.add(Analysis(study_id=study.id, revision=1, model_name="measurement-only", model_version="",
+                             result=analysis.model_dump(mode="json")))
+        study.state = StudyState.ANALYSED
+    return World(settings, db, celery, Pipeline(settings, db, celery), study_uid)
+
+
+def deliveries(w: World) -> dict[str, Delivery]:
+    with w.db.session() as session:
+        return {d.destination: d for d in session.scalars(select(Delivery))}
+
+
+def state(w: World) -> StudyState:
+    with w.db.session() as session:
+        return session.scalars(select(Study.state)).one()
+
+
+def test_transient_failures_back_off_then_succeed_and_objects_keep_their_uids(world: World) -> None:
+    attempts: list[str] = []
+
+    def send(settings, destination, kind, written):
+        attempts.append(f"{destination.name}:{kind.value}")
+        if destination.kind == "dicom" and attempts.count(f"{destination.name}:{kind.value}") < 2:
+            return SendOutcome(ok=False, detail="connection refused")
+        return SendOutcome(ok=True)
+
+    assert deliver_revision(world.settings, world.db, world.study_uid, 1, send=send) == StudyState.DELIVERING
+    rows = deliveries(world)
+    assert rows["archive"].state == DeliveryState.DELIVERED
+    pacs_rows = [d for d in _all(world) if d.destination == "pacs"]
+    assert {d.object_kind.value for d in pacs_rows} == {"sr", "key_image", "pdf"}
+    assert all(d.state == DeliveryState.RETRYING and d.attempts == 1 for d in pacs_rows)
+    assert all(dt.timedelta(seconds=9) < d.next_attempt_at - utcnow() <= dt.timedelta(seconds=10) for d in pacs_rows)
+    sr = (world.settings.home / "results" / world.study_uid / "r1" / "sr.dcm").read_bytes()
+
+    # not due yet: nothing is sent again
+    before = len(attempts)
+    deliver_revision(world.settings, world.db, world.study_uid, 1, send=send)
+    assert len(attempts) == before
+    with world.db.session() as session:
+        session.execute(update(Delivery).values(next_attempt_at=utcnow()))
+    assert deliver_revision(world.settings, world.db, world.study_uid, 1, send=send) == StudyState.DELIVERED
+    assert all(d.state == DeliveryState.DELIVERED for d in _all(world))
+    assert (world.settings.home / "results" / world.study_uid / "r1" / "sr.dcm").read_bytes() == sr
+
+
+def _all(w: World) -> list[Delivery]:
+    with w.db.session() as session:
+        return list(session.scalars(select(Delivery)))
+
+
+def test_permanent_failure_is_dead_lettered_once_and_resend_revives_it(world: World) -> None:
+    calls = []
+
+    def refused(settings, destination, kind, written):
+        calls.append(destination.name)
+        if destination.kind == "dicom":
+            return SendOutcome(ok=False, permanent=True, detail="association rejected")
+        return SendOutcome(ok=True)
+
+    assert deliver_revision(world.settings, world.db, world.study_uid, 1, send=refused) == StudyState.FAILED
+    with world.db.session() as session:
+        session.execute(update(Delivery).values(next_attempt_at=utcnow() - dt.timedelta(hours=1)))
+    deliver_revision(world.settings, world.db, world.study_uid, 1, send=refused)
+    assert calls.count("pacs") == 3  # sr, key image, pdf: once each, never again
+    assert all(d.state == DeliveryState.DEAD and d.attempts == 1 for d in _all(world) if d.destination == "pacs")
+
+    world.pipeline.resend(world.study_uid, actor="test")
+    assert world.celery.sent[-1][0] == "retinalgpt.deliver_study"
+    assert state(world) == StudyState.DELIVERING
+    assert deliver_revision(world.settings, world.db, world.study_uid, 1,
+                            send=lambda *a: SendOutcome(ok=True)) == StudyState.DELIVERED
+    with world.db.session() as session:
+        actions = list(session.scalars(select(AuditEvent.action)))
+    assert "delivery.dead" in actions and "study.resend" in actions
+
+
+def test_attempts_exhausted_is_dead(world: World) -> None:
+    flaky = lambda settings, destination, kind, written: SendOutcome(ok=destination.kind != "dicom", detail="timeout")
+    for _ in range(3):
+        deliver_revision(world.settings, world.db, world.study_uid, 1, send=flaky)
+        with world.db.session() as session:
+            session.execute(update(Delivery).values(next_attempt_at=utcnow()))
+    pacs = [d for d in _all(world) if d.destination == "pacs"]
+    assert all(d.state == DeliveryState.DEAD and d.attempts == 3 for d in pacs)
+    assert state(world) == StudyState.FAILED
+
+
+def test_enqueue_is_idempotent_and_rerun_opens_a_superseding_revision(world: World) -> None:
+    with world.db.session() as session:
+        session.execute(update(Study).values(state=StudyState.COMPLETE))
+        session.execute(update(Analysis).values(revision=1))
+    job_id = world.pipeline.enqueue(world.study_uid, 1, actor="test")
+    assert world.pipeline.enqueue(world.study_uid, 1, actor="test") == job_id
+    with world.db.session() as session:
+        assert session.scalars(select(Job)).one().state == JobState.QUEUED
+        session.execute(update(Job).values(state=JobState.SUCCEEDED))
+        session.execute(update(Study).values(state=StudyState.DELIVERED))
+    assert world.pipeline.enqueue(world.study_uid, 1, actor="test") == job_id
+    assert [name for name, _ in world.celery.sent] == ["retinalgpt.process_study"] * 2
+
+    assert world.pipeline.rerun(world.study_uid, actor="test") == 2
+    with world.db.session() as session:
+        study = session.scalars(select(Study)).one()
+        assert (study.revision, study.state) == (2, StudyState.QUEUED)
+        assert session.scalars(select(Analysis.superseded)).all() == [True]
+        jobs = session.scalars(select(Job).order_by(Job.id)).all()
+        assert [(j.revision, j.state) for j in jobs] == [(1, JobState.SUCCEEDED), (2, JobState.QUEUED)]
+    with pytest.raises(PipelineError, match="no study"):
+        world.pipeline.rerun("1.2.3", actor="test")
+
+
+def test_bookkeeper_requeues_a_job_whose_worker_died(world: World) -> None:
+    with world.db.session() as session:
+        study = session.scalars(select(Study)).one()
+        study.state = StudyState.PROCESSING
+        job = Job(study_id=study.id, revision=1, kind=JobKind.ANALYSIS, state=JobState.RUNNING, attempts=1)
+        session.add(job)
+        session.flush()
+        session.execute(update(Job).values(updated_at=utcnow() - dt.timedelta(minutes=5)))
+        job_id = job.id
+    counts = Bookkeeper(world.pipeline).sweep()
+    assert counts == {"jobs": 1, "deliveries": 0}
+    assert world.celery.sent == [("retinalgpt.process_study", {"job_id": job_id})]
+    with world.db.session() as session:
+        assert session.get(Job, job_id).state == JobState.QUEUED
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0}  # fresh now: not sent twice
+
+
+def test_bookkeeper_sends_due_retries(world: World) -> None:
+    deliver_revision(world.settings, world.db, world.study_uid, 1,
+                     send=lambda s, d, k, w: SendOutcome(ok=d.kind != "dicom", detail="refused"))
+    assert Bookkeeper(world.pipeline).sweep()["deliveries"] == 0  # backoff not elapsed
+    with world.db.session() as session:
+        session.execute(update(Delivery).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 1}
+    assert world.celery.sent[-1] == ("retinalgpt.deliver_study", {"study_instance_uid": world.study_uid,
+                                                                  "revision": 1})

@@ -1,0 +1,122 @@
+"""The operator commands: db upgrade, node (as a real process), studies list/show, send, echo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from typer.testing import CliRunner
+
+from tests.dicom_node.dicom_fixtures import storescu
+from worker.cli.app import app
+
+RETINALGPT = str(Path(sys.executable).parent / "retinalgpt")
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"node did not listen on {port}")
+
+
+@pytest.fixture
+def node_process(config_file, free_tcp_port):
+    destination = (
+        '[[destinations]]\nname = "self"\nkind = "dicom"\nae_title = "RETINALGPT"\nhost = "127.0.0.1"\n'
+        f"port = {free_tcp_port}\ntimeout = 10\n"
+    )
+    config = config_file(port=free_tcp_port, stable_seconds=1.0, extra=destination)
+    process = subprocess.Popen([RETINALGPT, "node", "--config", str(config)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        _wait_for_port(free_tcp_port, process)
+        yield config, free_tcp_port, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def test_db_upgrade_and_schema_check(config_file):
+    config = str(config_file())
+    listed = _invoke("studies", "list", "--config", config)
+    assert listed.exit_code == 1 and "retinalgpt db upgrade" in listed.output
+    upgraded = _invoke("db", "upgrade", "--config", config)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert "database at revision" in upgraded.output
+    empty = _invoke("studies", "list", "--json", "--config", config)
+    assert empty.exit_code == 0 and json.loads(empty.stdout) == []
+
+
+def test_node_receives_and_studies_commands_show_it(node_process, op_file):
+    config, port, process = node_process
+    config = str(config)
+    study_uid = generate_uid()
+    sent = op_file(study_uid=study_uid)
+    assert storescu(port, [sent]).returncode == 0
+
+    deadline = time.monotonic() + 30
+    while True:
+        listed = _invoke("studies", "list", "--json", "--config", config)
+        assert listed.exit_code == 0, listed.output
+        rows = json.loads(listed.stdout)
+        if rows and rows[0]["state"] != "receiving" or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert [(r["study_instance_uid"], r["instances"], r["revision"]) for r in rows] == [(study_uid, 1, 1)]
+    assert rows[0]["state"] != "receiving"
+
+    shown = _invoke("studies", "show", study_uid, "--json", "--config", config)
+    assert shown.exit_code == 0, shown.output
+    detail = json.loads(shown.stdout)
+    instance = detail["series"][0]["instances"][0]
+    assert instance["sop_instance_uid"] == dcmread(sent).SOPInstanceUID
+    assert instance["calling_ae_title"] == "CAMERA1" and Path(instance["path"]).is_file()
+    human = _invoke("studies", "show", study_uid, "--config", config)
+    assert human.exit_code == 0 and study_uid in human.output
+
+    missing = _invoke("studies", "show", "1.2.3.4", "--config", config)
+    assert missing.exit_code == 1 and "no study 1.2.3.4" in missing.output
+
+    echoed = _invoke("echo", "self", "--config", config)
+    assert echoed.exit_code == 0 and "success" in echoed.output
+    other = op_file("other.dcm", study_uid=study_uid)
+    sent_again = _invoke("send", str(other), "--to", "self", "--json", "--config", config)
+    assert sent_again.exit_code == 0, sent_again.output
+    assert json.loads(sent_again.stdout)["instances"][0]["status"] == 0
+
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "DICOM node stopped" in output
+
+
+def test_send_and_echo_errors_are_one_line(config_file, op_file, free_tcp_port):
+    config = str(config_file(extra=(
+        '[[destinations]]\nname = "down"\nkind = "dicom"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f"port = {free_tcp_port}\ntimeout = 5\n"
+    )))
+    unknown = _invoke("send", str(op_file()), "--to", "nowhere", "--config", config)
+    assert unknown.exit_code == 1 and "unknown destination 'nowhere'" in unknown.output
+    down = _invoke("echo", "down", "--config", config)
+    assert down.exit_code == 1
+    assert "transient" in down.output and len(down.output.strip().splitlines()) == 1

@@ -1,0 +1,1 @@
+"""Configuration, database, Celery pipeline, admin CLI and HTTP API."""

@@ -1,0 +1,57 @@
+"""The Celery application: broker from configuration, queues ``inference`` and ``delivery``.
+
+Inference tasks run with prefetch 1, ``acks_late`` and ``reject_on_worker_lost`` so a message is only
+acknowledged once its study is analysed. Brokers differ in what they do with a message whose worker died
+(Redis redelivers after the visibility timeout, kombu's SQLAlchemy transport does not), so the database is the
+source of truth: every job and delivery has a state and a heartbeat, and the bookkeeper
+(:mod:`worker.pipeline.bookkeeper`) re-enqueues work whose worker went away. Tasks are idempotent per
+(study, revision, model), so a message delivered twice does the work once.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from worker.config import Settings
+
+INFERENCE_QUEUE = "inference"
+DELIVERY_QUEUE = "delivery"
+QUEUES = (INFERENCE_QUEUE, DELIVERY_QUEUE)
+
+PROCESS_STUDY = "retinalgpt.process_study"
+DELIVER_STUDY = "retinalgpt.deliver_study"
+ANSWER_QUESTION = "retinalgpt.answer_question"
+
+TASK_ROUTES = {
+    PROCESS_STUDY: {"queue": INFERENCE_QUEUE},
+    ANSWER_QUESTION: {"queue": INFERENCE_QUEUE},
+    DELIVER_STUDY: {"queue": DELIVERY_QUEUE},
+}
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app bound to ``settings``' broker; task modules are imported by the worker role only."""
+    broker_url = settings.broker.url
+    app = Celery("retinalgpt", broker=broker_url, backend=settings.broker.result_backend)
+    # kombu's SQLAlchemy transport hands its options to create_engine(): it takes none of ours.
+    sqla = broker_url.startswith(("sqla+", "sqlalchemy+"))
+    transport_options = {} if sqla else {"visibility_timeout": settings.broker.visibility_timeout}
+    app.conf.update(
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue=DELIVERY_QUEUE,
+        task_routes=TASK_ROUTES,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_expires=3600,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+    return app

@@ -1,0 +1,125 @@
+"""``retinalgpt studies list`` / ``studies show UID``: what the node received and where each study is."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from worker.cli.common import CommandError, ConfigOption, JsonOption, console, one_line_errors, print_json, settings
+from worker.db import Database, StudyState
+from worker.db.migrate import is_current
+from worker.db.queries import get_study, list_studies, study_detail
+
+studies_app = typer.Typer(help="Studies received by the node.", no_args_is_help=True)
+
+
+def _database(config) -> Database:
+    db = Database(settings(config).database.url)
+    if not is_current(db.engine):
+        db.dispose()
+        raise CommandError("database schema is not current: run `retinalgpt db upgrade`")
+    return db
+
+
+@studies_app.command("list")
+@one_line_errors
+def list_command(
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    state: Annotated[StudyState | None, typer.Option(help="Only studies in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many studies.")] = 100,
+) -> None:
+    """List studies, most recently active first."""
+    db = _database(config)
+    try:
+        with db.session() as session:
+            rows = list_studies(session, state=state, limit=limit)
+    finally:
+        db.dispose()
+    if json_output:
+        print_json(rows)
+        return
+    table = Table("Study Instance UID", "Patient", "Accession", "Date", "State", "Rev", "Images", "Last received")
+    for row in rows:
+        table.add_row(
+            row["study_instance_uid"], f"{row['patient_id'] or ''} {row['patient_name'] or ''}".strip(),
+            row["accession_number"] or "", row["study_date"] or "", row["state"], str(row["revision"]),
+            str(row["instances"]), row["last_instance_at"][:19],
+        )
+    console.print(table)
+
+
+@studies_app.command("show")
+@one_line_errors
+def show_command(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show one study with its series and instances."""
+    db = _database(config)
+    try:
+        with db.session() as session:
+            study = get_study(session, study_uid)
+            if study is None:
+                raise CommandError(f"no study {study_uid}")
+            detail = study_detail(study)
+    finally:
+        db.dispose()
+    if json_output:
+        print_json(detail)
+        return
+    console.print(
+        f"[bold]{detail['study_instance_uid']}[/]  state {detail['state']}  revision {detail['revision']}  "
+        f"patient {detail['patient_id'] or '?'} {detail['patient_name'] or ''}  accession "
+        f"{detail['accession_number'] or '-'}  date {detail['study_date'] or '-'}",
+        highlight=False,
+    )
+    for series in detail["series"]:
+        console.print(f"  series {series['series_instance_uid']} ({series['modality'] or '?'})", highlight=False)
+        for inst in series["instances"]:
+            console.print(
+                f"    {inst['sop_instance_uid']}  rev {inst['revision']}  {inst['laterality'] or '-'}  "
+                f"{'analysable' if inst['analysable'] else 'stored only'}  {inst['size_bytes']} B  "
+                f"from {inst['calling_ae_title']}@{inst['peer_host']}",
+                highlight=False,
+            )
+
+
+UidsArgument = Annotated[list[str], typer.Argument(help="Study Instance UIDs.")]
+
+
+@studies_app.command("rerun")
+@one_line_errors
+def rerun_command(study_uids: UidsArgument, config: ConfigOption = None) -> None:
+    """Analyse studies again as a new revision whose results supersede the old ones."""
+    from worker.pipeline.jobs import PipelineError
+    from worker.pipeline.operations import rerun_studies
+
+    try:
+        lines = rerun_studies(settings(config), study_uids, progress=console)
+    except PipelineError as exc:
+        raise CommandError(str(exc)) from None
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+@studies_app.command("resend")
+@one_line_errors
+def resend_command(study_uids: UidsArgument, config: ConfigOption = None) -> None:
+    """Deliver the current results of studies again to every destination (dead deliveries included)."""
+    from worker.pipeline.jobs import PipelineError
+    from worker.pipeline.operations import resend_studies
+
+    try:
+        lines = resend_studies(settings(config), study_uids, progress=console)
+    except PipelineError as exc:
+        raise CommandError(str(exc)) from None
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(studies_app, name="studies")

@@ -1,0 +1,98 @@
+"""Celery tasks of the pipeline, registered on an app built from the configuration.
+
+- ``retinalgpt.process_study(job_id)`` (queue ``inference``): analyse a study revision, then queue delivery.
+- ``retinalgpt.deliver_study(study_instance_uid, revision)`` (queue ``delivery``): build the result objects
+  once and send them to every destination.
+- ``retinalgpt.answer_question(study_instance_uid, question, history)`` (queue ``inference``): a follow-up
+  question about a study answered by RetinalGPT, grounded in the study's stored results.
+
+Each worker process opens its own database engine (engines must not cross a fork) and loads the model and the
+measurement pipeline once, on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select
+
+from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY
+from worker.config import Settings
+from worker.db import Analysis, AuditEvent, Database, Instance, Study
+from worker.pipeline.jobs import Pipeline, PipelineError
+
+log = logging.getLogger(__name__)
+
+_databases: dict[int, Database] = {}
+
+
+def _db(settings: Settings) -> Database:
+    pid = os.getpid()
+    if pid not in _databases:
+        _databases.clear()
+        _databases[pid] = Database(settings.database.url)
+    return _databases[pid]
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    """Define the pipeline tasks on ``app`` bound to ``settings``."""
+
+    @app.task(name=PROCESS_STUDY, acks_late=True, reject_on_worker_lost=True)
+    def process_study(job_id: int) -> dict[str, Any]:
+        from worker.pipeline.processing import run_job
+
+        db = _db(settings)
+        outcome = run_job(settings, db, job_id)
+        if outcome.status == "analysed":
+            Pipeline(settings, db, app).send_delivery(outcome.study_instance_uid, outcome.revision)
+        return {"status": outcome.status, "study": outcome.study_instance_uid, "revision": outcome.revision,
+                "detail": outcome.detail}
+
+    @app.task(name=DELIVER_STUDY, acks_late=True, reject_on_worker_lost=True)
+    def deliver_study(study_instance_uid: str, revision: int) -> str:
+        from worker.pipeline.delivery import deliver_revision
+
+        return deliver_revision(settings, _db(settings), study_instance_uid, revision).value
+
+    @app.task(name=ANSWER_QUESTION)
+    def answer_question(study_instance_uid: str, question: str, history: list[dict[str, str]] | None = None) -> dict:
+        return answer(settings, _db(settings), study_instance_uid, question, history or [])
+
+
+def answer(
+    settings: Settings, db: Database, study_instance_uid: str, question: str, history: list[dict[str, str]]
+) -> dict[str, Any]:
+    """Answer ``question`` about the study's first gradable image with the study's results as context."""
+    from model.chat import study_context
+    from model.schema import StudyAnalysis
+    from worker.pipeline.sources import load_dicom
+    from worker.runtime import analyzer
+
+    with db.session() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one_or_none()
+        if study is None:
+            raise PipelineError(f"no study {study_instance_uid}")
+        row = session.scalars(select(Analysis).where(Analysis.study_id == study.id, Analysis.superseded.is_(False))
+                              .order_by(Analysis.revision.desc(), Analysis.id.desc())).first()
+        if row is None:
+            raise PipelineError(f"study {study_instance_uid} has no results yet")
+        analysis = StudyAnalysis.model_validate(row.result)
+        gradable = [i.sop_instance_uid for i in analysis.images if i.quality is None or i.quality.gradable]
+        uid = (gradable or [analysis.images[0].sop_instance_uid])[0]
+        path = session.scalars(select(Instance.path).where(Instance.sop_instance_uid == uid)).one()
+    engine = analyzer(settings).engine
+    if engine is None:
+        raise PipelineError("RetinalGPT is not available on this worker; chat needs a model")
+    turns = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)
+             if history[i].get("role") == "user" and history[i + 1].get("role") == "assistant"]
+    text = engine.ask(load_dicom(Path(path)).rgb, question, history=turns, context=study_context(analysis))
+    identity = engine.identity
+    with db.session() as session:
+        session.add(AuditEvent(actor="chat", action="chat.answered", study_instance_uid=study_instance_uid,
+                               detail={"question": question, "answer": text, "model": identity.version}))
+    return {"answer": text, "model": {"name": identity.name, "version": identity.version,
+                                      "device_uid": identity.device_uid}}
