@@ -1,0 +1,1 @@
+"""Test helpers shared by several suites: real peers (Orthanc) and process management."""
