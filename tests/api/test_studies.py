@@ -167,8 +167,6 @@ def test_chat_with_the_pipeline_task_reports_a_worker_without_model(tmp_path: Pa
     db.dispose()
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone; in the full suite the in-thread test worker answers with an "
-                   "earlier test's no-model configuration (open defect, see the issue note)")
 def test_chat_is_answered_by_the_default_model_grounded_in_the_study(tmp_path: Path, retina_rgb: np.ndarray) -> None:
     """The whole chat path with a real model: API → Celery → ``answer_question`` → RetinalGPT (the bundled
     default model) with the study's stored results as context → API, audited."""

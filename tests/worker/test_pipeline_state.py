@@ -5,6 +5,7 @@ rerun and resend — on a real SQLite database with real result objects; peers a
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from model.schema import (
     Referral,
     StudyAnalysis,
 )
+from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY, make_celery
 from worker.config import load_settings
 from worker.db import (
     Analysis,
@@ -46,6 +48,7 @@ from worker.db.migrate import upgrade
 from worker.pipeline.bookkeeper import Bookkeeper
 from worker.pipeline.delivery import SendOutcome, deliver_revision
 from worker.pipeline.jobs import Pipeline, PipelineError
+from worker.pipeline.tasks import register_tasks
 from worker.pipeline.referral import image_referral, impression, study_referral
 from worker.pipeline.sources import ophthalmic_photograph
 
@@ -287,8 +290,49 @@ def test_bookkeeper_sends_due_retries(world: World) -> None:
     deliver_revision(world.settings, world.db, world.study_uid, 1,
                      send=lambda s, d, k, w: SendOutcome(ok=d.kind != "dicom", detail="refused"))
     assert Bookkeeper(world.pipeline).sweep()["deliveries"] == 0  # backoff not elapsed
+    due = utcnow() - dt.timedelta(seconds=1)  # the backoff has elapsed since the failed attempt
     with world.db.session() as session:
-        session.execute(update(Delivery).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+        session.execute(update(Delivery).values(next_attempt_at=due, updated_at=due - dt.timedelta(seconds=10)))
     assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 1}
     assert world.celery.sent[-1] == ("retinalgpt.deliver_study", {"study_instance_uid": world.study_uid,
                                                                   "revision": 1})
+    sent = len(world.celery.sent)
+    assert Bookkeeper(world.pipeline).sweep()["deliveries"] == 0  # sent once, not again at every sweep
+    assert len(world.celery.sent) == sent
+    with world.db.session() as session:  # the message was lost: no worker touched the rows since
+        session.execute(update(Delivery).where(Delivery.state == DeliveryState.RETRYING)
+                        .values(updated_at=utcnow() - dt.timedelta(minutes=5)))
+    assert Bookkeeper(world.pipeline).sweep()["deliveries"] == 1
+
+
+def test_a_stale_claim_does_not_overwrite_the_newer_attempt(world: World) -> None:
+    """A send that outlives ``requeue_after``: the bookkeeper hands the row to another worker; when the first
+    send finally fails, its outcome must not overwrite what the newer attempt recorded."""
+    def slow_then_rejected(settings, destination, kind, written):
+        if destination.kind != "dicom":
+            return SendOutcome(ok=True)
+        with world.db.session() as session:  # meanwhile: judged stale, re-queued, claimed and delivered
+            session.execute(update(Delivery).where(Delivery.destination == "pacs")
+                            .values(updated_at=utcnow() - dt.timedelta(minutes=5)))
+        Bookkeeper(world.pipeline).sweep()
+        deliver_revision(world.settings, world.db, world.study_uid, 1, send=lambda *a: SendOutcome(ok=True))
+        return SendOutcome(ok=False, permanent=True, detail="association rejected")
+
+    assert deliver_revision(world.settings, world.db, world.study_uid, 1, send=slow_then_rejected) == (
+        StudyState.DELIVERED)
+    assert {(d.state, d.attempts) for d in _all(world) if d.destination == "pacs"} == {(DeliveryState.DELIVERED, 2)}
+
+
+def test_each_celery_app_runs_its_own_configuration(tmp_path: Path) -> None:
+    """Two apps in one process (the API's and a worker's, or two configurations in tests): each app's tasks
+    are bound to the settings it was registered with, not to the first app's."""
+    first, second = (load_settings(None, home=tmp_path / name) for name in ("a", "b"))
+    apps = []
+    for settings in (first, second):
+        app = make_celery(settings)
+        register_tasks(app, settings)
+        app.finalize()
+        apps.append(app)
+    for name in (ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY):
+        bound = inspect.getclosurevars(apps[1].tasks[name].__wrapped__).nonlocals["settings"]
+        assert bound is second, name

@@ -7,8 +7,10 @@ timeout, kombu's SQLAlchemy transport never does), so the database decides. Each
   worker died mid-study);
 - a ``queued`` job untouched for ``pipeline.requeue_after_seconds`` → its message is sent again (lost message);
 - a ``failed`` (not yet dead) job → queued again after ``pipeline.failed_retry_seconds``;
-- a delivery that is ``retrying`` and due, or ``pending``/``sending`` and untouched for
-  ``pipeline.requeue_after_seconds`` → its study revision's delivery task is sent again.
+- a delivery that is ``retrying`` and due → its study revision's delivery task is sent, once: the sweep stamps
+  ``updated_at`` and sends again only if the row is still untouched ``pipeline.requeue_after_seconds`` later
+  (a lost message), so a busy delivery queue is not filled with copies of the same task every sweep;
+- a delivery that is ``pending``/``sending`` and untouched for ``pipeline.requeue_after_seconds`` → sent again.
 
 Re-sending is safe because jobs and deliveries are idempotent and claimed in the database.
 """
@@ -69,7 +71,9 @@ class Bookkeeper:
                 .join(Study, Study.id == Delivery.study_id)
                 .where(Delivery.revision == Study.revision)
                 .where(or_(
-                    (Delivery.state == DeliveryState.RETRYING) & (Delivery.next_attempt_at <= now),
+                    (Delivery.state == DeliveryState.RETRYING) & (Delivery.next_attempt_at <= now)
+                    & ((Delivery.updated_at <= Delivery.next_attempt_at)
+                       | (Delivery.updated_at < now - self.requeue_after)),
                     Delivery.state.in_((DeliveryState.PENDING, DeliveryState.SENDING))
                     & (Delivery.updated_at < now - self.requeue_after),
                 ))
@@ -77,7 +81,7 @@ class Bookkeeper:
             stuck = [row.id for row in due]
             if stuck:
                 session.execute(update(Delivery).where(Delivery.id.in_(stuck), Delivery.state == DeliveryState.SENDING)
-                                .values(state=DeliveryState.RETRYING, next_attempt_at=now))
+                                .values(state=DeliveryState.RETRYING, next_attempt_at=Delivery.updated_at))
                 session.execute(update(Delivery).where(Delivery.id.in_(stuck)).values(updated_at=now))
         for job_id in job_ids:
             self.pipeline.send_job(job_id)

@@ -179,23 +179,32 @@ def deliver_revision(
 ) -> StudyState:
     """Build (once) and send the results of one revision to every destination; return the study state."""
     written = ensure_results(settings, db, study_instance_uid, revision)
-    claimed = _claim(settings, db, study_instance_uid, revision, written)
-    for delivery_id, destination, kind in claimed:
+    for claim in _claim(settings, db, study_instance_uid, revision, written):
         try:
-            outcome = send(settings, destination, kind, written)
+            outcome = send(settings, claim.destination, claim.kind, written)
         except Exception as exc:  # a bug or an unexpected environment problem: retry, never crash the loop
-            log.exception("delivery %d to %s failed unexpectedly", delivery_id, destination.name)
+            log.exception("delivery %d to %s failed unexpectedly", claim.delivery_id, claim.destination.name)
             outcome = SendOutcome(ok=False, detail=f"{type(exc).__name__}: {exc}")
-        _record(db, delivery_id, destination, outcome)
+        _record(db, claim, outcome)
     return _settle(db, study_instance_uid, revision)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A delivery row this worker moved to ``sending``, as its ``attempts``-th attempt."""
+
+    delivery_id: int
+    destination: Destination
+    kind: DeliveryObject
+    attempt: int
 
 
 def _claim(
     settings: Settings, db: Database, study_instance_uid: str, revision: int, written: WrittenResults
-) -> list[tuple[int, Destination, DeliveryObject]]:
+) -> list[Claim]:
     """Create missing delivery rows and move the due ones to ``sending`` in one transaction."""
     now = utcnow()
-    claimed: list[tuple[int, Destination, DeliveryObject]] = []
+    claimed: list[Claim] = []
     with db.session() as session:
         study = session.scalars(
             select(Study).where(Study.study_instance_uid == study_instance_uid).with_for_update()
@@ -221,17 +230,25 @@ def _claim(
                 if row.state in OPEN_STATES and due:
                     row.state = DeliveryState.SENDING
                     row.attempts += 1
-                    claimed.append((row.id, destination, kind))
+                    claimed.append(Claim(row.id, destination, kind, row.attempts))
         if study.state in (StudyState.ANALYSED, StudyState.DELIVERED, StudyState.FAILED) and claimed:
             study.state = StudyState.DELIVERING
     return claimed
 
 
-def _record(db: Database, delivery_id: int, destination: Destination, outcome: SendOutcome) -> None:
+def _record(db: Database, claim: Claim, outcome: SendOutcome) -> None:
+    """Store the outcome of a claimed attempt, unless the row was taken from this worker meanwhile (the
+    bookkeeper judged the claim stale, or an operator resent): then the newer claim's outcome counts."""
+    destination = claim.destination
     with db.session() as session:
-        row = session.get(Delivery, delivery_id)
+        row = session.get(Delivery, claim.delivery_id)
         assert row is not None
         study_uid = session.get(Study, row.study_id).study_instance_uid
+        if row.state != DeliveryState.SENDING or row.attempts != claim.attempt:
+            log.warning("delivery %d to %s: attempt %d finished after the row moved on (%s, attempt %d); "
+                        "outcome not recorded: %s", row.id, destination.name, claim.attempt, row.state.value,
+                        row.attempts, outcome.detail)
+            return
         if outcome.ok:
             row.state, row.delivered_at, row.last_error = DeliveryState.DELIVERED, utcnow(), None
             row.remote_id = outcome.remote_id
@@ -240,8 +257,9 @@ def _record(db: Database, delivery_id: int, destination: Destination, outcome: S
             row.state, row.last_error = DeliveryState.DEAD, outcome.detail
             action = "delivery.dead"
         else:
-            row.state, row.last_error = DeliveryState.RETRYING, outcome.detail
-            row.next_attempt_at = utcnow() + backoff(destination, row.attempts)
+            now = utcnow()  # one clock reading: the bookkeeper tells a scheduled retry by updated_at <= next
+            row.state, row.last_error, row.updated_at = DeliveryState.RETRYING, outcome.detail, now
+            row.next_attempt_at = now + backoff(destination, row.attempts)
             action = "delivery.retrying"
         session.add(AuditEvent(actor=ACTOR, action=action, study_instance_uid=study_uid,
                                detail={"destination": destination.name, "object": row.object_kind.value,

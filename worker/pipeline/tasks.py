@@ -39,9 +39,13 @@ def _db(settings: Settings) -> Database:
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
-    """Define the pipeline tasks on ``app`` bound to ``settings``."""
+    """Define the pipeline tasks on ``app`` bound to ``settings``.
 
-    @app.task(name=PROCESS_STUDY, acks_late=True, reject_on_worker_lost=True)
+    ``shared=False``: Celery otherwise adds every task to each app created later in the process, where the
+    first registration of a name wins, so a second app (another configuration, a test) would run tasks bound
+    to the first app's settings."""
+
+    @app.task(name=PROCESS_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True)
     def process_study(job_id: int) -> dict[str, Any]:
         from worker.pipeline.processing import run_job
 
@@ -52,13 +56,13 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         return {"status": outcome.status, "study": outcome.study_instance_uid, "revision": outcome.revision,
                 "detail": outcome.detail}
 
-    @app.task(name=DELIVER_STUDY, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=DELIVER_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True)
     def deliver_study(study_instance_uid: str, revision: int) -> str:
         from worker.pipeline.delivery import deliver_revision
 
         return deliver_revision(settings, _db(settings), study_instance_uid, revision).value
 
-    @app.task(name=ANSWER_QUESTION)
+    @app.task(name=ANSWER_QUESTION, shared=False)
     def answer_question(study_instance_uid: str, question: str, history: list[dict[str, str]] | None = None) -> dict:
         return answer(settings, _db(settings), study_instance_uid, question, history or [])
 
