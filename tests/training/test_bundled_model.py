@@ -32,8 +32,6 @@ def test_worker_falls_back_to_bundled_model() -> None:
     assert bundled_model() == BUNDLED
 
 
-@pytest.mark.xfail(strict=True, reason="the bundled tiny model answers the vascular question with disease lines: it saw "
-                   "only 96 vascular conversations (24 measured images); see its MODEL_CARD.md and docs/training.md")
 def test_bundled_model_analyses_retina_offline(retina_rgb: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
     from model.engine import EngineOptions, RetinalGPTEngine
     from model.schema import Condition
