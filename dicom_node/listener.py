@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
@@ -116,6 +116,7 @@ class Listener:
                 pending.receiving_since.timestamp(),
                 pending.last_received_at.timestamp(),
             )
+        _quiet_pynetdicom_when_not_logged()
         ae = self._application_entity()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -318,3 +319,12 @@ class Listener:
             method(payload)
         except Exception:
             log.exception("ingest sink failed in %s", getattr(method, "__name__", method))
+
+
+def _quiet_pynetdicom_when_not_logged() -> None:
+    """Unless pynetdicom's own INFO/DEBUG logging is switched on, do not bind its standard logging handlers
+    (pynetdicom ``_config.LOG_HANDLER_LEVEL``, process-wide): they format a multi-line dump of every PDU and
+    DIMSE message, and copy each received data set to test that it is not empty, before the logger discards it.
+    The node logs each instance and association itself."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _config.LOG_HANDLER_LEVEL = "none"
