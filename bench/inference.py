@@ -12,7 +12,7 @@
 
 Usage::
 
-    python bench/inference.py cpu [--images 8] [--tokens 64] [--threads 1] [--model DIR]
+    python bench/inference.py cpu [--images 8] [--tokens 64] [--threads 1] [--model DIR [--natural]]
     python bench/inference.py gpu [--batches 1,2,4,8,16] [--tokens 256] [--reference-images 2] [--hbm-peak-gbs N]
     python bench/inference.py gpu --device cpu --preset tiny --tokens 8 --batches 1,2 --reference-images 1  # dry run
 
@@ -116,8 +116,9 @@ def _grades(condition: Condition) -> range:
     return range(max_grade(condition) + 1)
 
 
-def reference_loop(engine: RetinalGPTEngine, batch_images: list[np.ndarray], tokens: int) -> int:
-    """The paper's way: per image, per question, ``model.generate`` on one prompt; returns tokens generated."""
+def reference_loop(engine: RetinalGPTEngine, batch_images: list[np.ndarray], tokens: int, forced: bool = True) -> int:
+    """The paper's way: per image, per question, ``model.generate`` on one prompt; returns tokens generated.
+    ``forced``: every answer is exactly ``tokens`` long, else answers stop at EOS (at most ``tokens``)."""
     import torch
 
     generated = 0
@@ -133,7 +134,7 @@ def reference_loop(engine: RetinalGPTEngine, batch_images: list[np.ndarray], tok
                     pixel_values=engine.pixel_values([image]),
                     do_sample=False,
                     max_new_tokens=tokens,
-                    min_new_tokens=tokens,
+                    min_new_tokens=tokens if forced else None,
                     use_cache=True,
                 )
             generated += out.shape[1] - ids.shape[1]
@@ -149,12 +150,12 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "inference-cpu",
         "model": args.model or "preset:tiny (random weights)",
         "images": args.images,
-        "forced_tokens": args.tokens,
+        "forced_tokens": None if args.natural else args.tokens,
         "threads": args.threads,
         "runs": {},
     }
     for batch in (1, 8):
-        engine = engine_for(args, batch, "cpu", "float32", args.tokens)
+        engine = engine_for(args, batch, "cpu", "float32", None if args.natural else args.tokens)
         full_protocol(engine, pictures[:1])  # warm-up
         start = time.perf_counter()
         for first in range(0, len(pictures), batch):
@@ -164,12 +165,13 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
     engine = engine_for(args, 1, "cpu", "float32", None)
     subset = pictures[: args.reference_images]
     start = time.perf_counter()
-    reference_loop(engine, subset, args.tokens)
+    reference_loop(engine, subset, args.tokens, forced=not args.natural)
     report["runs"]["reference_loop"] = {"seconds_per_image": (time.perf_counter() - start) / len(subset)}
     ref = report["runs"]["reference_loop"]["seconds_per_image"]
     for run in report["runs"].values():
         run["speedup_vs_reference"] = ref / run["seconds_per_image"]
-    print(f"CPU, tiny, {args.tokens} forced tokens per answer, {args.threads} thread(s)")
+    lengths = "answers of their own length" if args.natural else f"{args.tokens} forced tokens per answer"
+    print(f"CPU, {args.model or 'tiny'}, {lengths}, {args.threads} thread(s)")
     print(f"{'run':<16}{'s/image':>10}{'× reference':>14}")
     for name, run in report["runs"].items():
         print(f"{name:<16}{run['seconds_per_image']:>10.3f}{run['speedup_vs_reference']:>14.1f}")
@@ -278,6 +280,9 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="preset when no --model (cpu: tiny, gpu: paper)")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=None, help="forced answer length (cpu 64, gpu 256)")
+    parser.add_argument(
+        "--natural", action="store_true", help="cpu: answers stop at their own length (use with a trained --model)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reference-images", type=int, default=2)
     parser.add_argument("--batches", default="1,2,4,8,16")
@@ -288,7 +293,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.preset = args.preset or ("tiny" if args.mode == "cpu" else "paper")
-    args.tokens = args.tokens or (64 if args.mode == "cpu" else 256)
+    args.tokens = args.tokens or (64 if args.mode == "cpu" and not args.natural else 256)
     report = cpu(args) if args.mode == "cpu" else gpu(args)
     line = json.dumps(report)
     print(line)
