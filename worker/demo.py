@@ -91,6 +91,14 @@ def demo_study(size: int = 1024) -> list[Dataset]:
     ]
 
 
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def _wait_for_node(settings: Settings, timeout: float) -> None:
     from dicom_node.params import PeerParams
     from dicom_node.sender import echo
@@ -99,7 +107,7 @@ def _wait_for_node(settings: Settings, timeout: float) -> None:
                       calling_ae_title=CAMERA_AE, timeout=5)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if echo(peer).ok:
+        if _port_open(peer.port) and echo(peer).ok:  # echo only once something listens: no connect errors logged
             return
         time.sleep(0.5)
     raise DemoError(f"the DICOM node did not answer C-ECHO on port {settings.dicom.port} within {timeout:.0f} s")
