@@ -86,8 +86,10 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int | Non
     pool = "prefork" if inference else "threads"
     workers = concurrency or (1 if inference and DELIVERY_QUEUE not in queues else 2 if inference else 4)
     name = "+".join(queues)
-    app.worker_main([
-        "worker", "--queues", ",".join(queues), "--pool", pool, "--concurrency", str(workers),
+    log.info("%s worker: %s pool × %d on %s, broker %s", name, pool, workers, ",".join(queues),
+             app.connection_for_read().as_uri())
+    app.worker_main([  # --quiet: this line, not Celery's ASCII-art banner, says what the worker runs
+        "--quiet", "worker", "--queues", ",".join(queues), "--pool", pool, "--concurrency", str(workers),
         "--hostname", f"{name}-{os.getpid()}@{socket.gethostname()}", "--loglevel", settings.log_level,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ])
