@@ -104,6 +104,8 @@ class BrokerSettings(_Section):
     url: str = ""
     result_backend: str = ""
     visibility_timeout: int = Field(default=3600, gt=0, description="seconds before an unacked task is redelivered")
+    polling_seconds: float = Field(default=0.1, gt=0, le=10, description="SQLAlchemy broker: how often an idle "
+                                   "worker looks for messages")
 
 
 class PipelineSettings(_Section):
