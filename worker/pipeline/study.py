@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,10 +20,14 @@ from worker.pipeline.referral import impression, study_referral
 from worker.pipeline.sources import SourceImage
 
 if TYPE_CHECKING:
-    from model.analysis import MeasurementPipeline
+    from model.analysis import MeasurementPipeline, MeasurementResult
     from model.engine import RetinalGPTEngine
 
 log = logging.getLogger(__name__)
+
+MEASURE_THREADS = 2
+"""Images of a study measured at once: the pipeline's numpy/scipy/torch work releases the GIL, so two images
+overlap (2 × 768 px on 2 cores: 2.6 s one after the other, 2.2 s together); the pipeline is thread-safe."""
 
 
 @dataclass
@@ -55,18 +60,12 @@ class StudyAnalyzer:
         first = sources[0].dataset
         images: list[ImageAnalysis] = []
         masks: dict[str, np.ndarray] = {}
-        for source in sources:
-            measured = self.pipeline.analyze(
-                source.rgb,
-                pixel_spacing_um=source.pixel_spacing_um,
-                sop_instance_uid=source.sop_instance_uid,
-                file_path=str(source.path) if source.from_plain_file and source.path else None,
-                laterality=source.laterality,
-            )
-            image = measured.image
-            image.series_instance_uid = source.series_instance_uid
-            images.append(image)
-            masks[source.sop_instance_uid] = measured.vessels
+        with ThreadPoolExecutor(max_workers=min(len(sources), MEASURE_THREADS)) as pool:
+            for source, measured in zip(sources, pool.map(self._measure, sources), strict=True):
+                image = measured.image
+                image.series_instance_uid = source.series_instance_uid
+                images.append(image)
+                masks[source.sop_instance_uid] = measured.vessels
         notes: list[str] = []
         if self.engine is not None:
             self._run_model(sources, images)
@@ -86,6 +85,15 @@ class StudyAnalyzer:
             notes=notes,
         )
         return StudyResult(analysis=analysis, vessel_masks=masks)
+
+    def _measure(self, source: SourceImage) -> MeasurementResult:
+        return self.pipeline.analyze(
+            source.rgb,
+            pixel_spacing_um=source.pixel_spacing_um,
+            sop_instance_uid=source.sop_instance_uid,
+            file_path=str(source.path) if source.from_plain_file and source.path else None,
+            laterality=source.laterality,
+        )
 
     def _run_model(self, sources: Sequence[SourceImage], images: list[ImageAnalysis]) -> None:
         """One batched RetinalGPT pass over the gradable images of the study, merged into their results."""
