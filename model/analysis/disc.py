@@ -110,11 +110,12 @@ def locate_disc(rgb: np.ndarray, fov: np.ndarray, vessels: np.ndarray, fov_diame
     y, x = np.unravel_index(int(np.argmax(score)), score.shape)
     best = score[y, x]
     yy, xx = np.mgrid[0 : score.shape[0], 0 : score.shape[1]]
-    near = allowed & (np.hypot(xx - x, yy - y) <= REFINE_RADIUS_DD * dd)
-    y, x = np.unravel_index(int(np.argmax(np.where(near, contrast_z, -np.inf))), score.shape)
-    elsewhere = score[np.hypot(xx - x, yy - y) > 1.5 * dd]
+    distance = np.hypot(xx - x, yy - y)
+    elsewhere = score[distance > 1.5 * dd]
     runner = float(elsewhere.max()) if elsewhere.size else best - 1.0
     confidence = float(1.0 - np.exp(-max(best - runner, 0.0)))
+    near = allowed & (distance <= REFINE_RADIUS_DD * dd)
+    y, x = np.unravel_index(int(np.argmax(np.where(near, contrast_z, -np.inf))), score.shape)
     return DiscLocation(x=(x + 0.5) * factor - 0.5, y=(y + 0.5) * factor - 0.5, score=confidence)
 
 
