@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -72,6 +72,11 @@ class ModelMetadata(BaseModel):
     version: str = "0"
     preset: str | None = None
     protocol_version: str = protocol.PROTOCOL_VERSION
+    answer_format: Literal["canonical", "free"] = Field(
+        default="free",
+        description='"canonical": trained on model.protocol.render_answer, so answers may be decoded under '
+        "model.grammar; \"free\": writes its own prose (imported or random weights)",
+    )
     template: dict[str, Any] = Field(default_factory=protocol.V0_TEMPLATE.to_dict)
     image: ImageSpec
     vocabularies: dict[str, Any] = Field(default_factory=default_vocabularies)

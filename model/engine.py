@@ -38,6 +38,7 @@ from model.checkpoint import (
     validate_model_dir,
 )
 from model.compare import compare_measurements
+from model.grammar import AnswerConstraint, AnswerGrammar
 from model.schema import (
     Condition,
     Finding,
@@ -73,7 +74,9 @@ class EngineOptions:
     """How the engine runs. ``batch_size`` counts images (each brings one row per task); ``force_new_tokens``
     ignores stop tokens and generates exactly that many tokens (benchmarks only); ``cpu_threads`` sets torch's
     intra-op threads on CPU (on a shared, loaded machine 1 thread is often fastest); ``static_cache`` decodes into
-    a preallocated KV cache (default: on GPU, where re-copying a growing cache every step costs bandwidth)."""
+    a preallocated KV cache (default: on GPU, where re-copying a growing cache every step costs bandwidth);
+    ``constrain_answers`` decodes the protocol's questions under their canonical grammar (:mod:`model.grammar`;
+    default: when the checkpoint's metadata says it was trained on canonical answers)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -86,6 +89,7 @@ class EngineOptions:
     force_new_tokens: int | None = None
     cpu_threads: int | None = None
     static_cache: bool | None = None
+    constrain_answers: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,11 @@ class RetinalGPTEngine:
             stops.add(int(tokenizer.eos_token_id))
         self.stop_ids = torch.tensor(sorted(stops), device=self.device)
         self._stop_set = frozenset(stops)
+        self._pieces: list[str] | None = None
+        self.constrain_answers = (
+            options.constrain_answers if options.constrain_answers is not None
+            else metadata.answer_format == "canonical"
+        )
         self.last_timing: GenerationTiming | None = None
         self._mean = np.asarray(metadata.image.mean, dtype=np.float32)[:, None, None]
         self._std = np.asarray(metadata.image.std, dtype=np.float32)[:, None, None]
@@ -410,13 +419,23 @@ class RetinalGPTEngine:
             raise EngineError("a prompt holds a different number of image tokens than the image has")
         return embeds.masked_scatter(slots.unsqueeze(-1), features[with_image].to(embeds.dtype))
 
+    def answer_constraint(self, task: protocol.Task) -> AnswerConstraint:
+        """A fresh decoding state for one answer to ``task`` under its canonical grammar."""
+        if self._pieces is None:
+            self._pieces = token_pieces(self.tokenizer)
+        return AnswerConstraint(AnswerGrammar(task), self._pieces, self._stop_set, self.template.sep)
+
     def _generate(
-        self, rows: Sequence[list[int]], features: torch.Tensor, row_image: Sequence[int] | None = None
+        self,
+        rows: Sequence[list[int]],
+        features: torch.Tensor,
+        row_image: Sequence[int] | None = None,
+        constraints: Sequence[AnswerConstraint | None] | None = None,
     ) -> list[str]:
         """Greedy decoding of every row (see :meth:`_prefill` for ``row_image``); returns the decoded answers
         (cut at the separator)."""
         texts = []
-        for row in self.generate_tokens(rows, features, row_image):
+        for row in self.generate_tokens(rows, features, row_image, constraints):
             kept = []
             for token in row:
                 if token == self.pad_id or (
@@ -428,20 +447,27 @@ class RetinalGPTEngine:
         return texts
 
     def generate_tokens(
-        self, rows: Sequence[list[int]], features: torch.Tensor, row_image: Sequence[int] | None = None
+        self,
+        rows: Sequence[list[int]],
+        features: torch.Tensor,
+        row_image: Sequence[int] | None = None,
+        constraints: Sequence[AnswerConstraint | None] | None = None,
     ) -> list[list[int]]:
         """Greedy token ids per row (prompt token ids from :meth:`encode`, ``features`` from
         :meth:`image_features`), including the stop token that ended a row; rows that stopped early are padded
         with the pad id. Rows that finished are dropped from the batch (and their KV cache) at the next stop check
         once an eighth of the rows have, so long answers do not drag finished rows along. With
-        ``force_new_tokens`` every row gets exactly that many tokens."""
+        ``force_new_tokens`` every row gets exactly that many tokens (and ``constraints`` are ignored); otherwise
+        a row with a constraint takes the most likely token its grammar allows."""
         import torch
 
         options = self.options
         steps = options.force_new_tokens or options.max_new_tokens
+        if options.force_new_tokens is not None or not any(c is not None for c in constraints or ()):
+            constraints = None
         check_every = (
-            8 if self.device.type == "cuda" else 1
-        )  # a stop check syncs; on GPU let launches run ahead
+            8 if self.device.type == "cuda" and constraints is None else 1
+        )  # a stop check syncs; on GPU let launches run ahead (constrained rows sync every step anyway)
         started = time.perf_counter()
         with torch.inference_mode():
             cache, logits, mask, position = self._prefill(rows, features, row_image)
@@ -458,11 +484,16 @@ class RetinalGPTEngine:
             done_steps = 0
             for step in range(steps):
                 token = logits.argmax(dim=-1)
+                ended = None
+                if constraints is not None:
+                    token, ended = _constrained_choice(logits, token, alive, finished, constraints)
                 token = torch.where(finished, torch.full_like(token, self.pad_id), token)
                 output[alive, step] = token
                 done_steps = step + 1
                 if options.force_new_tokens is None:
                     finished |= torch.isin(token, self.stop_ids)
+                    if ended is not None:
+                        finished |= ended
                     if (step + 1) % check_every == 0:
                         keep = (~finished).nonzero().squeeze(1)
                         if keep.numel() == 0:
@@ -603,7 +634,10 @@ class RetinalGPTEngine:
         prompts = {task: self.encode(self.template.prompt(protocol.question(task))) for task in tasks}
         rows = [prompts[task] for _ in images for task in tasks]
         row_image = [index for index in range(len(images)) for _ in tasks]
-        answers = self._generate(rows, features, row_image)
+        constraints = (
+            [self.answer_constraint(task) for _ in images for task in tasks] if self.constrain_answers else None
+        )
+        answers = self._generate(rows, features, row_image, constraints)
         results = []
         for index in range(len(images)):
             result = ModelImageResult()
@@ -707,6 +741,54 @@ class RetinalGPTEngine:
                 )
             turns = turns[1:]  # forget the oldest exchange first
         return self._generate([ids], self.image_features([image]))[0]
+
+
+_CONSTRAINED_TOP_K = 64
+
+
+def _constrained_choice(
+    logits: torch.Tensor,
+    greedy: torch.Tensor,
+    alive: torch.Tensor,
+    finished: torch.Tensor,
+    constraints: Sequence[AnswerConstraint | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each constrained row's most likely allowed token (its greedy choice when allowed, else the best of the
+    top :data:`_CONSTRAINED_TOP_K`, else of the whole vocabulary) and which rows the choice ends. A row whose
+    grammar allows nothing (cannot happen for a grammar that always offers a continuation or an end) ends."""
+    import torch
+
+    chosen = greedy.tolist()
+    done = finished.tolist()
+    ended = [False] * len(chosen)
+    ranked: list[list[int]] | None = None
+    for position, row in enumerate(alive.tolist()):
+        constraint = constraints[row]
+        if constraint is None or done[position]:
+            continue
+        if not constraint.allows(chosen[position]):
+            if ranked is None:
+                ranked = logits.topk(min(_CONSTRAINED_TOP_K, logits.shape[-1]), dim=-1).indices.tolist()
+            allowed = next((t for t in ranked[position] if constraint.allows(t)), None)
+            if allowed is None:
+                order = logits[position].argsort(descending=True).tolist()
+                allowed = next((t for t in order if constraint.allows(t)), None)
+            if allowed is None:
+                ended[position] = True
+                continue
+            chosen[position] = allowed
+        constraint.advance(chosen[position])
+        ended[position] = constraint.finished
+    device = greedy.device
+    return torch.tensor(chosen, device=device), torch.tensor(ended, device=device)
+
+
+def token_pieces(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The text each token id adds when it follows other text. Decoding a token alone drops a leading space
+    under SentencePiece (LLaMA), so each is decoded after an anchor token and the anchor's text removed."""
+    anchor = tokenizer("a", add_special_tokens=False).input_ids[-1]
+    base = tokenizer.decode([anchor])
+    return [tokenizer.decode([anchor, token])[len(base):] for token in range(len(tokenizer))]
 
 
 def _select_rows(cache: Any, keep: torch.Tensor) -> None:

@@ -230,6 +230,8 @@ class Trainer:
         self.plot_losses()
         metadata.name = config.model.name
         metadata.version = config.model.version
+        if config.stage2.enabled:
+            metadata.answer_format = "canonical"  # stage 2 teaches model.protocol's canonical answers
         metadata.provenance = {
             "source": f"retinalgpt train (preset {config.model.preset})" if config.model.init is None
             else f"retinalgpt train (init {config.model.init})",

@@ -136,6 +136,11 @@ class ModelSettings(_Section):
     quantization: Literal["none", "4bit", "8bit"] = "none"
     batch_size: int = Field(default=8, ge=1)
     max_new_tokens: int = Field(default=256, ge=1)
+    constrained_decoding: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="decode the protocol questions under their canonical grammar; auto: when the model's metadata "
+        "says it was trained on canonical answers",
+    )
 
 
 class AnalysisSettings(_Section):

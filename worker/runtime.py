@@ -56,6 +56,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         quantization=settings.model.quantization,
         batch_size=settings.model.batch_size,
         max_new_tokens=settings.model.max_new_tokens,
+        constrain_answers={"auto": None, "on": True, "off": False}[settings.model.constrained_decoding],
     )
 
 

@@ -169,7 +169,7 @@ def test_likelihood_scoring_ranks_as_the_hand_made_model(
         for t, a in canned_answers.items()
     }
 
-    def canned(rows: list[list[int]], features: Any, row_image: Any = None) -> list[str]:
+    def canned(rows: list[list[int]], features: Any, row_image: Any = None, constraints: Any = None) -> list[str]:
         return [by_prompt[tuple(row)] for row in rows]
 
     prompt = engine.encode(engine.template.prompt(protocol.question(protocol.Task.DISEASE_GRADE)))
