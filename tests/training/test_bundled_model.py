@@ -24,6 +24,7 @@ def test_bundled_model_is_small_and_carded() -> None:
     assert "Not for clinical use" in card and "retinalgpt train training/recipes/tiny-bundled.toml" in card
     assert "eyepacs_kaggle_dr" not in metadata.provenance["data"]["images_per_source"]
     assert "HEI-MED" not in metadata.provenance["data"]["images_per_source"]
+    assert metadata.answer_format == "canonical"
 
 
 def test_worker_falls_back_to_bundled_model() -> None:
@@ -39,6 +40,7 @@ def test_bundled_model_analyses_retina_offline(retina_rgb: np.ndarray, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     engine = RetinalGPTEngine.load(BUNDLED, EngineOptions(device="cpu", cpu_threads=1))
+    assert engine.constrain_answers  # trained on canonical answers: decoded under their grammar by default
     (result,) = engine.analyze([retina_rgb])
     assert len(result.answers) == 4
     failures = [(a.task, a.answer, a.error) for a in result.answers if not a.parsed]
