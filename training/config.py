@@ -80,6 +80,12 @@ class LanguageStage(_Section):
     lora: bool = False
     lora_rank: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
+    balance: Literal["none", "sqrt"] = Field(
+        default="none",
+        description="none: every conversation once per epoch; sqrt: each epoch draws conversations with probability "
+        "proportional to 1/sqrt(size of their stratum: source dataset and disease answer), so rare grades are seen "
+        "more often",
+    )
 
 
 class RunSection(_Section):

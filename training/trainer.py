@@ -64,6 +64,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def stratum(item: dict[str, Any]) -> str:
+    """Sampling stratum of a LLaVA item: its source dataset and its disease answer (the label combination)."""
+    answers = [turn["value"] for turn in item["conversations"][1::2]]
+    disease = [a for kind, a in zip(item.get("tasks", ()), answers, strict=False) if kind == "disease_grade"]
+    return f"{item.get('source', '')}|{disease[0] if disease else ''}"
+
+
+def balanced_weights(strata: Sequence[str]) -> list[float]:
+    """Per-item sampling weight 1/√(size of its stratum): a stratum of n items is drawn ∝ √n, between uniform
+    over items (∝ n) and uniform over strata (∝ 1)."""
+    sizes: dict[str, int] = {}
+    for key in strata:
+        sizes[key] = sizes.get(key, 0) + 1
+    return [1.0 / math.sqrt(sizes[key]) for key in strata]
+
+
 def load_records(config: TrainConfig) -> list[Record]:
     records: list[Record] = []
     for ref in config.data.datasets:
@@ -225,7 +241,8 @@ class Trainer:
                     data = data + self.general_mix(len(data))
                 examples = [tokenize(item, index[item["image"]], tokenizer, template, model.config.image_token_index,
                                      metadata.image.image_tokens, stage.max_length) for item in data]
-                model = self.language_stage(name, stage, model, examples, features, tokenizer, resume)
+                model = self.language_stage(name, stage, model, examples, [stratum(item) for item in data],
+                                            features, tokenizer, resume)
                 resume = None
         self.plot_losses()
         metadata.name = config.model.name
@@ -328,7 +345,7 @@ class Trainer:
         if self.progress is not None:
             self.progress(stage, step, total, loss)
 
-    def language_stage(self, name: str, stage: LanguageStage, model: Any, examples: list[Example],
+    def language_stage(self, name: str, stage: LanguageStage, model: Any, examples: list[Example], strata: list[str],
                        features: torch.Tensor, tokenizer: Any, resume: dict[str, Any] | None) -> Any:
         """Stage 1 trains the projector only; stage 2 the projector and the language model (or LoRA adapters)."""
         for parameter in model.parameters():
@@ -374,7 +391,8 @@ class Trainer:
         del losses[step:]
         pad = tokenizer.pad_token_id
         # lengths are similar within a bucket, which keeps padding (and CPU time) low
-        order_all = self._batches(examples, batch, total * stage.gradient_accumulation)
+        order_all = self._batches(examples, batch, total * stage.gradient_accumulation,
+                                  strata if stage.balance == "sqrt" else None)
         started = time.time()
         device = self.accelerator.device
         for micro, indices in enumerate(order_all):
@@ -408,13 +426,19 @@ class Trainer:
         self.save_checkpoint(model, None, None)
         return model
 
-    def _batches(self, examples: Sequence[Example], batch: int, count: int) -> list[list[int]]:
-        """``count`` micro-batches: each epoch a seeded shuffle, grouped into length-sorted chunks of 8 batches."""
+    def _batches(self, examples: Sequence[Example], batch: int, count: int,
+                 strata: Sequence[str] | None = None) -> list[list[int]]:
+        """``count`` micro-batches: each epoch a seeded shuffle (or, with ``strata``, as many seeded draws with
+        probability ∝ 1/√(stratum size)), grouped into length-sorted chunks of 8 batches."""
         rng = random.Random(self.config.run.seed)
+        weights = balanced_weights(strata) if strata is not None else None
         out: list[list[int]] = []
         while len(out) < count:
             order = list(range(len(examples)))
-            rng.shuffle(order)
+            if weights is None:
+                rng.shuffle(order)
+            else:
+                order = rng.choices(order, weights=weights, k=len(order))
             chunk = batch * 8
             epoch = []
             for start in range(0, len(order), chunk):
