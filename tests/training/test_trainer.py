@@ -60,6 +60,7 @@ def test_short_run_lowers_loss_resumes_and_answers(shared_fundus: Path, tmp_path
 
     engine = RetinalGPTEngine.load(model_dir, EngineOptions(device="cpu", max_new_tokens=24, cpu_threads=1))
     assert engine.metadata.name == "test-tiny" and engine.metadata.provenance["data"]["conversations"] > 0
+    assert engine.metadata.answer_format == "canonical" and engine.constrain_answers  # stage 2 taught canonical answers
     answer = engine.ask(retina_rgb, "Which retinal diseases does this fundus photograph show, and at what grade?")
     assert isinstance(answer, str)
     (result,) = engine.analyze([retina_rgb])
