@@ -114,20 +114,27 @@ def send(port: int, called: str, files: list[Path], associations: int) -> float:
     return elapsed
 
 
+def images_per_second(server: list[str], port: int, called: str, files: list[Path], associations: int,
+                      env: dict[str, str] | None = None) -> float:
+    """Start the receiver ``server`` (a command listening on ``port``), send ``files`` to it, stop it."""
+    process = subprocess.Popen(server, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port)
+        elapsed = send(port, called, files, associations)
+    finally:
+        process.terminate()
+        process.wait()
+    return len(files) / elapsed
+
+
 def run_storescp(work: Path, files: list[Path], associations: int) -> float:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    server = subprocess.Popen([STORESCP, "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
-                              env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(port)
-        elapsed = send(port, "STORESCP", files, associations)
-    finally:
-        server.terminate()
-        server.wait()
+    rate = images_per_second([STORESCP, "--fork", "-aet", "STORESCP", "-od", str(out), str(port)], port, "STORESCP",
+                             files, associations, env=DCMTK_ENV)
     assert len(list(out.iterdir())) == len(files)
-    return len(files) / elapsed
+    return rate
 
 
 def run_node(work: Path, files: list[Path], associations: int, fsync: bool) -> float:
@@ -161,30 +168,41 @@ def in_fresh_folder(root: Path, run: Callable[[Path], float]) -> float:
         shutil.rmtree(work, ignore_errors=True)
 
 
+Receiver = Callable[..., float]
+"""``run(work, files=…, associations=…, fsync=…) -> images/s`` of a receiver under test."""
+
+
+def compare_with_storescp(count: int, repeat: int, label: str, receiver: Receiver) -> None:
+    """Print images/s of storescp and of ``receiver`` (with and without fsync), one and four associations, runs
+    interleaved so that machine load hits all three alike, medians of ``repeat``."""
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=Path(__file__).resolve().parent) as tmp:
+        root = Path(tmp)
+        files = make_files(root, count)
+        size = statistics.mean(p.stat().st_size for p in files) / 1e6
+        source = "../shared/data/fundus" if SHARED_FUNDUS.is_dir() else "skimage.data.retina()"
+        print(f"{len(files)} OP files, {size:.2f} MB each on average, from {source}; median of {repeat} runs")
+        print(f"{'associations':>12} {'storescp img/s':>15} {label + ' img/s':>12} {'ratio':>6} "
+              f"{label + ' no-fsync img/s':>21} {'ratio':>6}")
+        for associations in (1, 4):
+            reference, durable, unsynced = [], [], []
+            for _ in range(repeat):
+                reference.append(in_fresh_folder(root, partial(run_storescp, files=files, associations=associations)))
+                durable.append(in_fresh_folder(root, partial(receiver, files=files, associations=associations,
+                                                             fsync=True)))
+                unsynced.append(in_fresh_folder(root, partial(receiver, files=files, associations=associations,
+                                                              fsync=False)))
+            ref, synced, fast = (statistics.median(x) for x in (reference, durable, unsynced))
+            print(f"{associations:>12} {ref:>15.1f} {synced:>12.1f} {synced / ref:>6.2f} {fast:>21.1f} "
+                  f"{fast / ref:>6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="ingest-bench-", dir=Path(__file__).resolve().parent) as tmp:
-        root = Path(tmp)
-        files = make_files(root, args.count)
-        size = statistics.mean(p.stat().st_size for p in files) / 1e6
-        source = "../shared/data/fundus" if SHARED_FUNDUS.is_dir() else "skimage.data.retina()"
-        print(f"{len(files)} OP files, {size:.2f} MB each on average, from {source}; median of {args.repeat} runs")
-        print(f"{'associations':>12} {'storescp img/s':>15} {'node img/s':>11} {'ratio':>6} "
-              f"{'node no-fsync img/s':>20} {'ratio':>6}")
-        for associations in (1, 4):
-            reference, durable, unsynced = [], [], []
-            for _ in range(args.repeat):  # interleave so that machine load hits all three alike
-                reference.append(in_fresh_folder(root, partial(run_storescp, files=files, associations=associations)))
-                durable.append(in_fresh_folder(root, partial(run_node, files=files, associations=associations,
-                                                             fsync=True)))
-                unsynced.append(in_fresh_folder(root, partial(run_node, files=files, associations=associations,
-                                                              fsync=False)))
-            ref, node, fast = (statistics.median(x) for x in (reference, durable, unsynced))
-            print(f"{associations:>12} {ref:>15.1f} {node:>11.1f} {node / ref:>6.2f} {fast:>20.1f} {fast / ref:>6.2f}")
+    compare_with_storescp(args.count, args.repeat, "node", run_node)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,13 @@ import argparse
 import hashlib
 import os
 import socket
-import statistics
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
-from functools import partial
 from io import BytesIO
 from pathlib import Path
 
-from ingest import free_port, in_fresh_folder, make_files, run_storescp, send, wait_listening
+from ingest import compare_with_storescp, free_port, images_per_second
 
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LBB")
@@ -162,15 +158,10 @@ def run_floor(work: Path, files: list[Path], associations: int, fsync: bool) -> 
     out = work / "floor"
     out.mkdir()
     port = free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(out), "--fsync", str(int(fsync))])
-    try:
-        wait_listening(port)
-        elapsed = send(port, "FLOOR", files, associations)
-    finally:
-        server.kill()
-        server.wait()
+    rate = images_per_second([sys.executable, __file__, "--serve", str(port), str(out), "--fsync", str(int(fsync))],
+                             port, "FLOOR", files, associations)
     assert len(list(out.glob("*.dcm"))) == len(files)
-    return len(files) / elapsed
+    return rate
 
 
 def main() -> None:
@@ -183,22 +174,7 @@ def main() -> None:
     if args.serve:
         serve(int(args.serve[0]), Path(args.serve[1]), bool(args.fsync))
         return
-    with tempfile.TemporaryDirectory(prefix="ingest-floor-", dir=Path(__file__).resolve().parent) as tmp:
-        root = Path(tmp)
-        files = make_files(root, args.count)
-        print(f"{len(files)} OP files; median of {args.repeat} runs")
-        print(f"{'associations':>12} {'storescp img/s':>15} {'floor img/s':>12} {'ratio':>6} "
-              f"{'floor no-fsync img/s':>21} {'ratio':>6}")
-        for associations in (1, 4):
-            reference, durable, unsynced = [], [], []
-            for _ in range(args.repeat):
-                reference.append(in_fresh_folder(root, partial(run_storescp, files=files, associations=associations)))
-                durable.append(in_fresh_folder(root, partial(run_floor, files=files, associations=associations,
-                                                             fsync=True)))
-                unsynced.append(in_fresh_folder(root, partial(run_floor, files=files, associations=associations,
-                                                              fsync=False)))
-            ref, floor, fast = (statistics.median(x) for x in (reference, durable, unsynced))
-            print(f"{associations:>12} {ref:>15.1f} {floor:>12.1f} {floor / ref:>6.2f} {fast:>21.1f} {fast / ref:>6.2f}")
+    compare_with_storescp(args.count, args.repeat, "floor", run_floor)
 
 
 if __name__ == "__main__":
