@@ -21,6 +21,7 @@ Every answer the grammar completes is read back exactly by :func:`model.protocol
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class AnswerGrammar:
 
     def __init__(self, task: protocol.Task) -> None:
         self.task = protocol.Task(task)
-        self._forms = _FORMS[self.task]()
+        self._forms = _forms(self.task)
 
     def viable(self, text: str) -> bool:
         lines = _body(text).split("\n")
@@ -167,6 +168,12 @@ _FORMS: dict[protocol.Task, Callable[[], list[_OrderedLines]]] = {
     protocol.Task.VASCULAR: _vascular,
     protocol.Task.LESIONS: _lesions,
 }
+
+
+@functools.cache
+def _forms(task: protocol.Task) -> tuple[_OrderedLines, ...]:
+    """The compiled forms of ``task``'s answers, built once per process (every decoded answer asks for them)."""
+    return tuple(_FORMS[task]())
 
 
 class AnswerConstraint:
