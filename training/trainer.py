@@ -241,8 +241,8 @@ class Trainer:
                     data = data + self.general_mix(len(data))
                 examples = [tokenize(item, index[item["image"]], tokenizer, template, model.config.image_token_index,
                                      metadata.image.image_tokens, stage.max_length) for item in data]
-                model = self.language_stage(name, stage, model, examples, [stratum(item) for item in data],
-                                            features, tokenizer, resume)
+                strata = [stratum(item) for item in data] if stage.balance == "sqrt" else None
+                model = self.language_stage(name, stage, model, examples, strata, features, tokenizer, resume)
                 resume = None
         self.plot_losses()
         metadata.name = config.model.name
@@ -345,9 +345,11 @@ class Trainer:
         if self.progress is not None:
             self.progress(stage, step, total, loss)
 
-    def language_stage(self, name: str, stage: LanguageStage, model: Any, examples: list[Example], strata: list[str],
+    def language_stage(self, name: str, stage: LanguageStage, model: Any, examples: list[Example],
+                       strata: list[str] | None,
                        features: torch.Tensor, tokenizer: Any, resume: dict[str, Any] | None) -> Any:
-        """Stage 1 trains the projector only; stage 2 the projector and the language model (or LoRA adapters)."""
+        """Stage 1 trains the projector only; stage 2 the projector and the language model (or LoRA adapters).
+        ``strata`` (one per example, when the stage balances its sampling) go to :meth:`_batches`."""
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for parameter in model.model.multi_modal_projector.parameters():
@@ -391,8 +393,7 @@ class Trainer:
         del losses[step:]
         pad = tokenizer.pad_token_id
         # lengths are similar within a bucket, which keeps padding (and CPU time) low
-        order_all = self._batches(examples, batch, total * stage.gradient_accumulation,
-                                  strata if stage.balance == "sqrt" else None)
+        order_all = self._batches(examples, batch, total * stage.gradient_accumulation, strata)
         started = time.time()
         device = self.accelerator.device
         for micro, indices in enumerate(order_all):

@@ -85,3 +85,26 @@ def test_lora_stage2_merges_into_a_plain_model(shared_fundus: Path, tmp_path: Pa
     with safe_open(model_dir / "model.safetensors", "pt") as weights:
         names = list(weights.keys())
     assert names and not any("lora" in name for name in names)
+
+
+def test_stage2_balance_reaches_the_sampler(shared_fundus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.trainer import Trainer
+
+    config = _config(shared_fundus, tmp_path / "balanced")
+    config.data.max_records_per_dataset = 2
+    config.vision.enabled = False
+    config.stage2.epochs = 1
+    config.stage2.balance = "sqrt"
+    seen: dict[int, object] = {}
+    plain = Trainer._batches
+
+    def spy(self: Trainer, examples: list, batch: int, count: int, strata: list[str] | None = None) -> list[list[int]]:
+        seen[batch] = strata
+        return plain(self, examples, batch, count, strata)
+
+    monkeypatch.setattr(Trainer, "_batches", spy)
+    Trainer(config).run()
+    assert seen[config.stage1.batch_size] is None  # stage 1 keeps "none"
+    strata = seen[config.stage2.batch_size]
+    assert isinstance(strata, list) and strata and all("|" in s for s in strata)
+    assert any(s.startswith("idrid_grading|Diabetic retinopathy: grade") for s in strata)
