@@ -61,42 +61,62 @@ class _OrderedLines:
 
     kinds: tuple[_Line, ...]
 
-    def last_kind(self, lines: Sequence[str], partial: bool) -> int | None:
-        """Index of the kind the last of ``lines`` is read as (it may be incomplete when ``partial``), or None
-        when the lines cannot be (the prefix of) an answer."""
-        previous = -1
-        for position, line in enumerate(lines):
-            is_last = position == len(lines) - 1
-            found = next(
-                (k for k in range(previous + 1, len(self.kinds))
-                 if self.kinds[k].matches(line, partial=partial and is_last)),
-                None,
-            )
-            if found is None:
-                return None
-            previous = found
-        return previous
+    def kind_after(self, previous: int | None, line: str, *, partial: bool) -> int | None:
+        """Index of the kind ``line`` is read as when the line before it was of kind ``previous`` (-1 before
+        the first line), or None when it cannot be (the prefix of, when ``partial``) such a line."""
+        if previous is None:
+            return None
+        return next(
+            (k for k in range(previous + 1, len(self.kinds)) if self.kinds[k].matches(line, partial=partial)),
+            None,
+        )
+
+
+Reading = tuple[int | None, ...]
+"""Where each form of a grammar stands after some complete lines: the kind of the last line, -1 before any,
+None when the lines are not the start of an answer of that form."""
 
 
 class AnswerGrammar:
     """The canonical answers to one :class:`~model.protocol.Task`. :meth:`viable` tells whether a text can
-    still grow into an answer, :meth:`complete` whether it is one."""
+    still grow into an answer, :meth:`complete` whether it is one. A decoder reads the complete lines once
+    (:meth:`read`) and asks only about the line being written (:meth:`accepts`)."""
 
     def __init__(self, task: protocol.Task) -> None:
         self.task = protocol.Task(task)
         self._forms = _forms(self.task)
 
+    def start(self) -> Reading:
+        return tuple(-1 for _ in self._forms)
+
+    def read(self, reading: Reading, lines: Sequence[str]) -> Reading:
+        """``reading`` advanced over complete ``lines``."""
+        for line in lines:
+            reading = tuple(
+                form.kind_after(previous, line, partial=False)
+                for form, previous in zip(self._forms, reading, strict=True)
+            )
+        return reading
+
+    def accepts(self, reading: Reading, line: str, *, partial: bool) -> bool:
+        """Whether ``line`` can follow the lines read into ``reading`` as the last line of an answer (or of the
+        prefix of one, when ``partial``)."""
+        return any(
+            form.kind_after(previous, line, partial=partial) is not None
+            for form, previous in zip(self._forms, reading, strict=True)
+        )
+
     def viable(self, text: str) -> bool:
-        lines = _body(text).split("\n")
-        return any(form.last_kind(lines, partial=True) is not None for form in self._forms)
+        *complete, last = _body(text).split("\n")
+        return self.accepts(self.read(self.start(), complete), last, partial=True)
 
     def complete(self, text: str) -> bool:
-        lines = _body(text).split("\n")
-        return any(form.last_kind(lines, partial=False) is not None for form in self._forms)
+        *complete, last = _body(text).split("\n")
+        return self.accepts(self.read(self.start(), complete), last, partial=False)
 
 
 def _body(text: str) -> str:
-    return text[1:] if text.startswith(" ") else text
+    return text.removeprefix(" ")
 
 
 def _compile(pattern: str) -> regex.Pattern[str]:
@@ -182,7 +202,8 @@ class AnswerConstraint:
     ``pieces[token]`` is the text a token adds; ``stop_tokens`` end an answer (the template separator, EOS).
     The separator's first character never occurs in a canonical answer, so text from it on is the separator
     being written: allowed only after a complete answer, and the answer is finished once the whole separator
-    is there."""
+    is there. Lines are read once, when they are complete, so a step costs the line being written, not the
+    whole answer."""
 
     def __init__(self, grammar: AnswerGrammar, pieces: Sequence[str], stop_tokens: frozenset[int], sep: str) -> None:
         self.grammar = grammar
@@ -191,20 +212,22 @@ class AnswerConstraint:
         self.sep = sep
         self.text = ""
         self.finished = False
+        self._reading = grammar.start()
+        self._lines_read = 0  # characters of the answer body in complete lines already read
 
     def allows(self, token: int) -> bool:
         if self.finished:
             return False
         if token in self.stop_tokens:
-            return self.grammar.complete(self.text)
+            return self._accepts(self.text, partial=False)
         candidate = self.text + self.pieces[token]
         marker = candidate.find(self.sep[0])
         if marker < 0:
-            return self.grammar.viable(candidate)
+            return self._accepts(candidate, partial=True)
         tail = candidate[marker:]
         if not (self.sep.startswith(tail) or tail.startswith(self.sep)):
             return False
-        return self.grammar.complete(candidate[:marker])
+        return self._accepts(candidate[:marker], partial=False)
 
     def advance(self, token: int) -> None:
         """Take ``token`` (one :meth:`allows` accepted)."""
@@ -213,3 +236,12 @@ class AnswerConstraint:
             return
         self.text += self.pieces[token]
         self.finished = self.sep in self.text
+        body = _body(self.text)
+        end = body.rfind("\n") + 1
+        if end > self._lines_read and self.sep[0] not in body:
+            self._reading = self.grammar.read(self._reading, body[self._lines_read : end - 1].split("\n"))
+            self._lines_read = end
+
+    def _accepts(self, answer: str, *, partial: bool) -> bool:
+        *complete, last = _body(answer)[self._lines_read :].split("\n")
+        return self.grammar.accepts(self.grammar.read(self._reading, complete), last, partial=partial)

@@ -4,6 +4,7 @@ under the grammars writes answers that all parse."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -88,6 +89,30 @@ def test_constraint_ends_only_a_complete_answer_at_the_separator() -> None:
     assert not constraint.finished and constraint.allows(4) and not constraint.allows(7)
     constraint.advance(4)
     assert constraint.finished and not constraint.allows(3)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_constraint_reading_lines_once_agrees_with_the_grammar_on_the_whole_text(seed: int) -> None:
+    """The constraint reads complete lines only once; at every step of a canonical answer (fed in pieces that
+    may span line breaks) it must allow exactly the continuations the grammar allows on the whole text."""
+    rng = random.Random(seed)
+    labels = _random_labels(rng)
+    for task in Task:
+        answer = " " + protocol.render_answer(task, labels)
+        cuts = sorted({0, len(answer), *rng.sample(range(1, len(answer)), min(len(answer) - 1, len(answer) // 3))})
+        steps = [answer[a:b] for a, b in itertools.pairwise(cuts)]
+        probes = ["\n", ".", "0", " is 1.000", "Glaucoma: absent.", "This is a", "]", ", [0.5000"]
+        pieces = [*steps, *probes, "#"]
+        grammar = AnswerGrammar(task)
+        constraint = AnswerConstraint(grammar, pieces, frozenset({len(pieces)}), "#")
+        for step, piece in enumerate(steps):
+            for token in range(len(steps), len(pieces) - 1):
+                assert constraint.allows(token) == grammar.viable(constraint.text + pieces[token]), (answer, step)
+            assert constraint.allows(len(pieces) - 1) == grammar.complete(constraint.text)
+            assert constraint.allows(step)
+            constraint.advance(step)
+        assert constraint.text == answer
+        assert constraint.allows(len(pieces)) and constraint.allows(len(pieces) - 1)
 
 
 def test_token_pieces_concatenate_to_the_decoded_text(tiny_tokenizer: Any) -> None:
