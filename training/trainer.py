@@ -22,6 +22,7 @@ import math
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +75,7 @@ def stratum(item: dict[str, Any]) -> str:
 def balanced_weights(strata: Sequence[str]) -> list[float]:
     """Per-item sampling weight 1/√(size of its stratum): a stratum of n items is drawn ∝ √n, between uniform
     over items (∝ n) and uniform over strata (∝ 1)."""
-    sizes: dict[str, int] = {}
-    for key in strata:
-        sizes[key] = sizes.get(key, 0) + 1
+    sizes = Counter(strata)
     return [1.0 / math.sqrt(sizes[key]) for key in strata]
 
 
