@@ -18,7 +18,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+"""1.1: ``ImageAnalysis.not_assessed`` (conditions the model was not trained to assess)."""
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 """A number in the closed unit interval (normalised coordinate, probability, score)."""
@@ -267,6 +268,11 @@ class ImageAnalysis(_Model):
     scale_source: ScaleSource = ScaleSource.NONE
     quality: Quality | None = None
     findings: list[Finding] = Field(default_factory=list)
+    not_assessed: list[Condition] = Field(
+        default_factory=list,
+        description="conditions of the vocabulary the model that read this image was not trained to assess: "
+        "reported as not assessed, never as absent (empty when no model read the image)",
+    )
     lesions: list[Lesion] = Field(default_factory=list)
     landmarks: list[Landmark] = Field(default_factory=list)
     measurements: list[Measurement] = Field(default_factory=list)
