@@ -109,6 +109,17 @@ CONDITIONS: dict[Condition, Code] = {
     Condition.HYPERTENSIVE_RETINOPATHY: private("HYPERTENSIVE-RETINOPATHY", "Hypertensive retinopathy"),
     Condition.CATARACT: Code("193570009", "SCT", "Cataract"),
 }
+NOT_ASSESSED = Code("373121007", "SCT", "Not Evaluated")
+"""Coded value of a condition the reading model was never trained to assess (``ImageAnalysis.not_assessed``):
+the standard "Not Evaluated" value DICOM already uses for an evaluation that was not made (PS3.16 CID 3703
+lists it beside "Not visualized" and "Unknown"), so the TID 1501 group names the condition and says it was
+not evaluated instead of leaving it out (docs/results.md)."""
+DATA_ABSENT_NOT_PERFORMED = {
+    "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+    "code": "not-performed",
+    "display": "Not Performed",
+}
+"""FHIR R4 ``dataAbsentReason`` of a condition not assessed: "the observation procedure was not performed"."""
 GRADE = private("GRADE", "Severity grade")
 PROBABILITY = Code("122157", "DCM", "Probability")
 PRESENT = Code("52101004", "SCT", "Present")

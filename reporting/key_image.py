@@ -1,11 +1,14 @@
 """Key image: a Secondary Capture of the fundus with the result burned in (PS3.3 A.8.1 SC Image IOD).
 
-Lesion boxes, optic disc and cup outlines, the fovea and a short text summary are drawn onto the photograph
-so that any PACS viewer shows a person the result without SR support. Burned In Annotation is YES and the
-source photograph is named in the Source Image Sequence.
+Lesion boxes, optic disc and cup outlines, the fovea and a short text summary (present findings, conditions
+not assessed, measured vertical CDR, referral) are drawn onto the photograph, lines wrapped to the image
+width, so that any PACS viewer shows a person the result without SR support. Burned In Annotation is YES and
+the source photograph is named in the Source Image Sequence.
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import highdicom as hd
 import numpy as np
@@ -33,23 +36,28 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def summary_lines(analysis: StudyAnalysis, img: ImageAnalysis) -> list[str]:
     """The text burned into the key image of ``img``."""
-    lines = [summary.image_title(img)]
-    lines += [summary.finding_text(f) for f in img.findings if f.present]
-    if not any(f.present for f in img.findings):
-        lines.append("No AI finding present" if analysis.model is not None else "RetinalGPT not run")
-    cdr = img.measurement("CDR_vertical")
+    lines = [summary.image_title(img), *summary.image_summary(analysis, img)]
+    cdr = next((m for m in summary.reported_measurements(img) if m.key == "CDR_vertical"), None)
     if cdr is not None:
-        lines.append(f"Vertical CDR {cdr.value:.2f} ({summary.measurement_row(cdr).source})")
+        lines.append(f"Vertical CDR {cdr.value:.2f} (measured)")
     lines.append(f"Referral: {analysis.referral.value}")
     lines.append(summary.NOT_VERIFIED)
     return lines
 
 
 def annotate(pixels: np.ndarray, analysis: StudyAnalysis, img: ImageAnalysis) -> np.ndarray:
-    """``pixels`` (RGB uint8) with boxes, contours and the summary drawn on."""
+    """``pixels`` (RGB uint8) with the summary in a box at the top left, and the boxes and contours drawn over
+    it, so that a long summary on a small image never hides a marked lesion."""
     canvas = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(canvas)
     w, h = canvas.size
+    font = _font(max(10, h // 40))
+    columns = max(24, int(w * 0.9 / max(1.0, font.getlength("n"))))
+    text = "\n".join(part for entry in summary_lines(analysis, img) for part in textwrap.wrap(entry, columns))
+    box = draw.multiline_textbbox((0, 0), text, font=font)
+    pad = max(4, h // 100)
+    draw.rectangle([0, 0, box[2] + 2 * pad, box[3] + 2 * pad], fill=(0, 0, 0))
+    draw.multiline_text((pad, pad), text, fill=TEXT_COLOUR, font=font)
     line = max(1, round(min(w, h) / 300))
     for lesion in img.lesions:
         x0, y0, x1, y1 = lesion.box
@@ -67,12 +75,6 @@ def annotate(pixels: np.ndarray, analysis: StudyAnalysis, img: ImageAnalysis) ->
             cx, cy, r = landmark.center[0] * w, landmark.center[1] * h, 4 * line
             draw.line([cx - r, cy, cx + r, cy], fill=colour, width=line)
             draw.line([cx, cy - r, cx, cy + r], fill=colour, width=line)
-    font = _font(max(10, h // 40))
-    text = "\n".join(summary_lines(analysis, img))
-    box = draw.multiline_textbbox((0, 0), text, font=font)
-    pad = max(4, h // 100)
-    draw.rectangle([0, 0, box[2] + 2 * pad, box[3] + 2 * pad], fill=(0, 0, 0))
-    draw.multiline_text((pad, pad), text, fill=TEXT_COLOUR, font=font)
     return np.asarray(canvas)
 
 

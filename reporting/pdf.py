@@ -1,8 +1,9 @@
 """PDF report and its Encapsulated PDF object (PS3.3 A.45.1 Encapsulated PDF IOD, Modality DOC).
 
 The PDF shows patient and study, the "AI result, not verified" statement, model identity, and per image the
-annotated photograph, the findings and the measurements against reference ranges. The same bytes are the
-FHIR DiagnosticReport ``presentedForm``.
+annotated photograph, the findings with the conditions not assessed, the measured values against reference
+ranges and the model-vs-measured disagreement flags (model-emitted numbers are not presented). The same bytes
+are the FHIR DiagnosticReport ``presentedForm``.
 """
 
 from __future__ import annotations
@@ -70,29 +71,27 @@ def _image_section(analysis: StudyAnalysis, img: ImageAnalysis, source: Dataset 
         flow.append(_thumbnail(annotate(rgb_pixels(source), analysis, img)))
     if img.quality is not None and img.quality.reasons:
         flow.append(Paragraph("Quality: " + escape("; ".join(img.quality.reasons)), styles["Normal"]))
-    if img.findings:
+    missing = summary.not_assessed(img)
+    if img.findings or missing:
         rows = [["Finding", "Result", "Source"]]
         rows += [
-            [summary.finding_text(f).split(":")[0], summary.finding_text(f).split(": ", 1)[1], f.source.value]
+            [summary.condition_name(f.condition), summary.finding_text(f).split(": ", 1)[1], f.source.value]
             for f in img.findings
         ]
+        rows += [
+            [summary.condition_name(c), summary.NOT_ASSESSED, "model not trained on it"] for c in missing
+        ]
         flow += [Spacer(1, 2 * mm), Table(rows, style=_TABLE_STYLE, hAlign="LEFT")]
-    if img.measurements:
-        rows = [["Measurement", "Value", "Unit", "Reference", "", "Source"]]
-        for m in img.measurements:
+    else:
+        flow.append(Paragraph(escape("; ".join(summary.image_summary(analysis, img))), styles["Normal"]))
+    measured = summary.reported_measurements(img)
+    if measured:
+        rows = [["Measurement (measured)", "Value", "Unit", "Reference", ""]]
+        for m in measured:
             r = summary.measurement_row(m)
-            rows.append([r.name, r.value, r.unit, r.reference, r.flag, r.source])
+            rows.append([r.name, r.value, r.unit, r.reference, r.flag])
         flow += [Spacer(1, 2 * mm), Table(rows, style=_TABLE_STYLE, hAlign="LEFT")]
-    for d in img.disagreements:
-        flow.append(
-            Paragraph(
-                escape(
-                    f"Model estimate of {d.key} ({d.model_value:g}) disagrees with the measurement "
-                    f"({d.measured_value:g})."
-                ),
-                styles["Normal"],
-            )
-        )
+    flow += [Paragraph(escape(summary.disagreement_text(d)), styles["Normal"]) for d in img.disagreements]
     return flow
 
 

@@ -1,15 +1,40 @@
-"""Human-readable wording shared by the SR notes, the key image, the PDF and the FHIR conclusion."""
+"""Human-readable wording shared by the SR notes, the key image, the PDF, the FHIR conclusion, the review page
+and the CLI, and the rules every presentation of a result follows (docs/results.md):
+
+* a condition the reading model was never trained to assess (``ImageAnalysis.not_assessed``) is presented as
+  "not assessed", never as absent and never left out; an ungradable image is presented as "not gradable, no
+  condition assessed", never as an image without findings;
+* only measured numbers (``source = measured``) are presented as values. Numbers the model emitted stay in
+  the analysis document and feed the model-vs-measured disagreement check, which is presented as a quality
+  flag that names the feature and the measured value, not the model's number.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from model.schema import Condition, Finding, ImageAnalysis, Measurement, StudyAnalysis, max_grade
+from model.schema import (
+    Condition,
+    Disagreement,
+    Finding,
+    ImageAnalysis,
+    Measurement,
+    Source,
+    StudyAnalysis,
+    VesselType,
+    Zone,
+    max_grade,
+)
 from reporting import codes
 
 NOT_VERIFIED = "AI result, not verified by a clinician."
 NO_MODEL = "RetinalGPT was not run for this study: no AI findings; measured results only."
+
+NOT_ASSESSED = "not assessed"
+UNGRADABLE = "Not gradable: no condition assessed"
+MODEL_NOT_RUN = "RetinalGPT not run: no AI finding"
 
 ICDR_NAMES = ("no apparent DR", "mild NPDR", "moderate NPDR", "severe NPDR", "proliferative DR")
 EYE_NAMES = {"R": "right eye", "L": "left eye"}
@@ -30,7 +55,7 @@ def notes(analysis: StudyAnalysis, unmatched: Sequence[ImageAnalysis] = ()) -> l
 
 def finding_text(finding: Finding) -> str:
     """``Diabetic retinopathy: grade 2 (moderate NPDR), p=0.91``."""
-    name = codes.CONDITIONS[finding.condition].meaning
+    name = condition_name(finding.condition)
     parts: list[str] = []
     if finding.grade is not None:
         if finding.condition == Condition.DIABETIC_RETINOPATHY:
@@ -41,7 +66,75 @@ def finding_text(finding: Finding) -> str:
             parts.append("present" if finding.grade else "absent")
     if finding.probability is not None:
         parts.append(f"p={finding.probability:.2f}")
-    return f"{name}: {', '.join(parts) or 'not assessed'}"
+    return f"{name}: {', '.join(parts) or NOT_ASSESSED}"
+
+
+def condition_name(condition: Condition) -> str:
+    """``Age-related macular degeneration`` (the meaning of the condition's code)."""
+    return codes.CONDITIONS[condition].meaning
+
+
+def graded(img: ImageAnalysis) -> bool:
+    """True unless the image's quality check found it not gradable (then nothing was assessed on it)."""
+    return img.quality is None or img.quality.gradable
+
+
+def not_assessed(img: ImageAnalysis) -> list[Condition]:
+    """The conditions to present as not assessed: those the reading model was not trained on, on a gradable
+    image (an ungradable image is presented as ungradable as a whole)."""
+    return list(img.not_assessed) if graded(img) else []
+
+
+def not_assessed_text(img: ImageAnalysis) -> str:
+    """``Not assessed (model not trained on them): glaucoma, cataract`` (empty when none)."""
+    names = [condition_name(c).lower() for c in not_assessed(img)]
+    if not names:
+        return ""
+    return f"Not assessed (model not trained on {'it' if len(names) == 1 else 'them'}): {', '.join(names)}"
+
+
+def image_summary(analysis: StudyAnalysis, img: ImageAnalysis) -> list[str]:
+    """What the result of one image says: its present findings (or that none is present among the conditions
+    assessed) and its not-assessed conditions; an ungradable image or one the model did not read says so."""
+    if not img.findings and not graded(img):
+        return [UNGRADABLE]
+    if not img.findings and analysis.model is None:
+        return [MODEL_NOT_RUN]
+    missing = not_assessed_text(img)
+    lines = [finding_text(f) for f in img.findings if f.present]
+    if not lines:
+        lines.append("No AI finding present" + (" among the conditions assessed" if missing else ""))
+    if missing:
+        lines.append(missing)
+    return lines
+
+
+def image_text(analysis: StudyAnalysis, img: ImageAnalysis) -> str:
+    """``Right eye, quality gradable (0.88): <image_summary joined>.``"""
+    return f"{image_title(img)}: {'; '.join(image_summary(analysis, img))}."
+
+
+def reported_measurements(img: ImageAnalysis) -> list[Measurement]:
+    """The measurements a report presents as values: measured ones with a finite value. Model-emitted numbers
+    (``source = model``) are kept in the analysis document and for the disagreement check only."""
+    return [m for m in img.measurements if m.source == Source.MEASURED and math.isfinite(m.value)]
+
+
+def feature_name(key: str, vessel: VesselType = VesselType.ALL, zone: Zone = Zone.WHOLE) -> str:
+    """``Central retinal artery equivalent (Knudtson) artery zone C``."""
+    vessel_text = "" if vessel == VesselType.ALL else f" {vessel.value}"
+    zone_text = "" if zone == Zone.WHOLE else f" zone {zone.value}"
+    return f"{codes.feature(key).code.meaning}{vessel_text}{zone_text}"
+
+
+def disagreement_text(d: Disagreement) -> str:
+    """The quality flag of a model-vs-measured disagreement: the feature, the measured value and the
+    tolerance; the model's own number is not presented."""
+    name = feature_name(d.key, d.vessel, d.zone).lower()
+    return (
+        f"Quality flag: the model's estimate of {name} disagrees with the measured value "
+        f"{d.measured_value:g} by more than the tolerance {d.tolerance:g}."
+    )
 
 
 @dataclass(frozen=True)
@@ -58,14 +151,12 @@ class MeasurementRow:
 
 def measurement_row(m: Measurement) -> MeasurementRow:
     feature = codes.feature(m.key)
-    vessel = "" if m.vessel.value == "all" else f" {m.vessel.value}"
-    zone = "" if m.zone.value == "whole" else f" zone {m.zone.value}"
     reference, flag = "", ""
     if feature.low is not None and feature.high is not None and m.unit in {"1", "um", "%"}:
         reference = f"{feature.low:g}–{feature.high:g}"
         flag = "low" if m.value < feature.low else "high" if m.value > feature.high else "normal"
     return MeasurementRow(
-        name=f"{feature.code.meaning}{vessel}{zone}",
+        name=feature_name(m.key, m.vessel, m.zone),
         value=f"{m.value:.4g}",
         unit="" if m.unit == "1" else m.unit.replace("um", "µm"),
         source="model estimate" if m.source.value == "model" else "measured",
@@ -81,13 +172,14 @@ def image_title(img: ImageAnalysis) -> str:
 
 
 def conclusion(analysis: StudyAnalysis) -> str:
-    """One paragraph: impression, referral, per-image main findings, and the notes."""
+    """One paragraph: impression, referral, per image the present findings and the conditions not assessed,
+    the disagreement flags, and the notes."""
     lines: list[str] = []
     if analysis.impression:
         lines.append(analysis.impression.strip())
     lines.append(f"Referral: {analysis.referral.value}.")
     for img in analysis.images:
-        present = [finding_text(f) for f in img.findings if f.present]
-        lines.append(f"{image_title(img)}: {'; '.join(present) if present else 'no finding present'}.")
+        lines.append(image_text(analysis, img))
+        lines += [disagreement_text(d) for d in img.disagreements]
     lines += notes(analysis)
     return " ".join(lines)

@@ -188,6 +188,16 @@ def _finding_value(finding: Finding) -> Resource:
     return codeable(codes.grade_code(finding.condition, grade), text=summary.finding_text(finding))
 
 
+def _not_performed(conditions: Sequence[Condition]) -> Resource:
+    """``dataAbsentReason`` of an observation of ``conditions`` the reading model was not trained to assess
+    (FHIR R4 data-absent-reason ``not-performed``: the observation procedure was not performed)."""
+    names = " or ".join(summary.condition_name(c).lower() for c in conditions)
+    return {
+        "coding": [dict(codes.DATA_ABSENT_NOT_PERFORMED)],
+        "text": f"Not assessed: the model was not trained on {names}",
+    }
+
+
 def _measurement_component(m: Measurement) -> Resource:
     row = summary.measurement_row(m)
     component: Resource = {
@@ -257,12 +267,20 @@ class ObservationFactory:
         return data
 
     def for_image(self, img: ImageAnalysis, ds: Dataset) -> list[Resource]:
-        """Per eye: DR severity (LOINC 71491-5 / 71490-7), cup-to-disc ratio (71485-7), and all findings,
-        probabilities, quality and measurements as components of one findings Observation."""
+        """Per eye: DR severity (LOINC 71491-5 / 71490-7; ``dataAbsentReason`` not-performed when the model
+        was not trained to assess DR), the measured cup-to-disc ratio (71485-7), and all findings,
+        probabilities, not-assessed conditions (``dataAbsentReason`` not-performed), quality and measured
+        values as components of one findings Observation. Model-emitted numbers are not values here: a
+        disagreement between one and the measurement is a note."""
         out: list[Resource] = []
         side = laterality(img, ds)
+        missing = summary.not_assessed(img)
         dr = img.finding(Condition.DIABETIC_RETINOPATHY)
-        if dr is not None and dr.grade is not None and side:
+        if dr is None and Condition.DIABETIC_RETINOPATHY in missing and side:
+            obs = self._base(img, ds, "dr-severity", codeable(codes.LOINC_DR_SEVERITY[side]), self.main_uid)
+            obs["dataAbsentReason"] = _not_performed([Condition.DIABETIC_RETINOPATHY])
+            out.append(r4(Observation, obs))
+        elif dr is not None and dr.grade is not None and side:
             obs = self._base(img, ds, "dr-severity", codeable(codes.LOINC_DR_SEVERITY[side]), self.main_uid)
             obs["valueCodeableConcept"] = codeable(
                 codes.LOINC_DR_ANSWERS[dr.grade], codes.ICDR_GRADES[dr.grade], text=summary.finding_text(dr)
@@ -275,14 +293,10 @@ class ObservationFactory:
                     }
                 ]
             out.append(r4(Observation, obs))
-        cdr = img.measurement("CDR_vertical")
+        cdr = img.measurement("CDR_vertical", Source.MEASURED)
         if cdr is not None and math.isfinite(cdr.value):
             obs = self._base(
-                img,
-                ds,
-                "cup-disc-ratio",
-                codeable(codes.LOINC_CUP_DISC_RATIO),
-                self.pipeline_uid if cdr.source == Source.MEASURED else self.main_uid,
+                img, ds, "cup-disc-ratio", codeable(codes.LOINC_CUP_DISC_RATIO), self.pipeline_uid
             )
             obs["valueQuantity"] = quantity(cdr.value, "1")
             obs["method"] = codeable(codes.DERIVATION[cdr.source])
@@ -313,14 +327,22 @@ class ObservationFactory:
                         "valueQuantity": quantity(finding.probability, "1"),
                     }
                 )
-        components += [_measurement_component(m) for m in img.measurements if math.isfinite(m.value)]
+        components += [
+            {
+                "code": codeable(
+                    codes.CONDITIONS[condition],
+                    text=f"{summary.condition_name(condition)}: {summary.NOT_ASSESSED}",
+                ),
+                "dataAbsentReason": _not_performed([condition]),
+            }
+            for condition in missing
+        ]
+        components += [_measurement_component(m) for m in summary.reported_measurements(img)]
         if components:
             findings["component"] = components
-        notes = [
-            f"Model estimate of {d.key} ({d.model_value:g}) disagrees with the measured value "
-            f"({d.measured_value:g}) beyond tolerance {d.tolerance:g}."
-            for d in img.disagreements
-        ]
+        notes = [summary.disagreement_text(d) for d in img.disagreements]
+        if missing:
+            notes.append(summary.not_assessed_text(img) + ".")
         if self.analysis.model is None:
             notes.append(summary.NO_MODEL)
         if notes:
@@ -329,15 +351,18 @@ class ObservationFactory:
         return out
 
     def screening(self) -> Resource | None:
-        """Study-level autonomous AI DR screening result (LOINC 105914-6), when the model graded DR."""
-        grades = [
-            f
-            for img in self.analysis.images
-            for f in img.findings
-            if f.condition in {Condition.DIABETIC_RETINOPATHY, Condition.DIABETIC_MACULAR_EDEMA}
-        ]
-        if self.analysis.model is None or not grades and self.analysis.referral != Referral.UNGRADABLE:
+        """Study-level autonomous AI DR screening result (LOINC 105914-6), when the model graded DR or DME
+        or the study was ungradable. A negative answer needs both DR and DME assessed on every gradable
+        image: when the model was not trained on one of them (and nothing referable was found) the result
+        has ``dataAbsentReason`` not-performed instead of claiming "without macular edema"."""
+        screened = {Condition.DIABETIC_RETINOPATHY, Condition.DIABETIC_MACULAR_EDEMA}
+        grades = [f for img in self.analysis.images for f in img.findings if f.condition in screened]
+        unscreened = sorted(
+            {c for img in self.analysis.images for c in summary.not_assessed(img) if c in screened}
+        )
+        if self.analysis.model is None:
             return None
+        answer: codes.Code | None = None
         if self.analysis.referral == Referral.UNGRADABLE:
             answer = codes.Code(
                 "LA34400-4", "LN", "Insufficient image quality to support autonomous analysis"
@@ -347,8 +372,12 @@ class ObservationFactory:
             for f in grades
         ):
             answer = codes.Code("LA35099-3", "LN", "ETDRS 35 or higher and/or macular edema")
-        else:
+        elif unscreened:
+            answer = None
+        elif grades:
             answer = codes.Code("LA34398-0", "LN", "ETDRS Level 20 or lower, without macular edema")
+        else:
+            return None
         data: Resource = {
             "resourceType": "Observation",
             "identifier": [result_identifier(self.analysis, "dr-screening")],
@@ -360,8 +389,11 @@ class ObservationFactory:
             "issued": self.issued,
             "device": {"reference": self.device_refs[self.analysis.model.device_uid]},
             "derivedFrom": [{"reference": self.study_ref}],
-            "valueCodeableConcept": codeable(answer),
         }
+        if answer is None:
+            data["dataAbsentReason"] = _not_performed(unscreened)
+        else:
+            data["valueCodeableConcept"] = codeable(answer)
         return r4(Observation, data)
 
 

@@ -1,16 +1,17 @@
 """SR content tree of the fundus result: TID 1500 with TID 1501 image groups and TID 1410 regions.
 
 Per analysed image one TID 1501 Measurement and Qualitative Evaluation Group holds quality, findings
-(condition as concept name, grade or presence as coded value), probabilities and vascular / disc
-measurements (TID 300, with UCUM unit, Derivation ``Measured`` or ``Estimated`` and finding sites for vessel
-type and zone, or the optic disc); each lesion and each outlined landmark becomes a TID 1410 Planar ROI group
-with a closed POLYLINE SCOORD on its source image. Every group carries a TID 4019 Algorithm Identification
-(PS3.16 TID 1500, 1501, 1410, 300, 4019).
+(condition as concept name, grade or presence as coded value), each condition the model was not trained to
+assess (condition as concept name, coded value (373121007, SCT, "Not Evaluated")), probabilities (Derivation
+``Estimated``) and the measured vascular / disc measurements (TID 300, with UCUM unit, Derivation ``Measured``
+and finding sites for vessel type and zone, or the optic disc). Model-emitted numbers are not reported as
+values; a disagreement between one and the measurement is a coded flag. Each lesion and each outlined landmark
+becomes a TID 1410 Planar ROI group with a closed POLYLINE SCOORD on its source image. Every group carries a
+TID 4019 Algorithm Identification (PS3.16 TID 1500, 1501, 1410, 300, 4019).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -19,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from model.schema import ImageAnalysis, Landmark, LandmarkType, Lesion, ModelIdentity, Source, StudyAnalysis
-from reporting import codes
+from reporting import codes, summary
 from reporting.sources import OP_8BIT, WIDE_FIELD_OP, algorithms, laterality, metadata, uid
 
 ImagingGroup = (
@@ -106,17 +107,20 @@ class ImageGroups:
             if finding.probability is not None:
                 name = codes.private(f"P-{condition.value}", f"Probability of {condition.meaning.lower()}")
                 measurements.append(self._number(name, finding.probability, "1", finding.source))
-        for m in img.measurements:
-            if math.isfinite(m.value):
-                feature = codes.feature(m.key)
-                if feature.vascular:
-                    sites = [
-                        hd.sr.FindingSite(codes.VESSELS[m.vessel]),
-                        hd.sr.FindingSite(codes.ZONES[m.zone]),
-                    ]
-                else:
-                    sites = [hd.sr.FindingSite(codes.LANDMARKS[LandmarkType.OPTIC_DISC])]
-                measurements.append(self._number(feature.code, m.value, m.unit, m.source, sites))
+        evaluations += [
+            hd.sr.QualitativeEvaluation(codes.CONDITIONS[condition], codes.NOT_ASSESSED)
+            for condition in summary.not_assessed(img)
+        ]
+        for m in summary.reported_measurements(img):
+            feature = codes.feature(m.key)
+            if feature.vascular:
+                sites = [
+                    hd.sr.FindingSite(codes.VESSELS[m.vessel]),
+                    hd.sr.FindingSite(codes.ZONES[m.zone]),
+                ]
+            else:
+                sites = [hd.sr.FindingSite(codes.LANDMARKS[LandmarkType.OPTIC_DISC])]
+            measurements.append(self._number(feature.code, m.value, m.unit, m.source, sites))
         evaluations += [
             hd.sr.QualitativeEvaluation(codes.DISAGREEMENT, codes.feature(d.key).code)
             for d in img.disagreements

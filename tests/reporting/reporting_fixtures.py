@@ -113,7 +113,9 @@ def make_source(
 
 
 def make_analysis(sources: list[Dataset], *, with_model: bool = True, revision: int = 1) -> StudyAnalysis:
-    """A realistic analysis of ``sources``: moderate NPDR on the right eye, glaucoma suspicion on the left."""
+    """A realistic analysis of ``sources``: moderate NPDR on the right eye, glaucoma suspicion on the left;
+    AMD and cataract not assessed (the model was not trained on them); model-emitted fractal dimension and
+    vertical CDR beside the measured ones, the fractal dimension flagged as a disagreement."""
     images = []
     for ds in sources:
         right = ds.ImageLaterality == "R"
@@ -186,7 +188,9 @@ def make_analysis(sources: list[Dataset], *, with_model: bool = True, revision: 
             Measurement(key="Disc_height", value=61.0, unit="px"),
         ]
         disagreements = []
+        not_assessed = []
         if with_model:
+            not_assessed = [Condition.AGE_RELATED_MACULAR_DEGENERATION, Condition.CATARACT]
             measurements += [
                 Measurement(key="Fractal_dimension", value=1.39, unit="1", source=Source.MODEL),
                 Measurement(key="CDR_vertical", value=0.5 if right else 0.8, unit="1", source=Source.MODEL),
@@ -209,6 +213,7 @@ def make_analysis(sources: list[Dataset], *, with_model: bool = True, revision: 
                     reasons=[] if right else ["uneven illumination"],
                 ),
                 findings=findings,
+                not_assessed=not_assessed,
                 lesions=lesions,
                 landmarks=landmarks,
                 measurements=measurements,

@@ -10,8 +10,18 @@ import numpy as np
 import pydicom
 import pytest
 
-from reporting import ReportOptions, build_report_objects
-from reporting.codes import DERIVATION, PRIVATE_SCHEME, PRIVATE_SCHEME_VERSION, feature, unit
+from model.schema import Quality, QualityGrade, Source
+from reporting import ReportOptions, build_report_objects, summary
+from reporting.codes import (
+    CONDITIONS,
+    DERIVATION,
+    NOT_ASSESSED,
+    PRIVATE_SCHEME,
+    PRIVATE_SCHEME_VERSION,
+    feature,
+    unit,
+)
+from reporting.key_image import summary_lines
 from tests.reporting.reporting_fixtures import MODEL, OPTIONS, PIPELINE, make_analysis, vessel_mask, write_all
 
 DCIODVFY, DCENTVFY, DSRDUMP = "/usr/bin/dciodvfy", "/usr/bin/dcentvfy", "/usr/bin/dsrdump"
@@ -112,11 +122,12 @@ def test_highdicom_reads_the_sr_back(built):
     assert evaluations["Quality Assessment"] == "Usable - Meets the quality control standard"
     assert evaluations["Model estimate disagrees with measurement"] == "Vessel fractal dimension"
     numbers = [(m.name.meaning, m.value, m.unit.value) for m in right.get_measurements()]
-    for group, image in zip(groups, analysis.images, strict=True):  # every number comes back, same order
+    for group, image in zip(groups, analysis.images, strict=True):  # every measured number comes back
         read = {(m.name.value, m.value, m.unit.value, m.derivation.meaning) for m in group.get_measurements()}
         written = {
             (feature(m.key).code.value, m.value, unit(m.unit).value, DERIVATION[m.source].meaning)
             for m in image.measurements
+            if m.source == Source.MEASURED
         }
         assert written <= read and len(read - written) == 1 + len(image.findings)  # + quality, probabilities
     expected = [(n, v, u) for n, v, u in numbers if n == "Central retinal artery equivalent (Knudtson)"]
@@ -127,7 +138,7 @@ def test_highdicom_reads_the_sr_back(built):
             name=hd.sr.CodedConcept("FD", PRIVATE_SCHEME, "Vessel fractal dimension")
         )
     ]
-    assert sorted((m.value, m.derivation.meaning) for m in fd) == [(1.39, "Estimated"), (1.47, "Measured")]
+    assert [(m.value, m.derivation.meaning) for m in fd] == [(1.47, "Measured")]
     assert ("Probability of diabetic retinopathy", 0.91, "1") in numbers
     regions = report.get_planar_roi_measurement_groups()
     kinds = sorted(g.finding_type.meaning for g in regions)
@@ -170,6 +181,9 @@ def test_dsrdump_prints_the_content(built):
         '"Referral recommendation")=(REFER-URGENT,99RGPT[1.0],"Urgent referral")',
         "AI result, not verified by a clinician.",
         "Verification Flag   : UNVERIFIED",
+        '(267718000,SCT,"Age-related macular degeneration")=(373121007,SCT,"Not Evaluated")',
+        '(193570009,SCT,"Cataract")=(373121007,SCT,"Not Evaluated")',
+        '"Model estimate disagrees with measurement")=(FD,99RGPT[1.0],"Vessel fractal dimension")',
     ]:
         assert expected in text, expected
 
@@ -313,3 +327,74 @@ def test_awkward_results_still_give_valid_objects(source_factory, tmp_path):
         if e["resource"].get("code", {}).get("coding", [{}])[0].get("code") == "EYE-FINDINGS"
     ]
     assert len(findings) == 2 and sum("bodySite" in f for f in findings) == 1
+
+
+def test_not_assessed_conditions_are_named_in_every_image_group(built):
+    """Each condition the model was not trained on is a TID 1501 qualitative evaluation of the image with the
+    value (373121007, SCT, "Not Evaluated"): read back by highdicom, never coded absent, never left out."""
+    _, _, analysis, _, files = built
+    groups = hd.sr.srread(files["sr"][0]).content.get_image_measurement_groups()
+    for group, image in zip(groups, analysis.images, strict=True):
+        assert image.not_assessed
+        evaluations = [(e.name, e.value) for e in group.get_qualitative_evaluations()]
+        not_evaluated = {name.value for name, value in evaluations if value == NOT_ASSESSED}
+        assert not_evaluated == {CONDITIONS[c].value for c in image.not_assessed}
+        assert NOT_ASSESSED.scheme_designator == "SCT" and NOT_ASSESSED.value == "373121007"
+
+
+def test_model_emitted_numbers_are_not_sr_values(built):
+    """Model-emitted vascular / CDR numbers are not in the SR; the measured ones are, and the disagreement
+    between them is still flagged. The only numbers derived "Estimated" are the model's probabilities."""
+    _, _, analysis, _, files = built
+    groups = hd.sr.srread(files["sr"][0]).content.get_image_measurement_groups()
+    for group, image in zip(groups, analysis.images, strict=True):
+        numbers = {(m.name.value, m.value) for m in group.get_measurements()}
+        by_source = {
+            source: {(feature(m.key).code.value, m.value) for m in image.measurements if m.source == source}
+            for source in Source
+        }
+        model, measured = by_source[Source.MODEL], by_source[Source.MEASURED]
+        assert model and not numbers & model
+        assert measured <= numbers
+        estimated = [m.name.value for m in group.get_measurements() if m.derivation.meaning == "Estimated"]
+        assert estimated and all(code.startswith("P-") for code in estimated)
+        flags = [
+            e.value.value for e in group.get_qualitative_evaluations() if e.name.value == "MODEL-DISAGREES"
+        ]
+        assert flags == [feature(d.key).code.value for d in image.disagreements] != []
+
+
+def test_ungradable_image_is_never_presented_as_assessed(source_factory, tmp_path):
+    """An ungradable image keeps abstaining: no condition in its SR group (not even "Not Evaluated" ones the
+    engine may have listed), and the key image, PDF and FHIR conclusion say it was not gradable instead of
+    "no finding present"."""
+    from tests.reporting.test_pdf_key_image import pdf_text
+
+    sources = source_factory("op8")
+    analysis = make_analysis(sources)
+    left = analysis.images[1]
+    left.quality = Quality(grade=QualityGrade.REJECT, score=0.1, reasons=["out of focus"])
+    left.findings, left.lesions = [], []
+    objects = build_report_objects(analysis, sources, OPTIONS, vessel_masks={})
+    files = write_all(objects, sources, tmp_path)
+    run = _run(DCIODVFY, str(files["sr"][0]))
+    assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+    groups = hd.sr.srread(files["sr"][0]).content.get_image_measurement_groups()
+    named = {e.name.value for e in groups[1].get_qualitative_evaluations()}
+    assert not named & {code.value for code in CONDITIONS.values()}
+    assert summary.UNGRADABLE == "Not gradable: no condition assessed"
+    lines = summary_lines(analysis, left)
+    assert summary.UNGRADABLE in lines and not any("finding present" in line for line in lines)
+    assert not any("Not assessed" in line for line in lines)
+    conclusion = summary.conclusion(analysis)
+    assert "Left eye, quality reject (0.10): Not gradable: no condition assessed." in conclusion
+    assert summary.UNGRADABLE in pdf_text(objects.pdf_bytes)
+    findings = [
+        e["resource"]
+        for e in objects.fhir_bundle["entry"]
+        if e["resource"].get("code", {}).get("coding", [{}])[0].get("code") == "EYE-FINDINGS"
+    ]
+    left_findings = next(f for f in findings if f["bodySite"]["coding"][0]["code"] == "8966001")
+    assert not [c for c in left_findings["component"] if "dataAbsentReason" in c]
+    condition_codes = {code.value for code in CONDITIONS.values()}
+    assert not [c for c in left_findings["component"] if c["code"]["coding"][0]["code"] in condition_codes]

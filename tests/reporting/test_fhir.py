@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from reporting import ReportOptions, build_report_objects
+from model.schema import Condition, Source, StudyAnalysis
+from reporting import ReportOptions, build_report_objects, codes
 from reporting.fhir.bundle import build_bundle
 from tests.reporting.reporting_fixtures import make_analysis
 
@@ -95,7 +96,8 @@ def test_bundle_mapping(op_sources):
     assert dr["71490-7"]["valueCodeableConcept"]["coding"][0]["code"] == "LA18643-9"  # left eye, ICDR 0
     assert dr["71490-7"]["bodySite"]["coding"][0]["code"] == "8966001"
     cdr = [o for o in observations if o["code"]["coding"][0]["code"] == "71485-7"]
-    assert sorted(o["valueQuantity"]["value"] for o in cdr) == [0.42, 0.71]
+    assert sorted(o["valueQuantity"]["value"] for o in cdr) == [0.42, 0.71]  # measured; model's 0.5 / 0.8 not
+    assert {o["method"]["coding"][0]["display"] for o in cdr} == {"Measured"}
     findings = [o for o in observations if o["code"]["coding"][0]["code"] == "EYE-FINDINGS"]
     right = next(o for o in findings if o["bodySite"]["coding"][0]["code"] == "18944008")
     vd = [c for c in right["component"] if c["code"]["coding"][0]["code"] == "VD"]
@@ -152,3 +154,94 @@ def test_no_model_says_so(op_sources):
         o for o in _by_type(bundle, "Observation") if o["code"]["coding"][0]["code"] == "EYE-FINDINGS"
     ]
     assert all(any("not run" in n["text"] for n in o["note"]) for o in findings)
+
+
+def _quantities(bundle: dict) -> set[tuple[str, float]]:
+    """(code, value) of every valueQuantity in the Bundle's Observations and their components."""
+    out = set()
+    for obs in _by_type(bundle, "Observation"):
+        for item in [obs, *obs.get("component", [])]:
+            if "valueQuantity" in item:
+                out.add((item["code"]["coding"][0]["code"], item["valueQuantity"]["value"]))
+    return out
+
+
+def test_model_emitted_numbers_are_not_fhir_values(op_sources):
+    """Model-emitted vascular / CDR numbers appear nowhere as values; measured ones do; the disagreement is a
+    note that names the feature and the measured value only. A model-only CDR gives no CDR Observation."""
+    analysis = make_analysis(op_sources)
+    left = analysis.images[1]
+    left.measurements = [
+        m for m in left.measurements if not (m.key == "CDR_vertical" and m.source == Source.MEASURED)
+    ]
+    bundle = build_bundle(analysis, op_sources)
+    values = _quantities(bundle)
+    for image in analysis.images:
+        for m in image.measurements:
+            code = codes.feature(m.key).code.value
+            assert ((code, m.value) in values) == (m.source == Source.MEASURED), (m.key, m.source)
+    cdr = [o for o in _by_type(bundle, "Observation") if o["code"]["coding"][0]["code"] == "71485-7"]
+    assert [o["valueQuantity"]["value"] for o in cdr] == [0.42]  # the left eye has only the model's 0.8
+    assert not [v for c, v in values if c == "71485-7" and v in {0.5, 0.8}]
+    observations = _by_type(bundle, "Observation")
+    findings = [o for o in observations if o["code"]["coding"][0]["code"] == "EYE-FINDINGS"]
+    for obs in findings:
+        (flag,) = [n["text"] for n in obs["note"] if "disagrees" in n["text"]]
+        assert "vessel fractal dimension" in flag and "1.47" in flag and "1.39" not in flag
+    (report,) = _by_type(bundle, "DiagnosticReport")
+    assert "1.39" not in report["conclusion"]
+    assert "disagrees with the measured value 1.47" in report["conclusion"]
+
+
+def _dr_not_assessed(sources: list) -> StudyAnalysis:
+    """The fixture analysis read by a model never trained on DR or DME: not assessed on every image."""
+    analysis = make_analysis(sources)
+    unscreened = [Condition.DIABETIC_RETINOPATHY, Condition.DIABETIC_MACULAR_EDEMA]
+    for image in analysis.images:
+        image.findings = [f for f in image.findings if f.condition not in unscreened]
+        image.not_assessed = [*unscreened, *image.not_assessed]
+    return analysis
+
+
+@pytest.mark.parametrize("dr_assessed", [True, False], ids=["dr-assessed", "dr-not-assessed"])
+def test_not_assessed_conditions_in_fhir(op_sources, tmp_path, dr_assessed):
+    """Each not-assessed condition is a component of the eye's findings Observation with dataAbsentReason
+    not-performed (never a value); DR not assessed gives the eye's DR severity Observation with that reason
+    and a screening result without a "no DR" answer; the conclusion names them; the npm R4 validator accepts
+    it all."""
+    analysis = make_analysis(op_sources) if dr_assessed else _dr_not_assessed(op_sources)
+    bundle = build_bundle(analysis, op_sources, pdf=b"%PDF-1.4\n%test\n")
+    messages = r4_validate(bundle, tmp_path)
+    assert [m for m in messages if m["severity"] == "error" or "Unexpected property" in m["message"]] == []
+    observations = _by_type(bundle, "Observation")
+    not_performed = {
+        "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+        "code": "not-performed",
+        "display": "Not Performed",
+    }
+    findings = [o for o in observations if o["code"]["coding"][0]["code"] == "EYE-FINDINGS"]
+    for obs, image in zip(findings, analysis.images, strict=True):
+        absent = {
+            c["code"]["coding"][0]["code"]: c
+            for c in obs["component"]
+            if c.get("dataAbsentReason", {}).get("coding") == [not_performed]
+        }
+        assert set(absent) == {codes.CONDITIONS[c].value for c in image.not_assessed}
+        assert not [key for component in absent.values() for key in component if key.startswith("value")]
+        assert any("Not assessed (model not trained on them)" in n["text"] for n in obs["note"])
+    severity = [o for o in observations if o["code"]["coding"][0]["code"] in {"71491-5", "71490-7"}]
+    assert len(severity) == 2
+    screening = next(o for o in observations if o["code"]["coding"][0]["code"] == "105914-6")
+    (report,) = _by_type(bundle, "DiagnosticReport")
+    assert "Not assessed (model not trained on them): " in report["conclusion"]
+    assert "age-related macular degeneration, cataract" in report["conclusion"]
+    if dr_assessed:
+        assert all("valueCodeableConcept" in o for o in severity)
+        assert screening["valueCodeableConcept"]["coding"][0]["code"] == "LA35099-3"
+    else:
+        assert all(o["dataAbsentReason"]["coding"] == [not_performed] and "valueCodeableConcept" not in o
+                   for o in severity)
+        assert screening["dataAbsentReason"]["coding"] == [not_performed]
+        assert "valueCodeableConcept" not in screening
+        assert "diabetic retinopathy, diabetic macular oedema" in report["conclusion"]
+        assert "conclusionCode" not in report
