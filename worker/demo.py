@@ -3,8 +3,9 @@
 In a temporary home it configures a node that accepts the camera ``DEMO-CAMERA`` and delivers to a folder,
 starts every role as in ``retinalgpt up`` (node, inference worker, delivery worker), builds an Ophthalmic
 Photography study of two eyes from ``skimage.data.retina()`` (the right eye, and its mirror image as the left
-eye), sends it by C-STORE like a fundus camera, waits until the results are delivered and prints the findings,
-the key measurements and where the SR, key images, PDF and FHIR bundle are.
+eye), sends it by C-STORE like a fundus camera, waits until the results are delivered and prints the findings
+(with the conditions the model was not trained on as "not assessed"), the key measured values, the
+model-vs-measured disagreement flags and where the SR, key images, PDF and FHIR bundle are.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from model.schema import Laterality, StudyAnalysis
+from reporting import summary
 from worker.config import Settings, load_settings
 from worker.pipeline.results import read_results
 
@@ -180,7 +182,8 @@ def print_summary(result: DemoResult, console: Console) -> None:
     for note in analysis.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     findings = Table("Eye", "Quality", "Condition", "Grade", "Probability")
-    measures = Table("Eye", "Measurement", "Value", "Unit", "Source")
+    measures = Table("Eye", "Measurement (measured)", "Value", "Unit")
+    flags: list[str] = []
     for image in analysis.images:
         eye = image.laterality.value
         quality = f"{image.quality.grade.value} ({image.quality.score:.2f})" if image.quality else "-"
@@ -188,13 +191,18 @@ def print_summary(result: DemoResult, console: Console) -> None:
             prob = f"{finding.probability:.2f}" if finding.probability is not None else "-"
             findings.add_row(eye, quality, finding.condition.value,
                              "-" if finding.grade is None else str(finding.grade), prob)
-        if not image.findings:
-            findings.add_row(eye, quality, "(no model findings)", "", "")
-        for m in image.measurements:
+        for condition in summary.not_assessed(image):
+            findings.add_row(eye, quality, condition.value, summary.NOT_ASSESSED, "-")
+        if not image.findings and not summary.not_assessed(image):
+            findings.add_row(eye, quality, f"({'; '.join(summary.image_summary(analysis, image))})", "", "")
+        for m in summary.reported_measurements(image):
             if m.key in KEY_MEASUREMENTS:
-                measures.add_row(eye, m.key, f"{m.value:.3f}", m.unit, m.source.value)
+                measures.add_row(eye, m.key, f"{m.value:.3f}", m.unit)
+        flags += [f"{eye}: {summary.disagreement_text(d)}" for d in image.disagreements]
     console.print(findings)
     console.print(measures)
+    for flag in flags:
+        console.print(flag, highlight=False, markup=False)
     files = Table("Object", "Path")
     files.columns[1].overflow = "fold"
     written = read_results(result.results)

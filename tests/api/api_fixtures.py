@@ -99,7 +99,9 @@ def write_sources(spec: StudySpec, retina: np.ndarray, storage: Path) -> list[tu
 
 
 def make_analysis(spec: StudySpec, sources: list[Dataset], revision: int = 1) -> StudyAnalysis:
-    """A realistic result: DR graded per eye, lesions on a referable eye, disc/cup, vascular measures."""
+    """A realistic result: DR graded per eye, lesions on a referable eye, disc/cup, vascular measures (and the
+    model's own fractal dimension), AMD and cataract not assessed; an ungradable study abstains although the
+    engine listed its not-assessed conditions."""
     assert spec.referral is not None
     images = []
     for ds in sources:
@@ -116,6 +118,7 @@ def make_analysis(spec: StudySpec, sources: list[Dataset], revision: int = 1) ->
                 Finding(condition=Condition.DIABETIC_RETINOPATHY, grade=grade, probability=0.9 if grade else 0.1),
                 Finding(condition=Condition.GLAUCOMA, grade=int(side == "L"), probability=0.7 if side == "L" else 0.1),
             ] if gradable else [],
+            not_assessed=[Condition.AGE_RELATED_MACULAR_DEGENERATION, Condition.CATARACT],
             lesions=[Lesion(type=LesionType.HAEMORRHAGE, box=(0.6, 0.3, 0.66, 0.37), score=0.7),
                      Lesion(type=LesionType.MICROANEURYSM, box=(0.41, 0.52, 0.43, 0.54), score=0.8)] if grade else [],
             landmarks=[

@@ -1,12 +1,15 @@
 """The review page in headless Chromium (Debian's, driven by Playwright): sign in, worklist, study view with
-images and overlay, chat; a screenshot of the study view is kept under test-artifacts/."""
+images and overlay, chat; a screenshot of the study view is kept under test-artifacts/. Its result wording
+(not-assessed conditions, measured values only, ungradable eyes) is checked on the served HTML."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
+from model.schema import Referral
 from tests.api.api_fixtures import SPECS
 from tests.api.conftest import READ_TOKEN, Deployment
 
@@ -70,3 +73,25 @@ def test_worklist_study_chat_in_chromium(deployment: Deployment) -> None:
             browser.close()
     assert errors == []
     assert (ARTIFACTS / "review-study.png").stat().st_size > 10_000
+
+
+def test_review_page_says_not_assessed_and_shows_measured_values_only(deployment: Deployment) -> None:
+    """Each condition the model was not trained on is listed as "not assessed" per eye; the model's fractal
+    dimension (1.39) is nowhere on the page or in the API's measurement table, the measured one (1.47) is, and
+    the disagreement stays as a flag; an ungradable study says so instead of "no findings"."""
+    spec, ungradable = SPECS[0], next(s for s in SPECS if s.referral == Referral.UNGRADABLE)
+    with httpx.Client(base_url=deployment.base_url, timeout=30) as http:
+        http.post("/ui/login", data={"token": READ_TOKEN, "next": "/ui/"})
+        page = http.get(f"/ui/studies/{spec.uid}").text
+        blocked = http.get(f"/ui/studies/{ungradable.uid}").text
+        detail = http.get(f"/api/studies/{spec.uid}", headers={"Authorization": f"Bearer {READ_TOKEN}"}).json()
+    for name in ("Age-related macular degeneration", "Cataract"):
+        assert page.count(f'<li class="not-assessed">{name}: not assessed (model not trained on it)</li>') == 2
+    assert "1.39" not in page and "1.47" in page
+    assert page.count("Quality flag: the model&#39;s estimate of vessel fractal dimension disagrees with the "
+                      "measured value 1.47") == 2
+    assert blocked.count('<li class="none">Not gradable: no condition assessed</li>') == 2
+    assert "not-assessed" not in blocked and "No findings" not in blocked and "finding present" not in blocked
+    rows = [row for table in detail["measurements"].values() for row in table]
+    assert rows and {row["source"] for row in rows} == {"measured"}
+    assert not [row for row in rows if row["key"] == "Fractal_dimension" and row["value"] == "1.39"]

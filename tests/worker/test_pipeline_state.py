@@ -95,6 +95,20 @@ def test_impression_names_each_eye_and_says_when_the_model_did_not_run() -> None
     assert image_referral(image(2))[1] == ["moderate non-proliferative diabetic retinopathy"]
 
 
+def test_impression_names_the_conditions_not_assessed() -> None:
+    """A condition the model was not trained on is named "not assessed" on every gradable eye, never implied
+    absent by "no referable findings"; an ungradable eye only says it is not gradable."""
+    right, left = image(0), image(3, eye=Laterality.LEFT)
+    right.not_assessed = [Condition.GLAUCOMA, Condition.CATARACT]
+    left.not_assessed = [Condition.GLAUCOMA]
+    text = impression([right, left], model_ran=True)
+    assert "Right eye: no referable findings among the conditions assessed; not assessed: glaucoma, cataract." in text
+    assert "Left eye: severe non-proliferative diabetic retinopathy; not assessed: glaucoma." in text
+    blocked = image(quality=QualityGrade.REJECT)
+    blocked.not_assessed = [Condition.GLAUCOMA]
+    assert impression([blocked], model_ran=True) == "Right eye: image not gradable: blur. Referral: ungradable."
+
+
 class FakeCelery:
     """Records the tasks the pipeline sends (the broker itself is exercised by the end-to-end suite)."""
 

@@ -1,4 +1,5 @@
-"""The operator commands: db upgrade, node (as a real process), studies list/show, send, echo."""
+"""The operator commands: db upgrade, node (as a real process), studies list/show (with the current result),
+send, echo."""
 
 from __future__ import annotations
 
@@ -16,8 +17,24 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
+from model.schema import (
+    Condition,
+    Disagreement,
+    Finding,
+    ImageAnalysis,
+    Laterality,
+    Measurement,
+    ModelIdentity,
+    Quality,
+    QualityGrade,
+    Referral,
+    Source,
+    StudyAnalysis,
+)
 from tests.dicom_node.dicom_fixtures import storescu
 from worker.cli.app import app
+from worker.config import load_settings
+from worker.db import Analysis, Database, Study, StudyState
 
 RETINALGPT = str(Path(sys.executable).parent / "retinalgpt")
 
@@ -108,6 +125,52 @@ def test_node_receives_and_studies_commands_show_it(node_process, op_file):
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "DICOM node stopped" in output
+
+
+def test_studies_show_prints_the_current_result(config_file):
+    """``studies show`` prints the current result per eye: present findings, the conditions the model was not
+    trained on as "not assessed", an ungradable eye as not gradable, the disagreement flag without the model's
+    number; ``--json`` carries the analysis."""
+    config = config_file()
+    assert _invoke("db", "upgrade", "--config", str(config)).exit_code == 0
+    uid = generate_uid()
+    gradable, reject = Quality(grade=QualityGrade.GRADABLE, score=0.9), Quality(grade=QualityGrade.REJECT, score=0.1)
+    analysis = StudyAnalysis(
+        study_instance_uid=uid,
+        model=ModelIdentity(name="RetinalGPT", version="t1", device_uid="2.25.1"),
+        images=[
+            ImageAnalysis(
+                sop_instance_uid=generate_uid(), laterality=Laterality.RIGHT, quality=gradable,
+                findings=[Finding(condition=Condition.DIABETIC_RETINOPATHY, grade=2, probability=0.9)],
+                not_assessed=[Condition.GLAUCOMA],
+                measurements=[Measurement(key="Fractal_dimension", value=1.47, unit="1"),
+                              Measurement(key="Fractal_dimension", value=1.39, unit="1", source=Source.MODEL)],
+                disagreements=[Disagreement(key="Fractal_dimension", model_value=1.39, measured_value=1.47,
+                                            tolerance=0.05)],
+            ),
+            ImageAnalysis(sop_instance_uid=generate_uid(), laterality=Laterality.LEFT, quality=reject,
+                          not_assessed=[Condition.GLAUCOMA]),
+        ],
+        impression="Right eye: moderate non-proliferative diabetic retinopathy; not assessed: glaucoma.",
+        referral=Referral.ROUTINE,
+    )
+    db = Database(load_settings(config).database.url)
+    with db.session() as session:
+        study = Study(study_instance_uid=uid, state=StudyState.DELIVERED, revision=1)
+        session.add(study)
+        session.flush()
+        session.add(Analysis(study_id=study.id, revision=1, model_name="RetinalGPT", model_version="t1",
+                             result=analysis.model_dump(mode="json")))
+    db.dispose()
+    human = _invoke("studies", "show", uid, "--config", str(config))
+    assert human.exit_code == 0, human.output
+    assert "result: revision 1, RetinalGPT t1, referral routine" in human.output
+    assert ("Right eye, quality gradable (0.90): Diabetic retinopathy: grade 2 (moderate NPDR), p=0.90; "
+            "Not assessed (model not trained on it): glaucoma.") in human.output
+    assert "Left eye, quality reject (0.10): Not gradable: no condition assessed." in human.output
+    assert "disagrees with the measured value 1.47" in human.output and "1.39" not in human.output
+    shown = json.loads(_invoke("studies", "show", uid, "--json", "--config", str(config)).stdout)
+    assert shown["analysis"]["images"][0]["not_assessed"] == ["glaucoma"]
 
 
 def test_send_and_echo_errors_are_one_line(config_file, op_file, free_tcp_port):

@@ -15,8 +15,9 @@ from sqlalchemy import Select, and_, case, exists, func, select
 from sqlalchemy.orm import Session
 
 from model.schema import StudyAnalysis
-from reporting.summary import measurement_row
+from reporting.summary import measurement_row, reported_measurements
 from worker.db import Analysis, AuditEvent, Delivery, Instance, Job, Series, Study, StudyState
+from worker.db.queries import current_analysis
 from worker.fhir_store import FhirResource
 
 Urgency = Literal["urgent", "ungradable", "routine", "none", "pending"]
@@ -128,19 +129,13 @@ def find_study(session: Session, uid: str) -> Study | None:
     return session.scalars(select(Study).where(Study.study_instance_uid == uid)).one_or_none()
 
 
-def current_analysis(session: Session, study: Study) -> StudyAnalysis | None:
-    row = session.scalars(select(Analysis).where(
-        Analysis.study_id == study.id, Analysis.revision == study.revision, Analysis.superseded.is_(False))
-        .order_by(Analysis.id.desc()).limit(1)).one_or_none()
-    return StudyAnalysis.model_validate(row.result) if row is not None else None
-
-
 def measurement_table(analysis: StudyAnalysis) -> dict[str, list[dict[str, str]]]:
-    """Per image (by SOP Instance UID or file path): measurements with their reference ranges and verdicts."""
+    """Per image (by SOP Instance UID or file path): the measured values with their reference ranges and verdicts
+    (model-emitted numbers stay in the analysis document only)."""
     out: dict[str, list[dict[str, str]]] = {}
     for img in analysis.images:
         rows = []
-        for m in img.measurements:
+        for m in reported_measurements(img):
             row = measurement_row(m)
             rows.append({"key": m.key, "name": row.name, "value": row.value, "unit": row.unit,
                          "source": row.source, "reference": row.reference, "flag": row.flag})

@@ -1,8 +1,9 @@
 """The review page: server-rendered HTML (Jinja2) plus one small script, no build step.
 
 ``/ui/`` is the worklist; ``/ui/studies/{uid}`` shows the fundus images with lesion boxes and the optic disc /
-cup outline drawn from the stored :class:`~model.schema.StudyAnalysis` as SVG over the image, the findings,
-the measurements against their reference ranges, and a chat box that calls ``POST /api/studies/{uid}/chat``.
+cup outline drawn from the stored :class:`~model.schema.StudyAnalysis` as SVG over the image, the findings
+(conditions the model was not trained on as "not assessed"), the measured values against their reference ranges,
+the model-vs-measured disagreement flags, and a chat box that calls ``POST /api/studies/{uid}/chat``.
 The browser authenticates with the same bearer tokens, entered once in ``/ui/login`` and kept in an HttpOnly,
 SameSite=Strict cookie.
 """
@@ -19,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from model.schema import ImageAnalysis, LandmarkType, StudyAnalysis
-from reporting.summary import finding_text
+from reporting import summary
 from worker.api.auth import SESSION_COOKIE, Reader, principal_for
 from worker.api.context import Ctx
 from worker.api.routes import worklist_query
@@ -72,6 +73,15 @@ def overlay(img: ImageAnalysis, width: int, height: int) -> dict[str, Any]:
     }
 
 
+def findings_list(analysis: StudyAnalysis, img: ImageAnalysis) -> list[dict[str, str]]:
+    """The findings list of one image: each finding (``present`` / ``absent``), each condition the model was not
+    trained on (``not-assessed``), or one line saying why there is nothing (ungradable, model not run)."""
+    rows = [{"text": summary.finding_text(f), "state": "present" if f.present else "absent"} for f in img.findings]
+    rows += [{"text": f"{summary.condition_name(c)}: {summary.NOT_ASSESSED} (model not trained on it)",
+              "state": "not-assessed"} for c in summary.not_assessed(img)]
+    return rows or [{"text": line, "state": "none"} for line in summary.image_summary(analysis, img)]
+
+
 def image_views(detail: dict[str, Any], analysis: StudyAnalysis | None) -> list[dict[str, Any]]:
     """One view per stored instance: its PNG URL and, when analysed, overlay, findings and quality."""
     views = []
@@ -81,8 +91,9 @@ def image_views(detail: dict[str, Any], analysis: StudyAnalysis | None) -> list[
             view: dict[str, Any] = {"instance": inst, "analysis": img}
             if img is not None:
                 view["overlay"] = overlay(img, img.width or 1000, img.height or 1000)
-                view["findings"] = [{"text": finding_text(f), "present": f.present} for f in img.findings]
+                view["findings"] = findings_list(analysis, img)
                 view["measurements"] = detail["measurements"].get(inst["sop_instance_uid"], [])
+                view["flags"] = [summary.disagreement_text(d) for d in img.disagreements]
             views.append(view)
     return views
 

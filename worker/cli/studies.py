@@ -1,4 +1,5 @@
-"""``retinalgpt studies list`` / ``studies show UID``: what the node received and where each study is."""
+"""``retinalgpt studies list`` / ``studies show UID``: what the node received, where each study is, and what its
+current result says."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from model.schema import StudyAnalysis
+from reporting import summary
 from worker.cli.common import CommandError, ConfigOption, JsonOption, console, one_line_errors, print_json, settings
 from worker.db import Database, StudyState
 from worker.db.migrate import is_current
-from worker.db.queries import get_study, list_studies, study_detail
+from worker.db.queries import current_analysis, get_study, list_studies, study_detail
 
 studies_app = typer.Typer(help="Studies received by the node.", no_args_is_help=True)
 
@@ -58,7 +61,8 @@ def show_command(
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Show one study with its series and instances."""
+    """Show one study with its series and instances and the result of its current revision: per image the
+    present findings, the conditions the model was not trained on ("not assessed") and the disagreement flags."""
     db = _database(config)
     try:
         with db.session() as session:
@@ -66,10 +70,11 @@ def show_command(
             if study is None:
                 raise CommandError(f"no study {study_uid}")
             detail = study_detail(study)
+            analysis = current_analysis(session, study)
     finally:
         db.dispose()
     if json_output:
-        print_json(detail)
+        print_json({**detail, "analysis": analysis.model_dump(mode="json") if analysis else None})
         return
     console.print(
         f"[bold]{detail['study_instance_uid']}[/]  state {detail['state']}  revision {detail['revision']}  "
@@ -86,6 +91,22 @@ def show_command(
                 f"from {inst['calling_ae_title']}@{inst['peer_host']}",
                 highlight=False,
             )
+    _print_result(analysis, detail["revision"])
+
+
+def _print_result(analysis: StudyAnalysis | None, revision: int) -> None:
+    if analysis is None:
+        console.print(f"  result: none yet for revision {revision}", highlight=False)
+        return
+    model = f"{analysis.model.name} {analysis.model.version}" if analysis.model else "RetinalGPT not run"
+    console.print(f"  result: revision {analysis.revision}, {model}, referral {analysis.referral.value}",
+                  highlight=False, markup=False)
+    if analysis.impression:
+        console.print(f"    impression: {analysis.impression}", highlight=False, markup=False)
+    for img in analysis.images:
+        console.print(f"    {summary.image_text(analysis, img)}", highlight=False, markup=False)
+        for d in img.disagreements:
+            console.print(f"      {summary.disagreement_text(d)}", highlight=False, markup=False)
 
 
 UidsArgument = Annotated[list[str], typer.Argument(help="Study Instance UIDs.")]

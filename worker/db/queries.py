@@ -7,7 +7,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from worker.db.models import Instance, Series, Study
+from model.schema import StudyAnalysis
+from worker.db.models import Analysis, Instance, Series, Study
 from worker.db.states import StudyState
 
 
@@ -35,6 +36,14 @@ def get_study(session: Session, study_instance_uid: str) -> Study | None:
         .where(Study.study_instance_uid == study_instance_uid)
         .options(selectinload(Study.series).selectinload(Series.instances))
     ).one_or_none()
+
+
+def current_analysis(session: Session, study: Study) -> StudyAnalysis | None:
+    """The newest analysis of the study's current revision that no later run superseded, or None."""
+    row = session.scalars(select(Analysis).where(
+        Analysis.study_id == study.id, Analysis.revision == study.revision, Analysis.superseded.is_(False))
+        .order_by(Analysis.id.desc()).limit(1)).one_or_none()
+    return StudyAnalysis.model_validate(row.result) if row is not None else None
 
 
 def study_summary(study: Study, instances: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ The rules follow the referral thresholds of the International Clinical Diabetic 
 proliferative DR and centre-involving (grade 2) macular oedema are referred urgently; moderate DR, non-central
 macular oedema and other sight-threatening findings routinely. A vertical cup-to-disc ratio ≥ 0.7 marks a
 glaucoma suspect (routine) even when no language model ran. A study with no gradable image is ``ungradable``.
+The impression names the conditions the model was not trained to assess on each gradable image.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from model.schema import Condition, ImageAnalysis, LesionType, Referral, Source
+from reporting.summary import condition_name, not_assessed
 
 URGENT_DR_GRADE = 3
 ROUTINE_DR_GRADE = 2
@@ -78,15 +80,19 @@ def study_referral(images: Iterable[ImageAnalysis]) -> Referral:
 
 
 def impression(images: list[ImageAnalysis], model_ran: bool) -> str:
-    """A short impression: per eye, the referral reasons or 'no referable findings'."""
+    """A short impression: per eye, the referral reasons or 'no referable findings', and the conditions the model
+    was not trained to assess (never implied absent)."""
     lines: list[str] = []
     for image in images:
         eye = _EYE.get(image.laterality.value, f"Image {image.sop_instance_uid or image.file_path}")
         level, reasons = image_referral(image)
+        missing = not_assessed(image)
         if level == Referral.NONE:
-            text = "no referable findings"
+            text = "no referable findings" + (" among the conditions assessed" if missing else "")
         else:
             text = "; ".join(reasons)
+        if missing:
+            text += "; not assessed: " + ", ".join(condition_name(c).lower() for c in missing)
         lines.append(f"{eye}: {text}.")
     referral = study_referral(images)
     lines.append(f"Referral: {referral.value}.")
