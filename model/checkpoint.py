@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model import protocol
-from model.schema import LesionType, max_grade
+from model.schema import Condition, LesionType, max_grade
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 METADATA_FILE = "retinalgpt.json"
 FORMAT_VERSION = 1
+EFFICIENTNET_LITE_TYPE = "retinalgpt_efficientnet_lite"
+"""``vision_config.model_type`` of the EfficientNet-Lite tower (:mod:`model.vision.efficientnet_lite`)."""
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -49,6 +52,87 @@ class ImageSpec(BaseModel):
     image_tokens: int = Field(gt=0, description="image tokens one image expands to")
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    framing: Literal["centre_crop", "fov_square"] = Field(
+        default="centre_crop",
+        description='"centre_crop": CLIP preprocessing (resize the shortest edge, centre crop); "fov_square": the '
+        "field of view's bounding square (model.vision.preprocess.fov_square)",
+    )
+
+
+class Calibration(BaseModel):
+    """Post-hoc calibration of one assessment question (Guo et al., ICML 2017 temperature scaling, with a bias on
+    the first answer — for yes/no questions exactly Platt scaling, Platt 1999): calibrated P(answer k) =
+    softmax_k(ℓ_k / temperature + bias·[k = 0]) where ℓ_k is the answer's log-likelihood. Fitted by maximum
+    likelihood on a validation split carved from the training data (never on test data)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(default=1.0, gt=0)
+    bias: float = 0.0
+    fitted_on: int = Field(default=0, ge=0, description="validation images the parameters were fitted on")
+
+    def apply(self, log_likelihoods: list[float]) -> list[float]:
+        """Calibrated answer probabilities from the answers' log-likelihoods."""
+        scaled = [v / self.temperature + (self.bias if k == 0 else 0.0) for k, v in enumerate(log_likelihoods)]
+        top = max(scaled)
+        weights = [math.exp(v - top) for v in scaled]
+        total = sum(weights)
+        return [w / total for w in weights]
+
+
+class Assessment(BaseModel):
+    """The complete assessment a model was trained for (model.protocol.AssessmentQuestion): every listed
+    condition and lesion type is asked of every gradable image and scored by likelihood; conditions of the
+    vocabulary not listed are reported as not assessed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conditions: list[Condition] = Field(min_length=1)
+    lesions: list[str] = Field(default_factory=list, description="lesion types (and 'any') with a presence question")
+    calibration: dict[str, Calibration] = Field(
+        default_factory=dict, description="per question key (condition:<key> / lesion:<key>); identity if absent"
+    )
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="operating points on calibrated probabilities, per condition key (P(present) ≥ t ⇒ present; "
+        "for referable_diabetic_retinopathy, P(DR grade ≥ 2) ≥ t ⇒ referable); 0.5 if absent",
+    )
+
+    @field_validator("conditions")
+    @classmethod
+    def _asked(cls, conditions: list[Condition]) -> list[Condition]:
+        unknown = [c.value for c in conditions if c not in protocol.DISEASE_CONDITIONS]
+        if unknown:
+            raise ValueError(f"conditions without an assessment question: {unknown}")
+        return conditions
+
+    @field_validator("lesions")
+    @classmethod
+    def _lesion_keys(cls, lesions: list[str]) -> list[str]:
+        known = {t.value for t in LesionType} | {protocol.ANY_LESION}
+        unknown = [k for k in lesions if k not in known]
+        if unknown:
+            raise ValueError(f"unknown lesion keys: {unknown}")
+        return lesions
+
+    @field_validator("thresholds")
+    @classmethod
+    def _unit(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in thresholds.items() if not 0.0 < v < 1.0}
+        if bad:
+            raise ValueError(f"thresholds must lie strictly between 0 and 1: {bad}")
+        return thresholds
+
+    def questions(self) -> list[protocol.AssessmentQuestion]:
+        """The questions asked of every gradable image: conditions in answer order, then lesion types."""
+        ordered = [c for c in protocol.DISEASE_CONDITIONS if c in self.conditions]
+        return [protocol.condition_question(c) for c in ordered] + [protocol.lesion_question(k) for k in self.lesions]
+
+    def calibration_for(self, key: str) -> Calibration:
+        return self.calibration.get(key, Calibration())
+
+    def threshold(self, condition: Condition | str) -> float:
+        return self.thresholds.get(str(getattr(condition, "value", condition)), 0.5)
 
 
 def default_vocabularies() -> dict[str, Any]:
@@ -80,6 +164,11 @@ class ModelMetadata(BaseModel):
     template: dict[str, Any] = Field(default_factory=protocol.V0_TEMPLATE.to_dict)
     image: ImageSpec
     vocabularies: dict[str, Any] = Field(default_factory=default_vocabularies)
+    assessment: Assessment | None = Field(
+        default=None,
+        description="complete-assessment questions, calibration and operating points; None for models that state "
+        "their findings in one generated disease answer (imported or older models)",
+    )
     provenance: dict[str, Any] = Field(
         default_factory=dict, description="source, import format, training run, data"
     )
@@ -176,6 +265,16 @@ def save_model_dir(
     return path
 
 
+def tower_image_tokens(vision_config: dict[str, Any], select_strategy: str) -> int:
+    """Image tokens a vision tower config gives LLaVA: the EfficientNet-Lite tower's global token and grid
+    (:mod:`model.vision.efficientnet_lite`), else a ViT's patches (its CLS token dropped by the "default"
+    strategy, kept by "full")."""
+    if vision_config.get("model_type") == EFFICIENTNET_LITE_TYPE:
+        return 1 + int(vision_config.get("token_grid", 6)) ** 2
+    patches = (int(vision_config.get("image_size", 224)) // int(vision_config.get("patch_size", 14))) ** 2
+    return patches if select_strategy == "default" else patches + 1
+
+
 def validate_model_dir(path: Path) -> ModelMetadata:
     """Check that ``path`` is a complete, self-consistent model directory without loading weights; return its
     metadata. Raises :class:`CheckpointError` naming the first problem."""
@@ -196,10 +295,10 @@ def validate_model_dir(path: Path) -> ModelMetadata:
         raise CheckpointError(
             f"{path}: vision tower image_size {vision.get('image_size')} differs from {METADATA_FILE} {metadata.image.size}"
         )
-    patches = (metadata.image.size // int(vision.get("patch_size", 14))) ** 2
-    if patches != metadata.image.image_tokens:
+    tokens = tower_image_tokens(vision, config.get("vision_feature_select_strategy", "default"))
+    if tokens != metadata.image.image_tokens:
         raise CheckpointError(
-            f"{path}: {patches} patches but {METADATA_FILE} says {metadata.image.image_tokens} image tokens"
+            f"{path}: the vision tower gives {tokens} image tokens but {METADATA_FILE} says {metadata.image.image_tokens}"
         )
     if metadata.protocol_version.split(".")[0] != protocol.PROTOCOL_VERSION.split(".")[0]:
         raise CheckpointError(

@@ -4,6 +4,9 @@
            image tokens, 3 layers of width 128), a 2-layer GELU projector, a 4-layer LLaMA of width 256, and a
            byte-level BPE tokenizer trained with ``tokenizers`` on the protocol's own text (:func:`tokenizer_corpus`).
            About 5 M parameters (~10 MB in fp16).
+``lite0``  the bundled model's shapes: an EfficientNet-Lite0 tower (:mod:`model.vision.efficientnet_lite`, 384 px on
+           the field of view, 37 image tokens of width 1 280) with the ``tiny`` projector and language model;
+           trained from ImageNet weights by ``training/recipes/tiny-bundled.toml``.
 ``paper``  the RetinalGPT / LLaVA-Med v0 shapes: CLIP ViT-L/14 at 224 px, penultimate layer without CLS
            (256 image tokens), a linear projector (``projector_hidden_act="linear"``; ``linear_2`` is the identity
            after a v0 import), LLaMA-7B dimensions (32 layers, width 4096, 32 heads, MLP 11008, vocabulary
@@ -49,6 +52,8 @@ class Preset:
     projector_act: str
     vocab_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tower: str = "clip"
+    """"clip" (a ViT from transformers) or "efficientnet_lite" (:mod:`model.vision.efficientnet_lite`)."""
 
     @property
     def image_size(self) -> int:
@@ -56,7 +61,16 @@ class Preset:
 
     @property
     def image_tokens(self) -> int:
+        if self.tower == "efficientnet_lite":
+            return 1 + int(self.vision["token_grid"]) ** 2
         return (self.image_size // int(self.vision["patch_size"])) ** 2
+
+    def image_spec(self) -> ImageSpec:
+        """How this preset's tower wants its images (size, tokens, normalisation, framing)."""
+        if self.tower == "efficientnet_lite":
+            return ImageSpec(size=self.image_size, image_tokens=self.image_tokens, mean=(0.5, 0.5, 0.5),
+                             std=(0.5, 0.5, 0.5), framing="fov_square")
+        return ImageSpec(size=self.image_size, image_tokens=self.image_tokens)
 
 
 PRESETS: dict[str, Preset] = {
@@ -82,6 +96,23 @@ PRESETS: dict[str, Preset] = {
             "rms_norm_eps": 1e-6,
         },
         projector_act="gelu",
+    ),
+    "lite0": Preset(
+        name="lite0",
+        description="the bundled model's shapes: EfficientNet-Lite0 tower (ImageNet-initialised) at 384 px on the "
+        "field of view, 1 global + 6×6 grid image tokens of width 1280, a 2-layer GELU projector, the tiny LLaMA",
+        vision={"variant": "lite0", "image_size": 384, "token_grid": 6},
+        text={
+            "hidden_size": 256,
+            "intermediate_size": 688,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 1024,
+            "rms_norm_eps": 1e-6,
+        },
+        projector_act="gelu",
+        tower="efficientnet_lite",
     ),
     "paper": Preset(
         name="paper",
@@ -190,6 +221,9 @@ def build_config(spec: Preset, tokenizer: PreTrainedTokenizerFast) -> Any:
     """The ``LlavaConfig`` of a preset for ``tokenizer``."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    from model.vision.efficientnet_lite import EfficientNetLiteConfig, register
+
+    register()
     vocab = max(spec.vocab_size or 0, len(tokenizer))
     text = LlamaConfig(
         vocab_size=vocab,
@@ -199,14 +233,15 @@ def build_config(spec: Preset, tokenizer: PreTrainedTokenizerFast) -> Any:
         tie_word_embeddings=False,
         **spec.text,
     )
+    lite = spec.tower == "efficientnet_lite"
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(**spec.vision),
+        vision_config=EfficientNetLiteConfig(**spec.vision) if lite else CLIPVisionConfig(**spec.vision),
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(protocol.IMAGE_TOKEN),
         image_seq_length=spec.image_tokens,
         projector_hidden_act=spec.projector_act,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_select_strategy="full" if lite else "default",
+        vision_feature_layer=-1 if lite else -2,
         multimodal_projector_bias=True,
     )
 
@@ -241,7 +276,7 @@ def build_model(
     metadata = ModelMetadata(
         name="retinalgpt",
         preset=name,
-        image=ImageSpec(size=spec.image_size, image_tokens=spec.image_tokens),
+        image=spec.image_spec(),
         provenance={"source": f"preset:{name}", "seed": seed, "weights": "random initialisation"},
     )
     return model, tokenizer, metadata
