@@ -30,6 +30,7 @@ import numpy as np
 
 from model import protocol
 from model.checkpoint import (
+    Assessment,
     CheckpointError,
     ModelMetadata,
     checkpoint_sha256,
@@ -54,6 +55,7 @@ from model.schema import (
     Zone,
     max_grade,
 )
+from model.vision.preprocess import fov_square
 
 if TYPE_CHECKING:
     import torch
@@ -114,6 +116,9 @@ class ModelImageResult:
     lesions: list[Lesion] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)
     answers: list[ModelAnswer] = field(default_factory=list)
+    not_assessed: list[Condition] = field(default_factory=list)
+    lesion_presence: dict[str, float] = field(default_factory=dict)
+    """Calibrated P(present) per lesion-presence question (lesion type or ``any``), assessment models only."""
 
     def merge_into(self, image: ImageAnalysis) -> ImageAnalysis:
         """Add these results to ``image`` (a copy): findings, lesions, model measurements, answers, and the
@@ -123,6 +128,7 @@ class ModelImageResult:
         merged.lesions.extend(self.lesions)
         merged.measurements.extend(self.measurements)
         merged.answers.extend(self.answers)
+        merged.not_assessed = [c for c in self.not_assessed if c not in merged.not_assessed] + merged.not_assessed
         measured = [m for m in merged.measurements if m.source == Source.MEASURED]
         merged.disagreements.extend(compare_measurements(self.measurements, measured))
         if merged.quality is None and self.quality is not None:
@@ -234,6 +240,9 @@ class RetinalGPTEngine:
         import torch
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+        from model.vision.efficientnet_lite import register
+
+        register()
         path = Path(path)
         metadata = validate_model_dir(path)
         sha = checkpoint_sha256(path)
@@ -285,8 +294,10 @@ class RetinalGPTEngine:
     # inputs
 
     def pixel_values(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """CLIP preprocessing of RGB uint8 arrays (H×W×3; grey H×W and RGBA accepted): bicubic resize of the
-        shortest edge to the tower's size, centre crop, scale to 0–1, normalise with the CLIP mean and std."""
+        """Tower input of RGB uint8 arrays (H×W×3; grey H×W and RGBA accepted), framed as the model directory says
+        (``image.framing``): CLIP's bicubic resize of the shortest edge and centre crop, or the field of view's
+        bounding square (:func:`model.vision.preprocess.fov_square`); then scaled to 0–1 and normalised with the
+        metadata's mean and std."""
         import torch
         from PIL import Image
 
@@ -300,14 +311,17 @@ class RetinalGPTEngine:
                 raise EngineError(f"image {index} has shape {array.shape}, expected H×W×3 RGB")
             if array.dtype != np.uint8:
                 raise EngineError(f"image {index} has dtype {array.dtype}, expected uint8")
-            image = Image.fromarray(np.ascontiguousarray(array[:, :, :3]))
-            scale = size / min(image.size)
-            resized = image.resize(
-                (max(size, round(image.size[0] * scale)), max(size, round(image.size[1] * scale))),
-                Image.Resampling.BICUBIC,
-            )
-            left, top = (resized.size[0] - size) // 2, (resized.size[1] - size) // 2
-            crop = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+            if self.metadata.image.framing == "fov_square":
+                crop = fov_square(array, size).astype(np.float32) / 255.0
+            else:
+                image = Image.fromarray(np.ascontiguousarray(array[:, :, :3]))
+                scale = size / min(image.size)
+                resized = image.resize(
+                    (max(size, round(image.size[0] * scale)), max(size, round(image.size[1] * scale))),
+                    Image.Resampling.BICUBIC,
+                )
+                left, top = (resized.size[0] - size) // 2, (resized.size[1] - size) // 2
+                crop = np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
             batch[index] = (crop.transpose(2, 0, 1) - self._mean) / self._std
         return torch.from_numpy(batch).to(self.device, self.compute_dtype)
 
@@ -557,11 +571,14 @@ class RetinalGPTEngine:
         rows: Sequence[list[int]],
         features: torch.Tensor,
         groups: Sequence[tuple[int, Sequence[list[int]]]],
+        row_image: Sequence[int] | None = None,
+        log_likelihoods: bool = False,
     ) -> list[list[float]]:
         """Likelihood scoring. ``groups`` pairs a prompt row index with candidate continuations (token ids); the
         result gives, per group, the softmax over candidates of their summed token log-probabilities after the
-        prompt. Tokens all candidates share from the start cancel out and are skipped. One prefill of the prompts,
-        then one forward over all candidates (chunked) on copies of the prompts' KV cache."""
+        prompt (or, with ``log_likelihoods``, those sums themselves). Tokens all candidates share from the start
+        cancel out and are skipped. ``row_image`` maps prompt rows to images as in :meth:`_prefill`. One prefill
+        of the prompts, then one forward over all candidates (chunked) on copies of the prompts' KV cache."""
         import torch
         from transformers import DynamicCache
 
@@ -574,7 +591,7 @@ class RetinalGPTEngine:
                 flat.append((group_index, row, list(candidate), shared))
         totals = torch.zeros(len(flat), dtype=torch.float64)
         with torch.inference_mode():
-            cache, last_logits, mask, position = self._prefill(rows, features)
+            cache, last_logits, mask, position = self._prefill(rows, features, row_image)
             first_logp = torch.log_softmax(last_logits, dim=-1)
             embed = self.model.get_input_embeddings()
             for start in range(0, len(flat), self.options.score_chunk_rows):
@@ -612,9 +629,14 @@ class RetinalGPTEngine:
                 per_token = per_token.double().cpu().masked_fill(~counted, 0.0)
                 totals[start : start + len(chunk)] = per_token.sum(dim=1)
         results: list[list[float]] = [[] for _ in groups]
-        for group_index in range(len(groups)):
-            members = [k for k, item in enumerate(flat) if item[0] == group_index]
-            probabilities = torch.softmax(totals[members], dim=0).tolist()
+        members: list[list[int]] = [[] for _ in groups]
+        for k, item in enumerate(flat):
+            members[item[0]].append(k)
+        for group_index, chosen in enumerate(members):
+            if log_likelihoods:
+                results[group_index] = totals[chosen].tolist()
+                continue
+            probabilities = torch.softmax(totals[chosen], dim=0).tolist()
             results[group_index] = [min(1.0, max(0.0, p)) for p in probabilities]
         return results
 
@@ -629,7 +651,11 @@ class RetinalGPTEngine:
         return results
 
     def _analyze_batch(self, images: Sequence[np.ndarray]) -> list[ModelImageResult]:
-        tasks = self.options.tasks
+        assessment = self.metadata.assessment
+        wants_findings = protocol.Task.DISEASE_GRADE in self.options.tasks
+        # a model trained for the complete assessment is asked every condition by its own scored question, never
+        # one open disease question whose answer would let it choose which conditions to mention
+        tasks = [t for t in self.options.tasks if assessment is None or t != protocol.Task.DISEASE_GRADE]
         features = self.image_features(images)
         prompts = {task: self.encode(self.template.prompt(protocol.question(task))) for task in tasks}
         rows = [prompts[task] for _ in images for task in tasks]
@@ -637,7 +663,7 @@ class RetinalGPTEngine:
         constraints = (
             [self.answer_constraint(task) for _ in images for task in tasks] if self.constrain_answers else None
         )
-        answers = self._generate(rows, features, row_image, constraints)
+        answers = self._generate(rows, features, row_image, constraints) if rows else []
         results = []
         for index in range(len(images)):
             result = ModelImageResult()
@@ -645,11 +671,51 @@ class RetinalGPTEngine:
                 text = answers[index * len(tasks) + offset]
                 self._apply(result, protocol.parse_answer(task, text), protocol.question(task))
             results.append(result)
-        if self.options.score_findings and protocol.Task.DISEASE_GRADE in tasks:
+        if assessment is not None and wants_findings:
+            for result, probabilities in zip(results, self.assess(features), strict=True):
+                _apply_assessment(result, assessment, probabilities)
+        elif self.options.score_findings and wants_findings:
             self._score_findings(results, features, prompts[protocol.Task.DISEASE_GRADE])
         for result in results:
             result.findings.extend(_derived_findings(result.findings))
+            if wants_findings:
+                stated = {f.condition for f in result.findings}
+                result.not_assessed = [c for c in protocol.DISEASE_CONDITIONS if c not in stated]
         return results
+
+    def assess(self, features: torch.Tensor) -> list[dict[str, list[float]]]:
+        """The complete assessment of every image (``features`` from :meth:`image_features`): per image, each
+        assessment question's key → calibrated probabilities of its answers (grade 0…max, or no/yes). Every
+        question is asked of every image on its own, and its answers are scored by likelihood."""
+        assessment = self._assessment()
+        return [
+            {key: assessment.calibration_for(key).apply(values) for key, values in image.items()}
+            for image in self.assessment_log_likelihoods(features)
+        ]
+
+    def _assessment(self) -> Assessment:
+        if self.metadata.assessment is None:
+            raise EngineError(f"{self.metadata.name} {self.metadata.version} was not trained for the complete assessment")
+        return self.metadata.assessment
+
+    def assessment_log_likelihoods(self, features: torch.Tensor) -> list[dict[str, list[float]]]:
+        """Per image, each assessment question's key → its answers' log-likelihoods after the question (before
+        calibration; what :class:`~model.checkpoint.Calibration` is fitted on)."""
+        assessment = self._assessment()
+        questions = assessment.questions()
+        prompts = [self.encode(self.template.prompt(q.question)) for q in questions]
+        answers = [[self._continuation(" ", a) for a in q.answers] for q in questions]
+        rows, row_image, groups = [], [], []
+        for image in range(features.shape[0]):
+            for prompt, candidates in zip(prompts, answers, strict=True):
+                groups.append((len(rows), candidates))
+                rows.append(prompt)
+                row_image.append(image)
+        scores = self.score_candidates(rows, features, groups, row_image=row_image, log_likelihoods=True)
+        return [
+            {q.key: ll for q, ll in zip(questions, scores[i * len(questions):(i + 1) * len(questions)], strict=True)}
+            for i in range(features.shape[0])
+        ]
 
     @staticmethod
     def _apply(result: ModelImageResult, parsed: protocol.ParsedAnswer, question_text: str) -> None:
@@ -797,6 +863,41 @@ def _select_rows(cache: Any, keep: torch.Tensor) -> None:
     for layer in cache.layers:
         layer.keys = layer.keys[keep]
         layer.values = layer.values[keep]
+
+
+def decide_grade(condition: Condition, probabilities: Sequence[float], assessment: Assessment) -> int:
+    """The stated grade of an assessed condition from its calibrated grade probabilities, consistent with the
+    operating points: diabetic retinopathy is graded 2–4 exactly when P(grade ≥ 2) reaches the referable-DR
+    threshold (so grade and referral never contradict), other conditions are present exactly when P(grade ≥ 1)
+    reaches the condition's threshold; within that range the most probable grade."""
+    if condition == Condition.DIABETIC_RETINOPATHY:
+        referable = sum(probabilities[REFERABLE_DR_GRADE:]) >= assessment.threshold(
+            Condition.REFERABLE_DIABETIC_RETINOPATHY)
+        allowed = range(REFERABLE_DR_GRADE, len(probabilities)) if referable else range(REFERABLE_DR_GRADE)
+    else:
+        present = 1.0 - probabilities[0] >= assessment.threshold(condition)
+        allowed = range(1, len(probabilities)) if present else range(1)
+    return max(allowed, key=lambda grade: probabilities[grade])
+
+
+def _apply_assessment(result: ModelImageResult, assessment: Assessment, probabilities: dict[str, list[float]]) -> None:
+    """Findings, lesion presence and audit answers of one image's complete assessment."""
+    result.findings = []
+    for question in assessment.questions():
+        scores = probabilities[question.key]
+        condition = question.condition
+        if condition is not None:
+            grade = decide_grade(condition, scores, assessment)
+            result.findings.append(Finding(
+                condition=condition, grade=grade, probability=min(1.0, max(0.0, 1.0 - scores[0])),
+                grade_probabilities=scores, source=Source.MODEL,
+            ))
+        else:
+            key = question.lesion or ""
+            result.lesion_presence[key] = scores[1]
+            grade = int(scores[1] >= assessment.threshold(f"lesion:{key}"))
+        result.answers.append(ModelAnswer(task=question.key, question=question.question,
+                                          answer=question.answers[grade], parsed=True))
 
 
 def _derived_findings(findings: list[Finding]) -> list[Finding]:

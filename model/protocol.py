@@ -204,6 +204,94 @@ def feature_unit(key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# complete assessment: one likelihood-scored question per condition and per lesion type
+
+CONDITION_QUESTIONS: tuple[str, ...] = (
+    "Does this fundus photograph show {name}?",
+    "Is there evidence of {name} in this image?",
+    "Grade {name} in this image.",
+    "What is the {name} status of this eye?",
+)
+"""Single-condition questions (``{name}`` = the condition's name in lower case), the inference question first;
+answered with the condition's canonical disease line (:func:`render_condition_line`)."""
+
+LESION_PLURALS: dict[LesionType, str] = {
+    LesionType.MICROANEURYSM: "microaneurysms",
+    LesionType.HAEMORRHAGE: "haemorrhages",
+    LesionType.HARD_EXUDATE: "hard exudates",
+    LesionType.SOFT_EXUDATE: "soft exudates",
+    LesionType.NEOVASCULARISATION: "neovascularisation",
+    LesionType.DRUSEN: "drusen",
+}
+
+LESION_QUESTIONS: tuple[str, ...] = (
+    "Are there any {name} in this image?",
+    "Can you see {name} in this fundus photograph?",
+    "Does this retina show {name}?",
+)
+"""Lesion-presence questions (``{name}`` from :data:`LESION_PLURALS`), the inference question first."""
+
+ANY_LESION_QUESTIONS: tuple[str, ...] = (
+    "Are there any lesions in this image?",
+    "Does this fundus photograph show any retinal lesions?",
+)
+
+YES, NO = "Yes.", "No."
+ANY_LESION = "any"
+"""Key of the "any lesion" presence question (beside the :class:`LesionType` values)."""
+
+
+@dataclass(frozen=True)
+class AssessmentQuestion:
+    """One question of the complete assessment: ``key`` is ``condition:<Condition>`` or ``lesion:<LesionType|any>``;
+    ``questions`` the inference question first, then paraphrases; ``answers[k]`` the canonical answer meaning
+    grade k (conditions: "<Name>: grade k." / "absent." / "present."; lesions: "No." = 0, "Yes." = 1). The model's
+    probability of each answer is the softmax over the answers of their likelihoods after the question."""
+
+    key: str
+    questions: tuple[str, ...]
+    answers: tuple[str, ...]
+
+    @property
+    def question(self) -> str:
+        return self.questions[0]
+
+    @property
+    def condition(self) -> Condition | None:
+        kind, _, value = self.key.partition(":")
+        return Condition(value) if kind == "condition" else None
+
+    @property
+    def lesion(self) -> str | None:
+        kind, _, value = self.key.partition(":")
+        return value if kind == "lesion" else None
+
+
+def condition_question(condition: Condition) -> AssessmentQuestion:
+    """The assessment question of a disease condition (:data:`DISEASE_CONDITIONS`)."""
+    if condition not in DISEASE_CONDITIONS:
+        raise ValueError(f"{condition} is not assessed by a question (derived or unknown)")
+    name = CONDITION_NAMES[condition].lower()
+    return AssessmentQuestion(
+        key=f"condition:{condition.value}",
+        questions=tuple(q.format(name=name) for q in CONDITION_QUESTIONS),
+        answers=tuple(render_condition_line(condition, g) for g in range(max_grade(condition) + 1)),
+    )
+
+
+def lesion_question(kind: LesionType | str) -> AssessmentQuestion:
+    """The presence question of a lesion type, or of any lesion (``kind`` = :data:`ANY_LESION`)."""
+    if kind == ANY_LESION:
+        return AssessmentQuestion(key=f"lesion:{ANY_LESION}", questions=ANY_LESION_QUESTIONS, answers=(NO, YES))
+    lesion = LesionType(kind)
+    return AssessmentQuestion(
+        key=f"lesion:{lesion.value}",
+        questions=tuple(q.format(name=LESION_PLURALS[lesion]) for q in LESION_QUESTIONS),
+        answers=(NO, YES),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # typed labels
 
 

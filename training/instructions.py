@@ -28,28 +28,6 @@ from model.protocol import ImageLabels, Task
 from model.schema import Condition, LandmarkType, LesionType, QualityGrade
 from training.records import Record
 
-YES, NO = "Yes.", "No."
-
-CONDITION_QUESTIONS: tuple[str, ...] = (
-    "Does this fundus photograph show {name}?",
-    "Is there evidence of {name} in this image?",
-    "Grade {name} in this image.",
-    "What is the {name} status of this eye?",
-)
-"""Single-condition questions; answered with the condition's canonical disease line."""
-
-LESION_QUESTIONS: tuple[str, ...] = (
-    "Are there any {name} in this image?",
-    "Can you see {name} in this fundus photograph?",
-    "Does this retina show {name}?",
-)
-"""Lesion-presence questions; answered "Yes." or "No." (scored by likelihood in evaluation)."""
-
-ANY_LESION_QUESTIONS: tuple[str, ...] = (
-    "Are there any lesions in this image?",
-    "Does this fundus photograph show any retinal lesions?",
-)
-
 CAPTION_QUESTIONS: tuple[str, ...] = (
     "Describe this image briefly.",
     "Give a short description of this fundus photograph.",
@@ -57,15 +35,6 @@ CAPTION_QUESTIONS: tuple[str, ...] = (
     "What does this image show?",
 )
 """Stage-1 alignment prompts; the caption is the modality sentence followed by the disease lines."""
-
-LESION_PLURALS: dict[LesionType, str] = {
-    LesionType.MICROANEURYSM: "microaneurysms",
-    LesionType.HAEMORRHAGE: "haemorrhages",
-    LesionType.HARD_EXUDATE: "hard exudates",
-    LesionType.SOFT_EXUDATE: "soft exudates",
-    LesionType.NEOVASCULARISATION: "neovascularisation",
-    LesionType.DRUSEN: "drusen",
-}
 
 VASCULAR_ANSWER_FEATURES: tuple[str, ...] = (
     "Fractal_dimension",
@@ -90,6 +59,10 @@ class BuildOptions:
     feature_repeats: int = 1
     """Conversations per image with measured features (each with its own questions)."""
     vascular_features: tuple[str, ...] = VASCULAR_ANSWER_FEATURES
+    assessment: bool = False
+    """Conversations for a model trained for the complete assessment (training.assessment): no disease answer,
+    no single-condition or lesion-presence turns — those questions are learnt, with partial labels masked, by the
+    assessment stage — only modality and quality, vascular measures and lesion boxes."""
 
 
 def _area(box: Sequence[float]) -> float:
@@ -100,7 +73,8 @@ def hidden_description(record: Record, features: Mapping[str, float] | None = No
                        quality: QualityGrade | None = None, options: BuildOptions = BuildOptions()) -> ImageLabels:
     """The labels a conversation about ``record`` may state (never more than the record and the measured
     features say)."""
-    findings = {c: g for c, g in record.grades.items() if c in protocol.DISEASE_CONDITIONS}
+    findings = {} if options.assessment else {
+        c: g for c, g in record.grades.items() if c in protocol.DISEASE_CONDITIONS}
     measurements = {k: float(v) for k, v in (features or {}).items() if k in options.vascular_features}
     lesions: tuple[tuple[LesionType, tuple[float, float, float, float]], ...] | None = None
     lesion_boxes = [b for b in record.boxes if isinstance(b.label, LesionType)]
@@ -136,15 +110,18 @@ def conversation_turns(record: Record, labels: ImageLabels, options: BuildOption
     protocol_turns = [Turn(task.value, rng.choice(protocol.QUESTIONS[task]), protocol.render_answer(task, labels))
                       for task in labels.tasks()]
     extra: list[Turn] = []
+    if options.assessment:
+        rng.shuffle(protocol_turns)
+        return protocol_turns
     for condition, grade in labels.findings.items():
         name = protocol.CONDITION_NAMES[condition].lower()
-        extra.append(Turn(f"condition:{condition.value}", rng.choice(CONDITION_QUESTIONS).format(name=name),
+        extra.append(Turn(f"condition:{condition.value}", rng.choice(protocol.CONDITION_QUESTIONS).format(name=name),
                           protocol.render_condition_line(condition, grade)))
     for kind, present in record.lesions.items():
-        extra.append(Turn(f"lesion:{kind.value}", rng.choice(LESION_QUESTIONS).format(name=LESION_PLURALS[kind]),
-                          YES if present else NO))
+        extra.append(Turn(f"lesion:{kind.value}", rng.choice(protocol.LESION_QUESTIONS).format(name=protocol.LESION_PLURALS[kind]),
+                          protocol.YES if present else protocol.NO))
     if record.lesions:
-        extra.append(Turn("lesion:any", rng.choice(ANY_LESION_QUESTIONS), YES if record.any_lesion() else NO))
+        extra.append(Turn("lesion:any", rng.choice(protocol.ANY_LESION_QUESTIONS), protocol.YES if record.any_lesion() else protocol.NO))
     rng.shuffle(extra)
     wanted = rng.randint(options.min_turns, options.max_turns)
     turns = (protocol_turns + extra[: max(0, wanted - len(protocol_turns))])[: max(options.max_turns, len(protocol_turns))]
@@ -178,7 +155,7 @@ def parse_turn(kind: str, answer: str) -> Any:
     if kind.startswith("condition:"):
         return protocol.parse_answer(Task.DISEASE_GRADE, answer)
     if kind.startswith("lesion:"):
-        return {YES: True, NO: False}.get(answer.strip())
+        return {protocol.YES: True, protocol.NO: False}.get(answer.strip())
     return protocol.parse_answer(Task(kind), answer)
 
 
