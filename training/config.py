@@ -45,6 +45,11 @@ class DataSection(_Section):
     max_records_per_dataset: int | None = Field(default=None, ge=1)
     max_boxes_per_type: int = Field(default=4, ge=1, description="lesion boxes per type in a lesion answer")
     max_turns: int = Field(default=6, ge=3, le=6)
+    validation_fraction: float = Field(
+        default=0.15, ge=0.0, lt=1.0,
+        description="share of each dataset's train split (by patient, else photograph) held out for the best-epoch "
+        "choice, calibration and operating points (training.splits)",
+    )
     llm: LlmSection | None = None
     seed: int = 0
 
@@ -52,6 +57,11 @@ class DataSection(_Section):
 class ModelSection(_Section):
     preset: str = "tiny"
     init: Path | None = Field(default=None, description="start from this model directory instead of a preset")
+    language_init: Path | None = Field(
+        default=None,
+        description="take the language model, tokenizer and conversation template from this model directory (the "
+        "preset's tower and projector stay new)",
+    )
     name: str = "retinalgpt"
     version: str = "0"
 
@@ -64,6 +74,42 @@ class VisionStage(_Section):
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
+
+
+class TowerSection(_Section):
+    """Fine-tuning of an ImageNet-initialised EfficientNet-Lite tower (training.tower); presets with that tower."""
+
+    enabled: bool = True
+    pretrained: Literal["imagenet", "none"] = "imagenet"
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    head_learning_rate: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    freeze_blocks: int = Field(default=8, ge=0, description="leading MBConv blocks kept at their ImageNet weights")
+    views: int = Field(default=6, ge=1, description="augmented views per image computed once (view 0 unaugmented)")
+    label_smoothing: float = Field(default=0.05, ge=0, lt=1)
+
+
+class AssessmentSection(_Section):
+    """The assessment stage (training.assessment), then calibration and operating points on the validation split."""
+
+    enabled: bool = True
+    epochs: float = Field(default=6.0, gt=0)
+    batch_size: int = Field(default=16, ge=1, description="images per step (each brings its labelled questions)")
+    learning_rate: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, le=1)
+    generative_weight: float = Field(default=0.2, ge=0, description="weight of the answers' next-token loss")
+    paraphrase_rate: float = Field(default=0.5, ge=0, le=1)
+    conversations_per_step: int = Field(
+        default=4, ge=0, description="protocol conversations (modality and quality, lesion boxes) mixed into each step")
+    lesions: list[str] = Field(default_factory=lambda: ["haemorrhage", "hard_exudate", "any"])
+    min_labelled: int = Field(default=50, ge=1, description="train images a condition needs to be assessed")
+    calibrate: bool = True
+    referable_sensitivity: float = Field(
+        default=0.9, gt=0, lt=1,
+        description="the referable-DR operating point: the highest threshold whose validation sensitivity reaches this")
 
 
 class LanguageStage(_Section):
@@ -102,6 +148,8 @@ class TrainConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     vision: VisionStage = Field(default_factory=VisionStage)
+    tower: TowerSection = Field(default_factory=TowerSection)
+    assessment: AssessmentSection = Field(default_factory=AssessmentSection)
     stage1: LanguageStage = Field(default_factory=lambda: LanguageStage(epochs=1, learning_rate=1e-3))
     stage2: LanguageStage = Field(default_factory=lambda: LanguageStage(epochs=3, learning_rate=5e-4))
     run: RunSection = Field(default_factory=RunSection)
@@ -131,5 +179,6 @@ def load_config(path: Path) -> TrainConfig:
     config.data.general = _resolve(config.data.general, base)
     config.data.features_cache = _resolve(config.data.features_cache, base)
     config.model.init = _resolve(config.model.init, base)
+    config.model.language_init = _resolve(config.model.language_init, base)
     config.run.output = _resolve(config.run.output, base)  # type: ignore[assignment]
     return config

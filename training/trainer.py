@@ -212,6 +212,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self) -> Path:
+        from model.presets import preset
+
+        if self.config.model.init is None and preset(self.config.model.preset).tower == "efficientnet_lite":
+            return self.run_assessment_recipe()
         config = self.config
         started = time.time()
         records = load_records(config)
@@ -265,6 +269,227 @@ class Trainer:
         shutil.copy(self.output / "loss_curves.png", model_dir / "loss_curves.png")
         write_model_card(model_dir, self.command)
         return model_dir
+
+    # ------------------------------------------------------------------------------------------------ pretrained tower
+    def build_assessment_model(self) -> tuple[Any, Any, ModelMetadata]:
+        """The preset with a new tower and projector; language model, tokenizer and template from
+        ``model.language_init`` when given."""
+        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+        from model.presets import build_model
+
+        init = self.config.model.language_init
+        if init is None:
+            return build_model(self.config.model.preset, seed=self.config.run.seed)
+        tokenizer = AutoTokenizer.from_pretrained(init)
+        model, tokenizer, metadata = build_model(self.config.model.preset, seed=self.config.run.seed, tokenizer=tokenizer)
+        source = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32).state_dict()
+        own = model.state_dict()
+        language = {k: v for k, v in source.items()
+                    if k.startswith(("model.language_model.", "lm_head.")) and k in own and own[k].shape == v.shape}
+        missing = [k for k in own if k.startswith(("model.language_model.", "lm_head.")) and k not in language]
+        if missing:
+            raise ValueError(f"{init}: its language model does not fit preset {self.config.model.preset} ({missing[0]})")
+        model.load_state_dict(language, strict=False)
+        metadata.template = read_metadata(init).template
+        return model, tokenizer, metadata
+
+    def run_assessment_recipe(self) -> Path:
+        """tower (training.tower) → assessment (training.assessment) → calibration (training.calibration)."""
+        from model.vision.efficientnet_lite import imagenet_weights_file, load_imagenet_state_dict
+        from model.vision.preprocess import fov_square
+        from training.splits import VALIDATION, carve_validation, unique_images
+        from training.tower import TowerParts, TowerStageOptions, TowerViews, fine_tune_tower, precompute_views
+
+        config = self.config
+        started = time.time()
+        pool = [r for r in load_records(config) if r.split == "train" and not r.evaluation_only]
+        records = carve_validation(unique_images(pool), config.data.validation_fraction, config.data.seed)
+        train = [r for r in records if r.split == "train"]
+        validation = [r for r in records if r.split == VALIDATION]
+        log.info("%d train and %d validation photographs", len(train), len(validation))
+        model, tokenizer, metadata = self.build_assessment_model()
+        tower = model.model.vision_tower
+        size = metadata.image.size
+        cache = self.output / "cache" / "pixels"
+        train_pixels = cached_pixels(train, size, cache, preprocess=lambda rgb: fov_square(rgb, size), tag="fov_square")
+        val_pixels = cached_pixels(validation, size, cache, preprocess=lambda rgb: fov_square(rgb, size),
+                                   tag="fov_square")
+        section = config.tower
+        if section.pretrained == "imagenet":
+            load_imagenet_state_dict(tower, torch.load(imagenet_weights_file(tower.config.variant), map_location="cpu"))
+        options = TowerStageOptions(
+            epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
+            head_learning_rate=section.head_learning_rate, weight_decay=section.weight_decay,
+            freeze_blocks=section.freeze_blocks, views=section.views, label_smoothing=section.label_smoothing,
+            seed=config.run.seed)
+        tower_started = time.time()
+        saved = self.output / "tower.pt"
+        history_file = self.output / "tower_validation.json"
+        if saved.is_file():  # a re-run continues after a finished tower stage
+            tower.load_state_dict(torch.load(saved, map_location="cpu"))
+            parts = TowerParts(tower, options.freeze_blocks)
+            views = TowerViews(parts, precompute_views(parts, train_pixels, options.views, options.seed),
+                               precompute_views(parts, val_pixels, 1, options.seed)[0])
+            history = json.loads(history_file.read_text())
+            log.info("tower stage already done (%s); continuing with the assessment stage", saved)
+        else:
+            losses, history, views = fine_tune_tower(
+                tower, train_pixels, label_matrix(train), val_pixels, label_matrix(validation), options,
+                on_step=lambda step, total, loss: self._report("tower", step, total, loss),
+                on_epoch=lambda epoch, aucs: log.info("tower epoch %d validation AUC %s", epoch,
+                                                      {k: round(v, 3) for k, v in aucs.items()}))
+            self.state.losses["tower"] = losses
+            self.state.seconds["tower"] = round(time.time() - tower_started, 1)
+            history_file.write_text(json.dumps(history, indent=2) + "\n")
+            torch.save(tower.state_dict(), saved)
+        train_tokens = torch.stack([views.tokens(views.train[v]) for v in range(options.views)])
+        del views.train
+        assessment = self.assessment_stage(model, tokenizer, metadata, train, train_tokens)
+        metadata.assessment = assessment
+        if config.assessment.calibrate:
+            self.calibrate(model, tokenizer, metadata, validation)
+        self.plot_losses()
+        metadata.name = config.model.name
+        metadata.version = config.model.version
+        metadata.answer_format = "canonical"
+        metadata.provenance = {
+            "source": f"retinalgpt train (preset {config.model.preset}, ImageNet EfficientNet-Lite tower)",
+            "recipe": json.loads(config.model_dump_json()),
+            "data": {"train_images": len(train), "validation_images": len(validation),
+                     "per_dataset": dict(Counter(r.dataset for r in train))},
+            "data_manifests_sha256": manifest_hashes(config),
+            "tower_validation_auc": history,
+            "stage_seconds": self.state.seconds,
+            "final_losses": {k: float(np.mean(v[-20:])) for k, v in self.state.losses.items() if v},
+            "wall_seconds": round(time.time() - started, 1),
+            "command": self.command,
+        }
+        model_dir = self.output / "model"
+        model.eval()
+        save_model_dir(model_dir, model, tokenizer, metadata, dtype=config.run.save_dtype)
+        shutil.copy(self.output / "loss_curves.png", model_dir / "loss_curves.png")
+        write_model_card(model_dir, self.command)
+        return model_dir
+
+    def assessment_stage(self, model: Any, tokenizer: Any, metadata: ModelMetadata, train: Sequence[Record],
+                         tokens: torch.Tensor) -> Any:
+        """Train projector + language model on the assessment questions (and protocol conversations); returns the
+        :class:`~model.checkpoint.Assessment` the model was trained for. ``tokens``: views × images × T × D."""
+        from model import protocol
+        from model.checkpoint import Assessment
+        from model.engine import RetinalGPTEngine
+        from training.assessment import (allowed_answers, answer_log_likelihoods, assessment_loss,
+                                         encode_questions, make_batch, question_weights)
+
+        section = self.config.assessment
+        candidates = Assessment(conditions=list(protocol.DISEASE_CONDITIONS), lesions=section.lesions).questions()
+        labelled = [q for q in candidates if sum(allowed_answers(r, q) is not None for r in train) >= section.min_labelled]
+        assessment = Assessment(conditions=[q.condition for q in labelled if q.condition is not None],
+                                lesions=[q.lesion for q in labelled if q.lesion is not None])
+        questions = assessment.questions()
+        log.info("assessment questions: %s", [q.key for q in questions])
+        engine = RetinalGPTEngine.from_model(model, tokenizer, metadata)
+        sep = tokenizer.convert_tokens_to_ids(engine.template.sep)
+        encoded = encode_questions(questions, lambda q: engine.encode(engine.template.prompt(q)),
+                                   lambda a: engine._continuation(" ", a), sep)
+        targets = [{i: a for i, q in enumerate(questions) if (a := allowed_answers(r, q)) is not None} for r in train]
+        weights = question_weights(targets, len(questions))
+        conversations = self._protocol_conversations(train, tokenizer, metadata, model)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        trainable = [*model.model.multi_modal_projector.parameters(), *model.model.language_model.parameters(),
+                     *model.lm_head.parameters()]
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(trainable, lr=section.learning_rate, weight_decay=section.weight_decay)
+        usable = [i for i, t in enumerate(targets) if t]
+        total = max(1, int(math.ceil(len(usable) * section.epochs / section.batch_size)))
+        warmup = max(1, int(total * section.warmup_fraction))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
+        rng = random.Random(self.config.run.seed)
+        generator = torch.Generator().manual_seed(self.config.run.seed)
+        model.train()
+        model.model.vision_tower.eval()
+        losses = self.state.losses.setdefault("assessment", [])
+        started = time.time()
+        order: list[int] = []
+        pad = tokenizer.pad_token_id
+        for step in range(1, total + 1):
+            if len(order) < section.batch_size:
+                order += rng.sample(usable, len(usable))
+            chosen, order = order[:section.batch_size], order[section.batch_size:]
+            view = torch.randint(0, tokens.shape[0], (len(chosen),), generator=generator)
+            image_tokens = tokens[view, torch.tensor(chosen)].float()
+            batch = make_batch(chosen, targets, encoded, weights, rng, section.paraphrase_rate)
+            scores, full, counts = answer_log_likelihoods(model, image_tokens, batch, encoded,
+                                                          model.config.image_token_index, pad)
+            loss = assessment_loss(scores, full, counts, batch, section.generative_weight)
+            if conversations and section.conversations_per_step:
+                picked = rng.sample(conversations, min(section.conversations_per_step, len(conversations)))
+                tensors = collate([Example(e.input_ids, e.labels, k) for k, e in enumerate(picked)], pad)
+                conv_view = torch.randint(0, tokens.shape[0], (len(picked),), generator=generator)
+                features = tokens[conv_view, torch.tensor([e.image_index for e in picked])].float()
+                loss = loss + llava_loss(model, tensors, features)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            self._report("assessment", step, total, losses[-1])
+        model.eval()
+        self.state.seconds["assessment"] = round(time.time() - started, 1)
+        return assessment
+
+    def _protocol_conversations(self, train: Sequence[Record], tokenizer: Any, metadata: ModelMetadata,
+                                model: Any) -> list[Example]:
+        """Modality/quality and lesion-box conversations (no disease turns) of the train images, tokenised; each
+        example's ``image_index`` is the image's position in ``train``."""
+        options = inst.BuildOptions(seed=self.config.data.seed, max_boxes_per_type=self.config.data.max_boxes_per_type,
+                                    max_turns=self.config.data.max_turns, assessment=True)
+        built = inst.build(train, options, image_path=lambda r: r.key)
+        position = {r.key: i for i, r in enumerate(train)}
+        template = metadata.conversation()
+        return [tokenize(item, position[item["image"]], tokenizer, template, model.config.image_token_index,
+                         metadata.image.image_tokens, self.config.stage2.max_length) for item in built.instructions]
+
+    def calibrate(self, model: Any, tokenizer: Any, metadata: ModelMetadata, validation: Sequence[Record]) -> None:
+        """Fit each question's calibration and the referable-DR operating point on the validation split, through
+        the engine exactly as inference runs (framing from the original files)."""
+        from model import protocol
+        from model.engine import EngineOptions, RetinalGPTEngine
+        from model.schema import Condition
+        from training.assessment import allowed_answers
+        from training.calibration import fit_calibration, sensitivity_threshold
+        from training.images import load_rgb
+
+        assessment = metadata.assessment
+        assert assessment is not None
+        engine = RetinalGPTEngine.from_model(model.eval(), tokenizer, metadata, EngineOptions(device="cpu"))
+        raw: list[dict[str, list[float]]] = []
+        for start in range(0, len(validation), 16):
+            images = [load_rgb(r.image) for r in validation[start:start + 16]]
+            raw += engine.assessment_log_likelihoods(engine.image_features(images))
+        for question in assessment.questions():
+            rows = [(scores[question.key], a) for scores, r in zip(raw, validation, strict=True)
+                    if (a := allowed_answers(r, question)) is not None]
+            if rows:
+                assessment.calibration[question.key] = fit_calibration([v for v, _ in rows], [a for _, a in rows])
+        dr = protocol.condition_question(Condition.DIABETIC_RETINOPATHY)
+        if raw and dr.key in raw[0]:
+            labels, probabilities = [], []
+            for scores, record in zip(raw, validation, strict=True):
+                referable = record.grades.get(Condition.REFERABLE_DIABETIC_RETINOPATHY)
+                if referable is None:
+                    continue
+                p = assessment.calibration_for(dr.key).apply(scores[dr.key])
+                labels.append(int(referable))
+                probabilities.append(sum(p[2:]))
+            assessment.thresholds[Condition.REFERABLE_DIABETIC_RETINOPATHY.value] = sensitivity_threshold(
+                labels, probabilities, self.config.assessment.referable_sensitivity)
+        (self.output / "calibration.json").write_text(assessment.model_dump_json(indent=2) + "\n")
 
     def general_mix(self, n_domain: int) -> list[dict]:
         """General-domain conversations, ``general_fraction`` of the stage-2 mix (images must be readable)."""
@@ -454,7 +679,7 @@ class Trainer:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        stages = [s for s in ("vision", "stage1", "stage2") if self.state.losses.get(s)]
+        stages = [s for s in ("vision", "tower", "stage1", "stage2", "assessment") if self.state.losses.get(s)]
         figure, axes = plt.subplots(1, max(1, len(stages)), figsize=(4 * max(1, len(stages)), 3), squeeze=False)
         for axis, stage in zip(axes[0], stages, strict=False):
             values = np.asarray(self.state.losses[stage])

@@ -1,0 +1,50 @@
+"""Calibration fitting, expected calibration error and the referable-DR operating point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.calibration import expected_calibration_error, fit_calibration, reliability, sensitivity_threshold
+
+
+def test_fit_recovers_temperature_and_bias() -> None:
+    rng = np.random.default_rng(0)
+    margin = rng.normal(0.0, 4.0, 4000)
+    # true P(yes) = sigmoid(margin / 2 - 0.7): temperature 2, bias +0.7 on "no"
+    labels = rng.random(4000) < 1 / (1 + np.exp(-(margin / 2.0 - 0.7)))
+    fitted = fit_calibration([[0.0, m] for m in margin], [frozenset({int(y)}) for y in labels])
+    assert fitted.temperature == pytest.approx(2.0, rel=0.1)
+    assert fitted.bias == pytest.approx(0.7, abs=0.15)
+    assert fitted.fitted_on == 4000
+
+
+def test_fit_stays_finite_on_a_separable_handful() -> None:
+    fitted = fit_calibration([[0.0, -5.0], [0.0, -6.0], [-5.0, 0.0]],
+                             [frozenset({0}), frozenset({0}), frozenset({1})])
+    assert 0.05 < fitted.temperature < 20 and abs(fitted.bias) < 5
+
+
+def test_range_labels_use_the_probability_of_the_range() -> None:
+    # grade in {1, 2, 3} never says which: only P(grade 0) is identified
+    rng = np.random.default_rng(1)
+    scores = [list(rng.normal(0, 1, 4)) for _ in range(300)]
+    fitted = fit_calibration(scores, [frozenset({1, 2, 3})] * 300)
+    assert fitted.apply(scores[0])[0] < 0.1  # all present: P(grade 0) pushed down
+
+
+def test_expected_calibration_error() -> None:
+    assert expected_calibration_error([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.0)
+    assert expected_calibration_error([0, 0, 0, 0], [0.9, 0.9, 0.9, 0.9]) == pytest.approx(0.9)
+    points = reliability([0, 1, 1, 1], [0.05, 0.95, 0.95, 0.95])
+    assert [(p["bin"], p["observed"], p["n"]) for p in points] == [(0, 0.0, 1), (9, 1.0, 3)]
+
+
+def test_sensitivity_threshold_is_the_highest_that_keeps_the_target() -> None:
+    labels = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+    scores = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.65]
+    threshold = sensitivity_threshold(labels, scores, 0.9)
+    assert threshold == pytest.approx(0.3)
+    caught = sum(1 for y, s in zip(labels, scores) if y and s >= threshold)
+    assert caught == 9
+    assert sensitivity_threshold([1, 1], [0.2, 0.3], 0.9, fallback=0.42) == 0.42

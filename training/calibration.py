@@ -1,0 +1,90 @@
+"""Fitting the post-hoc calibration and the operating points of an assessment model on its validation split.
+
+Calibration (:class:`model.checkpoint.Calibration`): per question, a temperature T and a bias b on the first answer
+(grade 0 / "No."), P(k) = softmax_k(ℓ_k / T + b·[k = 0]), fitted by maximum likelihood of the *admitted* answers —
+for partial labels (a grade range) the probability of the range, as in training — with T constrained positive.
+For yes/no questions this is Platt scaling; for graded ones temperature scaling with a shift of P(grade 0).
+A weak Gaussian prior on log T (σ = 1) and b (σ = 2) keeps the fit finite when a small validation split separates
+perfectly (maximum a posteriori; with hundreds of images it is negligible).
+
+Reliability: expected calibration error (ECE, Naeini et al. AAAI 2015; Guo et al. ICML 2017) of P(present) with
+ten equal-width bins, Σ_b (n_b / n)·|mean label_b − mean P_b|.
+
+Operating point of referable DR: the highest threshold on calibrated P(DR grade ≥ 2) whose validation sensitivity
+reaches the recipe's target (screening programmes favour sensitivity), so that specificity is as high as it can be
+at that sensitivity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from model.checkpoint import Calibration
+
+
+def fit_calibration(log_likelihoods: Sequence[Sequence[float]], allowed: Sequence[frozenset[int]],
+                    max_iterations: int = 200) -> Calibration:
+    """Temperature and first-answer bias maximising Σ log P(allowed answers) over the validation images."""
+    if not log_likelihoods:
+        return Calibration()
+    width = len(log_likelihoods[0])
+    scores = torch.tensor([list(v) for v in log_likelihoods], dtype=torch.float64)
+    mask = torch.tensor([[k in a for k in range(width)] for a in allowed], dtype=torch.bool)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    first = torch.zeros(width, dtype=torch.float64)
+    first[0] = 1.0
+    optimizer = torch.optim.LBFGS([log_t, bias], max_iter=max_iterations, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = scores / torch.exp(log_t) + bias * first
+        loss = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~mask, float("-inf")), 1)).mean()
+        loss = loss + (0.5 * log_t**2 + 0.125 * bias**2) / len(log_likelihoods)
+        loss.backward()
+        return loss
+
+    optimizer.step(nll)
+    temperature = float(torch.exp(log_t.detach()))
+    return Calibration(temperature=temperature, bias=float(bias.detach()), fitted_on=len(log_likelihoods))
+
+
+def expected_calibration_error(labels: Sequence[int], probabilities: Sequence[float], bins: int = 10) -> float:
+    """ECE of binary ``labels`` against ``probabilities`` with ``bins`` equal-width bins; NaN without data."""
+    y = np.asarray(labels, dtype=float)
+    p = np.asarray(probabilities, dtype=float)
+    if y.size == 0:
+        return float("nan")
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        chosen = index == b
+        if chosen.any():
+            total += chosen.mean() * abs(y[chosen].mean() - p[chosen].mean())
+    return float(total)
+
+
+def reliability(labels: Sequence[int], probabilities: Sequence[float], bins: int = 10) -> list[dict[str, float]]:
+    """Per non-empty bin: mean probability, observed frequency and count (a reliability diagram's points)."""
+    y = np.asarray(labels, dtype=float)
+    p = np.asarray(probabilities, dtype=float)
+    index = np.minimum((p * bins).astype(int), bins - 1)
+    return [{"bin": b, "predicted": float(p[index == b].mean()), "observed": float(y[index == b].mean()),
+             "n": int((index == b).sum())} for b in range(bins) if (index == b).any()]
+
+
+def sensitivity_threshold(labels: Sequence[int], probabilities: Sequence[float], sensitivity: float,
+                          fallback: float = 0.5) -> float:
+    """The highest threshold t with sensitivity(P ≥ t) ≥ ``sensitivity`` (``fallback`` without positives and
+    negatives), kept strictly inside (0, 1)."""
+    y = np.asarray(labels, dtype=bool)
+    p = np.asarray(probabilities, dtype=float)
+    if not y.any() or y.all():
+        return fallback
+    positives = np.sort(p[y])[::-1]
+    needed = int(np.ceil(sensitivity * positives.size))
+    threshold = float(positives[needed - 1])
+    return float(min(max(threshold, 1e-4), 1 - 1e-4))
