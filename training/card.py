@@ -8,14 +8,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from model.checkpoint import checkpoint_sha256, device_uid, read_metadata
+from model import protocol
+from model.checkpoint import Assessment, checkpoint_sha256, device_uid, read_metadata
 
 CARD_FILE = "MODEL_CARD.md"
 METRICS_FILE = "metrics.json"
 
 INTENDED_USE = (
     "Research and integration testing of the RetinalGPT worker: a CPU-sized model that exercises the whole "
-    "protocol (modality and quality, disease grades with likelihood-scored probabilities, vascular measures, "
+    "protocol (modality and quality, calibrated probabilities for every trained condition, vascular measures, "
     "lesion boxes) on colour fundus photographs. **Not for clinical use**: it is not a medical device, was "
     "trained on small public research datasets and has not been validated on any clinical population."
 )
@@ -31,7 +32,23 @@ def metrics_table(report: dict[str, Any]) -> list[str]:
     lines = ["| dataset | task | metric | value | n |", "|---|---|---|---|---|"]
     for name, result in report.get("datasets", {}).items():
         for task, auc in result.get("auc", {}).items():
-            lines.append(f"| {name} | {task} | ROC AUC | {_fmt(auc['auc'])} | {auc['n']} ({auc['positives']} positive) |")
+            ci = auc.get("ci95")
+            interval = f" ({_fmt(ci[0])}–{_fmt(ci[1])})" if ci else ""
+            lines.append(f"| {name} | {task} | ROC AUC (95 % CI) | {_fmt(auc['auc'])}{interval} | "
+                         f"{auc['n']} ({auc['positives']} positive) |")
+            if "ece" in auc:
+                lines.append(f"| {name} | {task} | expected calibration error | {_fmt(auc['ece'])} | {auc['n']} |")
+        if "referable_operating_point" in result:
+            op = result["referable_operating_point"]
+            for what in ("sensitivity", "specificity"):
+                low, high = op[f"{what}_ci"]
+                lines.append(f"| {name} | referable DR at P ≥ {op['threshold']:.3f} | {what} (95 % CI) | "
+                             f"{_fmt(op[what])} ({_fmt(low)}–{_fmt(high)}) | "
+                             f"{op['tp'] + op['fn'] if what == 'sensitivity' else op['tn'] + op['fp']} |")
+        if "complete_assessment" in result:
+            done = result["complete_assessment"]
+            lines.append(f"| {name} | every trained condition reported | images | "
+                         f"{done['complete']} of {done['images']} | {done['images']} |")
         if "dr_grade" in result:
             dr = result["dr_grade"]
             lines.append(f"| {name} | DR grade | accuracy | {_fmt(dr['accuracy'])} | {dr['n']} |")
@@ -48,6 +65,34 @@ def metrics_table(report: dict[str, Any]) -> list[str]:
         if answers.get("n"):
             lines.append(f"| {name} | all answers | parse failure rate | {_fmt(answers['parse_failure_rate'])} | {answers['n']} |")
     return lines
+
+
+def assessment_section(assessment: Assessment) -> list[str]:
+    """What the model assesses, what it does not, its calibration and operating points, and what its numbers
+    mean."""
+    trained = [c.value for c in assessment.conditions]
+    missing = [c.value for c in protocol.DISEASE_CONDITIONS if c not in assessment.conditions]
+    lines = ["## Complete assessment", "",
+             "Every gradable image is asked every trained condition and lesion type on its own question; the "
+             "answers are scored by likelihood and calibrated (`retinalgpt.json` `assessment`).", "",
+             f"- assessed conditions: {', '.join(trained)} (and referable_diabetic_retinopathy = P(DR grade ≥ 2))",
+             f"- **not assessed** (no training labels; reported as \"not assessed\", never as absent): "
+             f"{', '.join(missing) or 'none'}",
+             f"- lesion presence questions: {', '.join(assessment.lesions) or 'none'}",
+             "- vascular and cup-to-disc numbers written by the language model are kept in analysis.json only for "
+             "the model-versus-measurement disagreement check; reports present the measurement pipeline's values.",
+             "", "| question | temperature | bias (first answer) | fitted on (validation images) | operating point |",
+             "|---|---|---|---|---|"]
+    for question in assessment.questions():
+        calibration = assessment.calibration_for(question.key)
+        key = question.key.partition(":")[2]
+        point = assessment.thresholds.get(key, 0.5)
+        if question.condition is not None and question.condition.value == "diabetic_retinopathy":
+            point = assessment.threshold("referable_diabetic_retinopathy")
+            key = "referable DR: P(grade ≥ 2)"
+        lines.append(f"| {question.key} | {calibration.temperature:.3f} | {calibration.bias:.3f} | "
+                     f"{calibration.fitted_on} | {key} ≥ {point:.3f} |")
+    return [*lines, ""]
 
 
 def write_model_card(model_dir: Path, command: str, report: dict[str, Any] | None = None,
@@ -77,6 +122,8 @@ def write_model_card(model_dir: Path, command: str, report: dict[str, Any] | Non
         "## Recipe", "", "```json", json.dumps(provenance.get("recipe", {}), indent=1), "```", "",
         f"Final training losses: {json.dumps(provenance.get('final_losses', {}))}", "",
     ]
+    if metadata.assessment is not None:
+        lines += assessment_section(metadata.assessment)
     if report is not None:
         (model_dir / METRICS_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
         lines += ["## Test-split metrics", "",

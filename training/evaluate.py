@@ -9,9 +9,16 @@ whole protocol). Probabilities come from the model's likelihood of each candidat
 * lesion presence per type: candidates " Yes." / " No." after a lesion-presence question;
 * any lesion: 1 − P(the lesion answer opens with "No lesions detected.") among the possible opening lines.
 
+For a model trained for the complete assessment (``retinalgpt.json`` ``assessment``) probabilities come from the
+production path itself — :meth:`model.engine.RetinalGPTEngine.analyze`, which asks every trained condition and
+lesion type its own question and applies the stored calibration: the findings' P(present) / P(grade) and the
+lesion-presence probabilities.
+
 Metrics (:mod:`training.metrics`): DR grade accuracy and quadratic-weighted kappa, ROC AUC of every binary label
-the dataset has, lesion box AP at IoU 0.5, answer-parse failure rate. Written as ``metrics.json``,
-``report.md``, ROC curves and confusion matrices (PNG).
+the dataset has with a bootstrap 95 % interval, expected calibration error, sensitivity and specificity of
+referable DR at the model's operating point (Wilson intervals), the share of images whose findings cover every
+trained condition, lesion box AP at IoU 0.5, answer-parse failure rate. Written as ``metrics.json``,
+``report.md``, ROC curves, reliability diagrams and confusion matrices (PNG).
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ from model import protocol
 from model.protocol import Task
 from model.schema import Condition, LandmarkType, LesionType, max_grade
 from training import metrics
+from training.calibration import expected_calibration_error, reliability
 from training.images import load_rgb
-from training.instructions import LESION_PLURALS, NO, YES
 from training.records import Record
 from training.tasks import TASKS_BY_NAME
 
@@ -49,7 +56,6 @@ LESION_TASKS: dict[str, LesionType | None] = {
     "any_lesion": None,
 }
 
-PRESENCE_QUESTION = "Are there any {name} in this image?"
 
 
 @dataclass
@@ -65,6 +71,8 @@ class ImageOutcome:
     model_measurements: dict[str, float] = field(default_factory=dict)
     measured: dict[str, float] = field(default_factory=dict)
     disc_centre: tuple[float, float] | None = None
+    complete: bool | None = None
+    """Assessment models: whether the findings cover every trained condition."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,8 @@ def _wanted(records: Sequence[Record]) -> tuple[list[str], list[str]]:
 def score_images(engine: Any, images: Sequence[np.ndarray], condition_tasks: Sequence[str],
                  lesion_tasks: Sequence[str], full: bool) -> list[ImageOutcome]:
     """Answers and likelihood scores for one batch of images."""
+    if engine.metadata.assessment is not None:
+        return assessed_images(engine, images, full)
     tasks = tuple(protocol.Task) if full else (Task.DISEASE_GRADE,)
     engine.options = type(engine.options)(**{**engine.options.__dict__, "tasks": tasks, "score_findings": False})
     results = engine.analyze(images)
@@ -135,10 +145,9 @@ def score_images(engine: Any, images: Sequence[np.ndarray], condition_tasks: Seq
         kind = LESION_TASKS[task]
         if kind is None:
             continue
-        text = PRESENCE_QUESTION.format(name=LESION_PLURALS[kind])
-        prompt = engine.encode(engine.template.prompt(text))
-        candidates = [engine.tokenizer(" " + YES, add_special_tokens=False).input_ids,
-                      engine.tokenizer(" " + NO, add_special_tokens=False).input_ids]
+        prompt = engine.encode(engine.template.prompt(protocol.lesion_question(kind).question))
+        candidates = [engine.tokenizer(" " + protocol.YES, add_special_tokens=False).input_ids,
+                      engine.tokenizer(" " + protocol.NO, add_special_tokens=False).input_ids]
         scores = engine.score_candidates([prompt] * len(images), features,
                                          [(i, candidates) for i in range(len(images))])
         for outcome, (p_yes, _) in zip(outcomes, scores, strict=True):
@@ -148,6 +157,38 @@ def score_images(engine: Any, images: Sequence[np.ndarray], condition_tasks: Seq
             probabilities = outcome.grade_probabilities[CONDITION_TASKS[task].value]
             threshold = 2 if task == "referable_diabetic_retinopathy" else 1
             outcome.scores[task] = float(sum(probabilities[threshold:]))
+    return outcomes
+
+
+def assessed_images(engine: Any, images: Sequence[np.ndarray], full: bool) -> list[ImageOutcome]:
+    """Outcomes of a complete-assessment model through :meth:`~model.engine.RetinalGPTEngine.analyze` (the whole
+    protocol for ``full`` images, else the assessment alone)."""
+    tasks = tuple(protocol.Task) if full else (Task.DISEASE_GRADE,)
+    engine.options = type(engine.options)(**{**engine.options.__dict__, "tasks": tasks})
+    trained = set(engine.metadata.assessment.conditions)
+    outcomes = []
+    for index, result in enumerate(engine.analyze(images)):
+        outcome = ImageOutcome(key=str(index))
+        outcome.answers = [(a.task, a.answer, a.parsed) for a in result.answers]
+        outcome.lesions = [(lesion.type.value, lesion.box) for lesion in result.lesions]
+        outcome.model_measurements = {m.key: m.value for m in result.measurements}
+        found = {f.condition: f for f in result.findings}
+        outcome.complete = trained <= set(found)
+        for finding in found.values():
+            if finding.grade is not None:
+                outcome.grades[finding.condition.value] = int(finding.grade)
+            if finding.grade_probabilities is not None:
+                outcome.grade_probabilities[finding.condition.value] = list(finding.grade_probabilities)
+        for task, condition in CONDITION_TASKS.items():
+            finding = found.get(Condition.REFERABLE_DIABETIC_RETINOPATHY if task == "referable_diabetic_retinopathy"
+                                else condition)
+            if finding is not None and finding.probability is not None:
+                outcome.scores[task] = float(finding.probability)
+        for task, kind in LESION_TASKS.items():
+            key = protocol.ANY_LESION if kind is None else kind.value
+            if key in result.lesion_presence:
+                outcome.scores[task] = float(result.lesion_presence[key])
+        outcomes.append(outcome)
     return outcomes
 
 
@@ -171,16 +212,25 @@ def measure(pipeline: Any, record: Record, outcome: ImageOutcome) -> None:
     outcome.disc_centre = tuple(disc.center) if disc is not None else None  # type: ignore[assignment]
 
 
-def dataset_metrics(records: Sequence[Record], outcomes: Sequence[ImageOutcome]) -> dict[str, Any]:
-    """Metrics of one dataset from its records and per-image outcomes (same order)."""
+def dataset_metrics(records: Sequence[Record], outcomes: Sequence[ImageOutcome],
+                    threshold: float | None = None) -> dict[str, Any]:
+    """Metrics of one dataset from its records and per-image outcomes (same order); ``threshold`` is the model's
+    referable-DR operating point (assessment models)."""
     out: dict[str, Any] = {"images": len(records)}
     for task in list(CONDITION_TASKS) + list(LESION_TASKS):
         pairs = [(TASKS_BY_NAME[task].label(r), o.scores.get(task)) for r, o in zip(records, outcomes, strict=True)]
         pairs = [(y, s) for y, s in pairs if y is not None and s is not None]
         if pairs and len({y for y, _ in pairs}) == 2:
             truth, scores = [y for y, _ in pairs], [s for _, s in pairs]
-            out.setdefault("auc", {})[task] = {"auc": metrics.roc_auc(truth, scores), "n": len(pairs),
-                                               "positives": int(sum(truth))}
+            low, high = metrics.bootstrap_auc_ci(truth, scores)
+            out.setdefault("auc", {})[task] = {"auc": metrics.roc_auc(truth, scores), "ci95": [low, high],
+                                               "n": len(pairs), "positives": int(sum(truth)),
+                                               "ece": expected_calibration_error(truth, scores)}
+            if task == "referable_diabetic_retinopathy" and threshold is not None:
+                out["referable_operating_point"] = metrics.operating_point(truth, scores, threshold)
+    completeness = [o.complete for o in outcomes if o.complete is not None]
+    if completeness:
+        out["complete_assessment"] = {"images": len(completeness), "complete": int(sum(completeness))}
     graded = [(r.grades[Condition.DIABETIC_RETINOPATHY], o) for r, o in zip(records, outcomes, strict=True)
               if Condition.DIABETIC_RETINOPATHY in r.grades and Condition.DIABETIC_RETINOPATHY.value in o.grade_probabilities]
     if graded:
@@ -250,14 +300,39 @@ def evaluate(model_dir: Path, datasets: Sequence[tuple[str, list[Record]]], outp
             full = [(r, o) for r, o in zip(records, outcomes, strict=True) if o.answers and len(o.answers) > 1]
             for record, outcome in full[: options.measure_limit] if pipeline is not None else []:
                 measure(pipeline, record, outcome)
-        report["datasets"][name] = dataset_metrics(records, outcomes)
+        assessment = engine.metadata.assessment
+        threshold = (assessment.threshold(Condition.REFERABLE_DIABETIC_RETINOPATHY)
+                     if assessment is not None else None)
+        report["datasets"][name] = dataset_metrics(records, outcomes, threshold)
         raw[name] = (records, outcomes)
+    report["calibration"] = pooled_calibration(raw)
     answers = [p for _, outs in raw.values() for o in outs for _, _, p in o.answers]
     report["parse_failure_rate"] = metrics.failure_rate(answers)
     report["answers"] = len(answers)
     write_report(report, raw, Path(output))
     return report
 
+
+
+def _labelled_scores(records: Sequence[Record], outcomes: Sequence[ImageOutcome], task: str) -> list[tuple[int, float]]:
+    pairs = [(TASKS_BY_NAME[task].label(r), o.scores.get(task)) for r, o in zip(records, outcomes, strict=True)]
+    return [(int(y), float(p)) for y, p in pairs if y is not None and p is not None]
+
+
+def pooled_calibration(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per task, pooled over the evaluated datasets: expected calibration error and the reliability diagram's
+    points (with and without the evaluation-only datasets)."""
+    from training.adapters.shared import EVALUATION_ONLY
+
+    out: dict[str, Any] = {}
+    for task in list(CONDITION_TASKS) + list(LESION_TASKS):
+        for scope, names in (("all", list(raw)), ("development", [n for n in raw if n not in EVALUATION_ONLY])):
+            pairs = [p for n in names for p in _labelled_scores(*raw[n], task)]
+            if len({y for y, _ in pairs}) == 2:
+                truth, scores = [y for y, _ in pairs], [p for _, p in pairs]
+                out.setdefault(task, {})[scope] = {"ece": expected_calibration_error(truth, scores), "n": len(pairs),
+                                                   "reliability": reliability(truth, scores)}
+    return out
 
 
 def write_report(report: dict[str, Any], raw: dict[str, Any], output: Path) -> None:
@@ -275,6 +350,20 @@ def write_report(report: dict[str, Any], raw: dict[str, Any], output: Path) -> N
              f"Answers: {report['answers']}, parse failures: {100 * report['parse_failure_rate']:.1f}%", "",
              *metrics_table(report)]
     (output / "report.md").write_text("\n".join(lines) + "\n")
+    calibration = report.get("calibration", {})
+    if calibration:
+        figure, axis = plt.subplots(figsize=(4.5, 4.5))
+        for task, scopes in calibration.items():
+            points = scopes.get("development", scopes.get("all"))
+            xs = [p["predicted"] for p in points["reliability"]]
+            ys = [p["observed"] for p in points["reliability"]]
+            axis.plot(xs, ys, marker="o", markersize=3, label=f"{task} (ECE {points['ece']:.3f})")
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        axis.set(xlabel="predicted probability", ylabel="observed frequency", title="reliability (test splits)")
+        axis.legend(fontsize=5)
+        figure.tight_layout()
+        figure.savefig(output / "reliability.png", dpi=100)
+        plt.close(figure)
     for name, (records, outcomes) in raw.items():
         result = report["datasets"][name]
         if result.get("auc"):

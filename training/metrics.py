@@ -124,3 +124,49 @@ def centre_distance(box: Box, point: tuple[float, float]) -> float:
 def failure_rate(parsed: Sequence[bool]) -> float:
     """Fraction of answers that did not parse."""
     return float(1.0 - np.mean(parsed)) if len(parsed) else 0.0
+
+
+def bootstrap_auc_ci(truth: Sequence[int], scores: Sequence[float], resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the ROC AUC (Efron & Tibshirani 1993): images resampled with
+    replacement, resamples holding one class only skipped. AUC per resample from ranks (Mann–Whitney, ties
+    averaged)."""
+    from scipy.stats import rankdata
+
+    t = np.asarray(truth).astype(bool)
+    s = np.asarray(scores, dtype=float)
+    if t.all() or not t.any():
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, t.size, size=(resamples, t.size))
+    labels = t[index]
+    ranks = rankdata(s[index], axis=1)
+    positives = labels.sum(axis=1)
+    negatives = t.size - positives
+    valid = (positives > 0) & (negatives > 0)
+    rank_sum = (ranks * labels).sum(axis=1)
+    auc = (rank_sum[valid] - positives[valid] * (positives[valid] + 1) / 2) / (positives[valid] * negatives[valid])
+    alpha = (1 - level) / 2
+    return float(np.quantile(auc, alpha)), float(np.quantile(auc, 1 - alpha))
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (Wilson 1927), NaN for no trials."""
+    if total == 0:
+        return float("nan"), float("nan")
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return float(centre - half), float(centre + half)
+
+
+def operating_point(truth: Sequence[int], scores: Sequence[float], threshold: float) -> dict[str, float]:
+    """Sensitivity and specificity (with Wilson 95 % intervals) of ``score ≥ threshold``."""
+    t = np.asarray(truth).astype(bool)
+    predicted = np.asarray(scores, dtype=float) >= threshold
+    tp, fn = int((predicted & t).sum()), int((~predicted & t).sum())
+    tn, fp = int((~predicted & ~t).sum()), int((predicted & ~t).sum())
+    sens_ci, spec_ci = wilson_interval(tp, tp + fn), wilson_interval(tn, tn + fp)
+    return {"threshold": float(threshold), "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+            "sensitivity_ci": list(sens_ci), "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+            "specificity_ci": list(spec_ci), "tp": tp, "fn": fn, "tn": tn, "fp": fp}
