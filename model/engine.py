@@ -471,12 +471,13 @@ class RetinalGPTEngine:
         row_image: Sequence[int] | None = None,
         constraints: Sequence[AnswerConstraint | None] | None = None,
     ) -> tuple[list[list[int]], list[int]]:
-        """:meth:`generate_tokens` and the number of tokens each row generated before it ended. A row ends at an
-        end token (the generation config's EOS ids), at a separator token when the template's first separator
-        always ends the answer, or — when it may be cleaned away (:attr:`ConversationTemplate.separator_ends_answer`)
-        — at the first stop check after a token that could complete a separator, once the decoded text fixes the
-        cleaned answer (:meth:`ConversationTemplate.answer_complete`); tokens generated after that point never
-        change the answer."""
+        """:meth:`generate_tokens` and, per row, how many of its tokens make its answer text. A row ends at a stop
+        token — an end token (the generation config's EOS ids) or, when the template's first separator always ends
+        the answer, a token holding the separator — which adds no text (as the answer grammar assumes); or when
+        its grammar is complete; or — when a separator may be cleaned away
+        (:attr:`ConversationTemplate.separator_ends_answer`) — at the first stop check after a token that could
+        complete a separator, once the decoded text fixes the cleaned answer
+        (:meth:`ConversationTemplate.answer_complete`): tokens generated after that point never change it."""
         import torch
 
         options = self.options
@@ -513,7 +514,9 @@ class RetinalGPTEngine:
                 done_steps = step + 1
                 if options.force_new_tokens is None:
                     was = finished.clone()
-                    finished |= torch.isin(token, self.stop_ids)
+                    stop = torch.isin(token, self.stop_ids)
+                    finished |= stop
+                    ends = torch.where(stop, step, step + 1)  # a stop token ends a row without its text
                     if ended is not None:
                         finished |= ended
                     if check_text:
@@ -522,7 +525,7 @@ class RetinalGPTEngine:
                         if check_text and bool(pending.any()):
                             finished |= self._answers_complete(output, alive, pending, step + 1)
                             pending.zero_()
-                        lengths[alive] = torch.where(finished & ~was, step + 1, lengths[alive])
+                        lengths[alive] = torch.where(finished & ~was, ends, lengths[alive])
                         keep = (~finished).nonzero().squeeze(1)
                         if keep.numel() == 0:
                             break
@@ -531,7 +534,7 @@ class RetinalGPTEngine:
                             mask, position, pending = mask[keep], position[keep], pending[keep]
                             _select_rows(cache, keep)
                     else:
-                        lengths[alive] = torch.where(finished & ~was, step + 1, lengths[alive])
+                        lengths[alive] = torch.where(finished & ~was, ends, lengths[alive])
                 if step == steps - 1:
                     break
                 if static:
