@@ -153,7 +153,8 @@ class ConversationTemplate:
     # answer ---------------------------------------------------------------------------------------------------
 
     def _strip_front(self, generated: str) -> str:
-        """Whitespace and :attr:`strip_prefixes` removed from both ends / the front until nothing changes."""
+        """``generated`` with surrounding whitespace stripped and :attr:`strip_prefixes` removed from its front, over
+        and over until nothing changes (the published cleaning loop)."""
         text = generated
         while True:
             length = len(text)
