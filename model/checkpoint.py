@@ -23,10 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from model import protocol
 from model.schema import Condition, LesionType, max_grade
+from model.template import NATIVE_TEMPLATE, ConversationTemplate, TemplateError
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase
@@ -161,7 +162,10 @@ class ModelMetadata(BaseModel):
         description='"canonical": trained on model.protocol.render_answer, so answers may be decoded under '
         "model.grammar; \"free\": writes its own prose (imported or random weights)",
     )
-    template: dict[str, Any] = Field(default_factory=protocol.V0_TEMPLATE.to_dict)
+    template: dict[str, Any] = Field(
+        default_factory=NATIVE_TEMPLATE.to_dict,
+        description="conversation template (model.template.ConversationTemplate); every string overridable",
+    )
     image: ImageSpec
     vocabularies: dict[str, Any] = Field(default_factory=default_vocabularies)
     assessment: Assessment | None = Field(
@@ -173,8 +177,17 @@ class ModelMetadata(BaseModel):
         default_factory=dict, description="source, import format, training run, data"
     )
 
-    def conversation(self) -> protocol.ConversationTemplate:
-        return protocol.ConversationTemplate.from_dict(self.template)
+    @field_validator("template")
+    @classmethod
+    def _valid_template(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            ConversationTemplate.from_dict(value)
+        except TemplateError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def conversation(self) -> ConversationTemplate:
+        return ConversationTemplate.from_dict(self.template)
 
 
 def read_metadata(path: Path) -> ModelMetadata:
@@ -186,9 +199,12 @@ def read_metadata(path: Path) -> ModelMetadata:
         raise CheckpointError(f"{path} is not a RetinalGPT model directory: {METADATA_FILE} is missing")
     try:
         return ModelMetadata.model_validate_json(file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        first = str(exc).splitlines()
-        raise CheckpointError(f"{file}: invalid metadata ({first[0] if first else exc})") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'file'}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        )
+        raise CheckpointError(f"{file}: invalid metadata ({problems})") from None
 
 
 def write_metadata(path: Path, metadata: ModelMetadata) -> None:

@@ -6,12 +6,14 @@ every protocol task for every image:
 1. pixels → CLIP preprocessing (resize shortest edge, centre crop, normalise) → vision tower and projector,
    once per image for all tasks;
 2. one left-padded batch of prompts (images × tasks) → prefill with attention mask → greedy decoding with the
-   KV cache until every row has emitted the separator / EOS (or ``max_new_tokens``); deterministic;
+   KV cache until every row's answer is complete (an end token, or a separator the template's cleaning rule keeps;
+   or ``max_new_tokens``); deterministic. Prompts and answers follow the model's conversation template
+   (:mod:`model.template`: ours, or the published one of an imported checkpoint);
 3. answers are parsed strictly (:mod:`model.protocol`); unparsable ones are kept verbatim and flagged;
 4. probabilities: for every condition the model graded, each candidate answer line ("grade 0." … "grade 4.",
    "absent." / "present.") is scored by its log-likelihood after the image prompt and the preceding answer lines,
-   in one forward pass over all candidates that reuses the prompt's KV cache; a softmax over the candidates
-   gives P(grade) per condition.
+   written as the model would write them (:meth:`RetinalGPTEngine.continuation`), in one forward pass over all
+   candidates that reuses the prompt's KV cache; a softmax over the candidates gives P(grade) per condition.
 
 GPU: bf16 weights and SDPA attention; CPU: fp32. Optional bitsandbytes 4-bit / 8-bit weights on CUDA.
 Torch and transformers are imported lazily so importing this module is cheap.
@@ -216,13 +218,20 @@ class RetinalGPTEngine:
                 f"tokenizer has {len(tokenizer)} tokens but the embedding matrix only {model.get_input_embeddings().weight.shape[0]}"
             )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        stops = {i for i, tok in enumerate(vocab) if tok is not None and self.template.sep in tok}
-        if tokenizer.eos_token_id is not None:
-            stops.add(int(tokenizer.eos_token_id))
+        stops = end_token_ids(model, tokenizer)
+        self._pieces: list[str] | None = None
+        self._check_ids: torch.Tensor | None = None
+        if self.template.separator_ends_answer:
+            vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            stops |= {i for i, tok in enumerate(vocab) if tok is not None and self.template.sep in tok}
+        else:  # a separator may be cleaned away: check the text whenever a token could complete one
+            self._pieces = token_pieces(tokenizer)
+            last = self.template.sep[-1]
+            self._check_ids = torch.tensor(
+                [i for i, piece in enumerate(self._pieces) if last in piece], device=self.device
+            )
         self.stop_ids = torch.tensor(sorted(stops), device=self.device)
         self._stop_set = frozenset(stops)
-        self._pieces: list[str] | None = None
         self.constrain_answers = (
             options.constrain_answers if options.constrain_answers is not None
             else metadata.answer_format == "canonical"
@@ -446,19 +455,13 @@ class RetinalGPTEngine:
         row_image: Sequence[int] | None = None,
         constraints: Sequence[AnswerConstraint | None] | None = None,
     ) -> list[str]:
-        """Greedy decoding of every row (see :meth:`_prefill` for ``row_image``); returns the decoded answers
-        (cut at the separator)."""
-        texts = []
-        for row in self.generate_tokens(rows, features, row_image, constraints):
-            kept = []
-            for token in row:
-                if token == self.pad_id or (
-                    token in self._stop_set and self.options.force_new_tokens is None
-                ):
-                    break
-                kept.append(token)
-            texts.append(self.template.clean_answer(self.tokenizer.decode(kept, skip_special_tokens=True)))
-        return texts
+        """Greedy decoding of every row (see :meth:`_prefill` for ``row_image``); returns the answers: each row's
+        new tokens decoded without special tokens and cleaned by the template (:meth:`ConversationTemplate.clean_answer`)."""
+        tokens, lengths = self._decode(rows, features, row_image, constraints)
+        return [
+            self.template.clean_answer(self.tokenizer.decode(row[:length], skip_special_tokens=True))
+            for row, length in zip(tokens, lengths, strict=True)
+        ]
 
     def generate_tokens(
         self,
@@ -468,11 +471,27 @@ class RetinalGPTEngine:
         constraints: Sequence[AnswerConstraint | None] | None = None,
     ) -> list[list[int]]:
         """Greedy token ids per row (prompt token ids from :meth:`encode`, ``features`` from
-        :meth:`image_features`), including the stop token that ended a row; rows that stopped early are padded
-        with the pad id. Rows that finished are dropped from the batch (and their KV cache) at the next stop check
-        once an eighth of the rows have, so long answers do not drag finished rows along. With
-        ``force_new_tokens`` every row gets exactly that many tokens (and ``constraints`` are ignored); otherwise
-        a row with a constraint takes the most likely token its grammar allows."""
+        :meth:`image_features`), including the token that ended a row; rows that stopped early are padded with the
+        pad id. Rows that finished are dropped from the batch (and their KV cache) at the next stop check once an
+        eighth of the rows have, so long answers do not drag finished rows along. With ``force_new_tokens`` every
+        row gets exactly that many tokens (and ``constraints`` are ignored); otherwise a row with a constraint
+        takes the most likely token its grammar allows."""
+        return self._decode(rows, features, row_image, constraints)[0]
+
+    def _decode(
+        self,
+        rows: Sequence[list[int]],
+        features: torch.Tensor,
+        row_image: Sequence[int] | None = None,
+        constraints: Sequence[AnswerConstraint | None] | None = None,
+    ) -> tuple[list[list[int]], list[int]]:
+        """:meth:`generate_tokens` and, per row, how many of its tokens make its answer text. A row ends at a stop
+        token — an end token (the generation config's EOS ids) or, when the template's first separator always ends
+        the answer, a token holding the separator — which adds no text (as the answer grammar assumes); or when
+        its grammar is complete; or — when a separator may be cleaned away
+        (:attr:`ConversationTemplate.separator_ends_answer`) — at the first stop check after a token that could
+        complete a separator, once the decoded text fixes the cleaned answer
+        (:meth:`ConversationTemplate.answer_complete`): tokens generated after that point never change it."""
         import torch
 
         options = self.options
@@ -482,6 +501,7 @@ class RetinalGPTEngine:
         check_every = (
             8 if self.device.type == "cuda" and constraints is None else 1
         )  # a stop check syncs; on GPU let launches run ahead (constrained rows sync every step anyway)
+        check_text = self._check_ids is not None and options.force_new_tokens is None
         started = time.perf_counter()
         with torch.inference_mode():
             cache, logits, mask, position = self._prefill(rows, features, row_image)
@@ -492,8 +512,10 @@ class RetinalGPTEngine:
             self._sync()
             prefilled = time.perf_counter()
             output = torch.full((len(rows), steps), self.pad_id, dtype=torch.long, device=self.device)
+            lengths = torch.full((len(rows),), steps, dtype=torch.long, device=self.device)
             alive = torch.arange(len(rows), device=self.device)
             finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+            pending = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
             embed = self.model.get_input_embeddings()
             done_steps = 0
             for step in range(steps):
@@ -505,17 +527,28 @@ class RetinalGPTEngine:
                 output[alive, step] = token
                 done_steps = step + 1
                 if options.force_new_tokens is None:
-                    finished |= torch.isin(token, self.stop_ids)
+                    was = finished.clone()
+                    stop = torch.isin(token, self.stop_ids)
+                    finished |= stop
+                    ends = torch.where(stop, step, step + 1)  # a stop token ends a row without its text
                     if ended is not None:
                         finished |= ended
+                    if check_text:
+                        pending |= torch.isin(token, self._check_ids) & ~finished
                     if (step + 1) % check_every == 0:
+                        if check_text and bool(pending.any()):
+                            finished |= self._answers_complete(output, alive, pending, step + 1)
+                            pending.zero_()
+                        lengths[alive] = torch.where(finished & ~was, ends, lengths[alive])
                         keep = (~finished).nonzero().squeeze(1)
                         if keep.numel() == 0:
                             break
                         if keep.numel() <= alive.numel() * 7 // 8:
                             alive, finished, token = alive[keep], finished[keep], token[keep]
-                            mask, position = mask[keep], position[keep]
+                            mask, position, pending = mask[keep], position[keep], pending[keep]
                             _select_rows(cache, keep)
+                    else:
+                        lengths[alive] = torch.where(finished & ~was, ends, lengths[alive])
                 if step == steps - 1:
                     break
                 if static:
@@ -532,6 +565,7 @@ class RetinalGPTEngine:
                 )
                 logits = self.model.lm_head(out.last_hidden_state[:, -1]).float()
             tokens = output[:, :done_steps].tolist()
+            generated = lengths.clamp(max=done_steps).tolist()
         self.last_timing = GenerationTiming(
             rows=len(rows),
             final_rows=int(alive.numel()),
@@ -540,7 +574,20 @@ class RetinalGPTEngine:
             prefill_s=prefilled - started,
             decode_s=time.perf_counter() - prefilled,
         )
-        return tokens
+        return tokens, generated
+
+    def _answers_complete(
+        self, output: torch.Tensor, alive: torch.Tensor, pending: torch.Tensor, steps: int
+    ) -> torch.Tensor:
+        """Which alive rows' text so far fixes their cleaned answer (checked for the ``pending`` rows only)."""
+        import torch
+
+        complete = torch.zeros_like(pending)
+        for position in pending.nonzero().squeeze(1).tolist():
+            ids = output[alive[position], :steps].tolist()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            complete[position] = self.template.answer_complete(text)
+        return complete
 
     def _static_cache(self, cache: Any, mask: torch.Tensor, steps: int) -> tuple[Any, torch.Tensor]:
         """The prefilled cache moved into a preallocated ``StaticCache`` with room for ``steps`` more tokens, and
@@ -657,7 +704,8 @@ class RetinalGPTEngine:
         # one open disease question whose answer would let it choose which conditions to mention
         tasks = [t for t in self.options.tasks if assessment is None or t != protocol.Task.DISEASE_GRADE]
         features = self.image_features(images)
-        prompts = {task: self.encode(self.template.prompt(protocol.question(task))) for task in tasks}
+        texts = {task: self.template.prompt(protocol.question(task)) for task in tasks}
+        prompts = {task: self.encode(text) for task, text in texts.items()}
         rows = [prompts[task] for _ in images for task in tasks]
         row_image = [index for index in range(len(images)) for _ in tasks]
         constraints = (
@@ -675,7 +723,7 @@ class RetinalGPTEngine:
             for result, probabilities in zip(results, self.assess(features), strict=True):
                 _apply_assessment(result, assessment, probabilities)
         elif self.options.score_findings and wants_findings:
-            self._score_findings(results, features, prompts[protocol.Task.DISEASE_GRADE])
+            self._score_findings(results, features, texts[protocol.Task.DISEASE_GRADE])
         for result in results:
             result.findings.extend(_derived_findings(result.findings))
             if wants_findings:
@@ -703,8 +751,9 @@ class RetinalGPTEngine:
         calibration; what :class:`~model.checkpoint.Calibration` is fitted on)."""
         assessment = self._assessment()
         questions = assessment.questions()
-        prompts = [self.encode(self.template.prompt(q.question)) for q in questions]
-        answers = [[self._continuation(" ", a) for a in q.answers] for q in questions]
+        texts = [self.template.prompt(q.question) for q in questions]
+        prompts = [self.encode(text) for text in texts]
+        answers = [[self.continuation(text, a) for a in q.answers] for text, q in zip(texts, questions, strict=True)]
         rows, row_image, groups = [], [], []
         for image in range(features.shape[0]):
             for prompt, candidates in zip(prompts, answers, strict=True):
@@ -740,11 +789,10 @@ class RetinalGPTEngine:
         elif parsed.task == protocol.Task.LESIONS and parsed.lesions:
             result.lesions = [Lesion(type=t, box=b, source=Source.MODEL) for t, b in parsed.lesions]
 
-    def _score_findings(
-        self, results: list[ModelImageResult], features: torch.Tensor, prompt: list[int]
-    ) -> None:
+    def _score_findings(self, results: list[ModelImageResult], features: torch.Tensor, prompt_text: str) -> None:
         """P(grade) for every condition each image's disease answer graded, by candidate likelihood, conditioned
-        on the answer lines before it (the canonical rendering of what the model said)."""
+        on the answer lines before it (the canonical rendering of what the model said), as the model would write
+        them after ``prompt_text`` (:meth:`continuation`)."""
         groups: list[tuple[int, list[list[int]]]] = []
         owners: list[tuple[int, int]] = []
         for image_index, result in enumerate(results):
@@ -757,17 +805,19 @@ class RetinalGPTEngine:
                     ]
                     if c in graded
                 ]
-                prefix = " " + "".join(line + "\n" for line in before)
+                prefix = "".join(line + "\n" for line in before)
                 candidates = [
-                    self._continuation(prefix, protocol.render_condition_line(finding.condition, grade))
+                    self.continuation(
+                        prompt_text, prefix + protocol.render_condition_line(finding.condition, grade)
+                    )
                     for grade in range(max_grade(finding.condition) + 1)
                 ]
                 groups.append((image_index, candidates))
                 owners.append((image_index, finding_index))
         if not groups:
             return
-        rows = [prompt for _ in results]
-        scores = self.score_candidates(rows, features, groups)
+        prompt = self.encode(prompt_text)
+        scores = self.score_candidates([prompt for _ in results], features, groups)
         for (image_index, finding_index), probabilities in zip(owners, scores, strict=True):
             finding = results[image_index].findings[finding_index]
             total = sum(probabilities)
@@ -780,9 +830,18 @@ class RetinalGPTEngine:
                 source=Source.MODEL,
             )
 
-    def _continuation(self, prefix: str, line: str) -> list[int]:
-        """Token ids of ``prefix + line`` as they follow the generation prompt (no special tokens)."""
-        return self.tokenizer(prefix + line, add_special_tokens=False).input_ids
+    def continuation(self, prompt_text: str, answer: str) -> list[int]:
+        """Token ids the model generates to write ``answer`` after the prompt ``prompt_text``: the template's
+        :attr:`~model.template.ConversationTemplate.continuation_prefix` and the answer, tokenised in context (a
+        SentencePiece tokenizer writes a text tokenised on its own with a different first token). Likelihood
+        scoring scores these, so it scores exactly the text generation would produce."""
+        prompt = self.tokenizer(prompt_text, add_special_tokens=True).input_ids
+        ids = self.tokenizer(prompt_text + self.template.continuation_prefix + answer, add_special_tokens=True).input_ids
+        if ids[: len(prompt)] != prompt or len(ids) == len(prompt):
+            raise EngineError(
+                f"{answer!r} does not tokenise as a continuation of the prompt; it cannot be scored"
+            )
+        return ids[len(prompt) :]
 
     def ask(
         self,
@@ -807,6 +866,16 @@ class RetinalGPTEngine:
                 )
             turns = turns[1:]  # forget the oldest exchange first
         return self._generate([ids], self.image_features([image]))[0]
+
+
+def end_token_ids(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end generation, as transformers' ``generate`` takes them: the generation config's
+    ``eos_token_id`` (one id or a list; an imported checkpoint keeps its own), else the tokenizer's EOS."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    ids = [configured] if isinstance(configured, int) else list(configured or ())
+    return {int(i) for i in ids if int(i) >= 0}
 
 
 _CONSTRAINED_TOP_K = 64

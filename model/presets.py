@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from model import protocol
 from model.checkpoint import ImageSpec, ModelMetadata, save_model_dir
 from model.schema import Condition, LesionType, max_grade
+from model.template import NATIVE_TEMPLATE
 
 if TYPE_CHECKING:
     import torch
@@ -171,7 +172,7 @@ def tokenizer_corpus(seed: int = 0, samples: int = 400) -> list[str]:
         )
         for task in labels.tasks():
             texts.append(
-                protocol.V0_TEMPLATE.prompt(rng.choice(protocol.QUESTIONS[task]))
+                NATIVE_TEMPLATE.prompt(rng.choice(protocol.QUESTIONS[task]))
                 + " "
                 + protocol.render_answer(task, labels)
             )
@@ -201,7 +202,7 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0) -> PreTrainedTokenize
         show_progress=False,
     )
     backend.train_from_iterator(tokenizer_corpus(seed), trainer)
-    backend.add_tokens([protocol.V0_TEMPLATE.sep])
+    backend.add_tokens([NATIVE_TEMPLATE.sep])
     bos = backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
@@ -269,7 +270,7 @@ def build_model(
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    sep_id = tokenizer.convert_tokens_to_ids(protocol.V0_TEMPLATE.sep)
+    sep_id = tokenizer.convert_tokens_to_ids(NATIVE_TEMPLATE.sep)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, sep_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()

@@ -1,4 +1,4 @@
-"""RetinalGPT question protocol: the questions, the canonical answers, strict parsers, the conversation template.
+"""RetinalGPT question protocol: the questions, the canonical answers, strict parsers.
 
 RetinalGPT (arXiv 2503.03987) was instruction-tuned on four kinds of question about a colour fundus photograph;
 each is a :class:`Task`:
@@ -25,9 +25,9 @@ Interfaces (used by the engine and by the training module to build instruction d
   numbers mixed with box syntax, missing values, out-of-range grades/boxes are rejected, never guessed.
 * Round trip: ``parse_answer(t, render_answer(t, labels)).labels() == labels.canonical()`` exactly, where
   :meth:`ImageLabels.canonical` rounds values to 3 decimals, boxes to 4 and groups lesions by type.
-* :class:`ConversationTemplate` / :data:`V0_TEMPLATE` — the LLaVA v0 "###" template; :meth:`~ConversationTemplate.prompt`
-  builds inference prompts, :meth:`~ConversationTemplate.segments` gives (text, is_target) pieces for training
-  loss masking. The image placeholder is :data:`IMAGE_TOKEN`, which the engine expands to the image tokens.
+* The conversation templates that wrap questions and answers live in :mod:`model.template`
+  (:class:`~model.template.ConversationTemplate`, and :data:`IMAGE_TOKEN`, the image placeholder the engine expands
+  to the image tokens, are importable from here too).
 """
 
 from __future__ import annotations
@@ -38,10 +38,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from model import template
 from model.schema import GRADE_SCALES, Condition, LesionType, QualityGrade, max_grade
+from model.template import NATIVE_TEMPLATE
 
 PROTOCOL_VERSION = "1.0"
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = template.IMAGE_TOKEN
+ConversationTemplate = template.ConversationTemplate  # training builds its conversations through this module
 
 Box = tuple[float, float, float, float]
 
@@ -804,114 +807,9 @@ _PARSERS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# conversation template
-
-
-@dataclass(frozen=True)
-class ConversationTemplate:
-    """A LLaVA "SINGLE separator" conversation (the v0 codebase's ``conv_v1`` style):
-    ``{system}###Human: <image>\\n{q1}###Assistant: {a1}###Human: {q2}###Assistant:``.
-
-    ``image_token`` is the placeholder the engine expands to the image's tokens; ``image_prefix`` /
-    ``image_suffix`` wrap it (``<im_start>`` / ``<im_end>`` for checkpoints trained with ``mm_use_im_start_end``);
-    ``image_position`` puts the image block before the first question (native) or after it (LLaVA v0 eval code:
-    ``question + "\\n" + <im_start><im_patch>…<im_end>``).
-    """
-
-    name: str = "llava_v0"
-    system: str = (
-        "A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions."
-    )
-    roles: tuple[str, str] = ("Human", "Assistant")
-    sep: str = "###"
-    image_token: str = IMAGE_TOKEN
-    image_prefix: str = ""
-    image_suffix: str = ""
-    image_position: str = "before"
-
-    def image_block(self) -> str:
-        return f"{self.image_prefix}{self.image_token}{self.image_suffix}"
-
-    def _first_message(self, human: str) -> str:
-        if self.image_position == "after":
-            return f"{human}\n{self.image_block()}"
-        return f"{self.image_block()}\n{human}"
-
-    def segments(
-        self, turns: Sequence[tuple[str, str | None]], context: str | None = None, with_image: bool = True
-    ) -> list[tuple[str, bool]]:
-        """The conversation as ``(text, is_target)`` pieces; concatenated they are the full text. Targets are the
-        assistant answers including the closing separator (train on those only). A last turn whose answer is
-        None ends with the generation prompt ``"###Assistant:"``."""
-        system = self.system if not context else f"{self.system}\n{context}"
-        pieces: list[tuple[str, bool]] = []
-        prompt = system + self.sep
-        for index, (human, answer) in enumerate(turns):
-            message = self._first_message(human) if with_image and index == 0 else human
-            prompt += f"{self.roles[0]}: {message}{self.sep}{self.roles[1]}:"
-            if answer is None:
-                if index != len(turns) - 1:
-                    raise ValueError("only the last turn may be unanswered")
-                break
-            pieces.append((prompt, False))
-            pieces.append((f" {answer}{self.sep}", True))
-            prompt = ""
-        if prompt:
-            pieces.append((prompt, False))
-        return pieces
-
-    def prompt(
-        self,
-        question_text: str,
-        history: Sequence[tuple[str, str]] = (),
-        context: str | None = None,
-        with_image: bool = True,
-    ) -> str:
-        """The inference prompt for ``question_text`` after ``history`` (earlier question/answer pairs);
-        ``context`` is appended to the system message (e.g. a study's stored results)."""
-        turns: list[tuple[str, str | None]] = [*history, (question_text, None)]
-        return "".join(text for text, _ in self.segments(turns, context=context, with_image=with_image))
-
-    def clean_answer(self, generated: str) -> str:
-        """The answer text of a generation: up to the separator, stripped."""
-        return generated.split(self.sep, 1)[0].strip()
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "system": self.system,
-            "roles": list(self.roles),
-            "sep": self.sep,
-            "image_token": self.image_token,
-            "image_prefix": self.image_prefix,
-            "image_suffix": self.image_suffix,
-            "image_position": self.image_position,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object]) -> ConversationTemplate:
-        roles = data.get("roles", ("Human", "Assistant"))
-        return cls(
-            name=str(data.get("name", "llava_v0")),
-            system=str(data.get("system", cls.system)),
-            roles=(str(roles[0]), str(roles[1])),  # type: ignore[index]
-            sep=str(data.get("sep", "###")),
-            image_token=str(data.get("image_token", IMAGE_TOKEN)),
-            image_prefix=str(data.get("image_prefix", "")),
-            image_suffix=str(data.get("image_suffix", "")),
-            image_position=str(data.get("image_position", "before")),
-        )
-
-
-V0_TEMPLATE = ConversationTemplate()
-"""The default template (native models); v0 imports with ``mm_use_im_start_end`` set the im_start/im_end wrap."""
-
-
 def protocol_text() -> list[str]:
     """Every string the protocol can produce (questions, names, template) — tokenizer training text for ``tiny``."""
-    texts = [V0_TEMPLATE.system, V0_TEMPLATE.sep, *V0_TEMPLATE.roles]
+    texts = [NATIVE_TEMPLATE.system, NATIVE_TEMPLATE.sep, *NATIVE_TEMPLATE.roles]
     texts += [q for qs in QUESTIONS.values() for q in qs]
     texts += [f"This is a {m}." for m in MODALITIES]
     texts += [f"Image quality: {w}." for w in QUALITY_WORDS.values()]

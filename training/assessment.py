@@ -75,12 +75,13 @@ class EncodedQuestion:
 
 
 def encode_questions(questions: Sequence[AssessmentQuestion], encode: Callable[[str], list[int]],
-                     continuation: Callable[[str], list[int]], sep_id: int) -> list[EncodedQuestion]:
+                     continuation: Callable[[str, str], list[int]], sep_id: int) -> list[EncodedQuestion]:
     """``encode(question)`` gives a prompt's ids (the engine's :meth:`~model.engine.RetinalGPTEngine.encode` of its
-    template prompt), ``continuation(answer)`` an answer's ids after it — the engine's own tokenisation."""
+    template prompt), ``continuation(question, answer)`` the answer's ids after that prompt — the engine's own
+    tokenisation (:meth:`~model.engine.RetinalGPTEngine.continuation`)."""
     out = []
     for question in questions:
-        answers = [continuation(a) for a in question.answers]
+        answers = [continuation(question.question, a) for a in question.answers]
         shared = 0
         while all(len(a) > shared + 1 for a in answers) and len({a[shared] for a in answers}) == 1:
             shared += 1

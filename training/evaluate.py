@@ -115,16 +115,16 @@ def score_images(engine: Any, images: Sequence[np.ndarray], condition_tasks: Seq
         outcome.model_measurements = {m.key: m.value for m in result.measurements}
     conditions = sorted({CONDITION_TASKS[t] for t in condition_tasks}, key=protocol.DISEASE_CONDITIONS.index)
     if conditions:
-        prompt = engine.encode(engine.template.prompt(protocol.question(Task.DISEASE_GRADE)))
+        prompt_text = engine.template.prompt(protocol.question(Task.DISEASE_GRADE))
+        prompt = engine.encode(prompt_text)
         groups, owners = [], []
         for index, outcome in enumerate(outcomes):
             stated = {Condition(c): g for c, g in outcome.grades.items() if Condition(c) in protocol.DISEASE_CONDITIONS}
             for condition in conditions:
                 before = [protocol.render_condition_line(c, g) for c, g in stated.items()
                           if protocol.DISEASE_CONDITIONS.index(c) < protocol.DISEASE_CONDITIONS.index(condition)]
-                prefix = " " + "".join(line + "\n" for line in before)
-                candidates = [engine.tokenizer(prefix + protocol.render_condition_line(condition, g),
-                                               add_special_tokens=False).input_ids
+                prefix = "".join(line + "\n" for line in before)
+                candidates = [engine.continuation(prompt_text, prefix + protocol.render_condition_line(condition, g))
                               for g in range(max_grade(condition) + 1)]
                 groups.append((index, candidates))
                 owners.append((index, condition))
@@ -135,9 +135,10 @@ def score_images(engine: Any, images: Sequence[np.ndarray], condition_tasks: Seq
     if "any_lesion" in lesion_tasks:
         # image-level lesion score from the protocol's own lesion answer: 1 − P(it opens "No lesions detected.")
         # among the possible first lines (each lesion type's line or the no-lesion sentence)
-        prompt = engine.encode(engine.template.prompt(protocol.question(Task.LESIONS)))
-        openings = [" No lesions detected."] + [f" {protocol.LESION_NAMES[kind]}:" for kind in LesionType]
-        candidates = [engine.tokenizer(text, add_special_tokens=False).input_ids for text in openings]
+        prompt_text = engine.template.prompt(protocol.question(Task.LESIONS))
+        prompt = engine.encode(prompt_text)
+        openings = ["No lesions detected."] + [f"{protocol.LESION_NAMES[kind]}:" for kind in LesionType]
+        candidates = [engine.continuation(prompt_text, text) for text in openings]
         scores = engine.score_candidates([prompt] * len(images), features, [(i, candidates) for i in range(len(images))])
         for outcome, probabilities in zip(outcomes, scores, strict=True):
             outcome.scores["any_lesion"] = 1.0 - probabilities[0]
@@ -145,9 +146,9 @@ def score_images(engine: Any, images: Sequence[np.ndarray], condition_tasks: Seq
         kind = LESION_TASKS[task]
         if kind is None:
             continue
-        prompt = engine.encode(engine.template.prompt(protocol.lesion_question(kind).question))
-        candidates = [engine.tokenizer(" " + protocol.YES, add_special_tokens=False).input_ids,
-                      engine.tokenizer(" " + protocol.NO, add_special_tokens=False).input_ids]
+        prompt_text = engine.template.prompt(protocol.lesion_question(kind).question)
+        prompt = engine.encode(prompt_text)
+        candidates = [engine.continuation(prompt_text, protocol.YES), engine.continuation(prompt_text, protocol.NO)]
         scores = engine.score_candidates([prompt] * len(images), features,
                                          [(i, candidates) for i in range(len(images))])
         for outcome, (p_yes, _) in zip(outcomes, scores, strict=True):

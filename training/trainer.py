@@ -392,7 +392,7 @@ class Trainer:
         engine = RetinalGPTEngine.from_model(model, tokenizer, metadata)
         sep = tokenizer.convert_tokens_to_ids(engine.template.sep)
         encoded = encode_questions(questions, lambda q: engine.encode(engine.template.prompt(q)),
-                                   lambda a: engine._continuation(" ", a), sep)
+                                   lambda q, a: engine.continuation(engine.template.prompt(q), a), sep)
         targets = [{i: a for i, q in enumerate(questions) if (a := allowed_answers(r, q)) is not None} for r in train]
         weights = question_weights(targets, len(questions))
         conversations = self._protocol_conversations(train, tokenizer, metadata, model)

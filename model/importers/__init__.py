@@ -4,8 +4,9 @@
                   :mod:`model.importers.llava_v0`.
 ``hf-llava``      a native transformers ``LlavaForConditionalGeneration`` directory, see :mod:`model.importers.hf_llava`.
 
-``import_checkpoint(fmt, source, dest, vision_tower=None, name="retinalgpt")`` writes a complete model directory
-at ``dest`` and returns it; register it with :class:`model.registry.ModelRegistry` to use it.
+``import_checkpoint(fmt, source, dest, vision_tower=None, name="retinalgpt", mm_projector=None)`` writes a complete
+model directory at ``dest`` and returns it; register it with :class:`model.registry.ModelRegistry` to use it.
+``mm_projector`` is the separate projector file of a ``llava-med-v0`` checkpoint that ships it apart.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ FORMATS = ("llava-med-v0", "hf-llava")
 
 
 def import_checkpoint(
-    fmt: str, source: Path, dest: Path, vision_tower: Path | None = None, name: str = "retinalgpt"
+    fmt: str,
+    source: Path,
+    dest: Path,
+    vision_tower: Path | None = None,
+    name: str = "retinalgpt",
+    mm_projector: Path | None = None,
 ) -> Path:
     """Convert ``source`` (layout ``fmt``) into a model directory at ``dest``."""
     if fmt == "llava-med-v0":
@@ -24,7 +30,12 @@ def import_checkpoint(
 
         if vision_tower is None:
             raise ValueError("--format llava-med-v0 needs --vision-tower DIR (a local CLIP ViT directory)")
-        return import_llava_v0(Path(source), Path(vision_tower), Path(dest), name=name)
+        return import_llava_v0(
+            Path(source), Path(vision_tower), Path(dest), name=name,
+            mm_projector=Path(mm_projector) if mm_projector is not None else None,
+        )
+    if mm_projector is not None:
+        raise ValueError("--mm-projector belongs to --format llava-med-v0")
     if fmt == "hf-llava":
         from model.importers.hf_llava import import_hf_llava
 

@@ -172,7 +172,8 @@ def test_likelihood_scoring_ranks_as_the_hand_made_model(
     def canned(rows: list[list[int]], features: Any, row_image: Any = None, constraints: Any = None) -> list[str]:
         return [by_prompt[tuple(row)] for row in rows]
 
-    prompt = engine.encode(engine.template.prompt(protocol.question(protocol.Task.DISEASE_GRADE)))
+    prompt_text = engine.template.prompt(protocol.question(protocol.Task.DISEASE_GRADE))
+    prompt = engine.encode(prompt_text)
     monkeypatch.setattr(engine, "_generate", canned)
     result = engine.analyze([retina_rgb])[0]
     dr = next(f for f in result.findings if f.condition == Condition.DIABETIC_RETINOPATHY)
@@ -186,7 +187,7 @@ def test_likelihood_scoring_ranks_as_the_hand_made_model(
     designed = np.exp(GRADE_LOGITS) / np.exp(GRADE_LOGITS).sum()
     assert np.allclose(dr.grade_probabilities, designed, atol=2e-3)  # up to RMSNorm's epsilon
     dr_candidates = [
-        engine._continuation(" ", protocol.render_condition_line(Condition.DIABETIC_RETINOPATHY, g))
+        engine.continuation(prompt_text, protocol.render_condition_line(Condition.DIABETIC_RETINOPATHY, g))
         for g in range(5)
     ]
     dr_shared = next(i for i, column in enumerate(zip(*dr_candidates)) if len(set(column)) > 1)
@@ -196,8 +197,8 @@ def test_likelihood_scoring_ranks_as_the_hand_made_model(
     assert referable.grade == 0 and referable.probability == pytest.approx(sum(dr.grade_probabilities[2:]))
 
     candidates = [
-        engine._continuation(
-            " Diabetic retinopathy: grade 1.\n", protocol.render_condition_line(Condition.GLAUCOMA, g)
+        engine.continuation(
+            prompt_text, "Diabetic retinopathy: grade 1.\n" + protocol.render_condition_line(Condition.GLAUCOMA, g)
         )
         for g in (0, 1)
     ]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from model import protocol
 from model.protocol import ImageLabels, Task, parse_answer, render_answer
 from model.schema import Condition, LesionType, QualityGrade, max_grade
+from model.template import NATIVE_TEMPLATE
 
 DR, DME, GLAUCOMA, AMD = (
     Condition.DIABETIC_RETINOPATHY,
@@ -313,7 +314,7 @@ def test_parsing_protocol_fragments_never_raises(task: Task, words: list[str]) -
 
 
 def test_conversation_segments_concatenate_to_the_prompt() -> None:
-    template = protocol.V0_TEMPLATE
+    template = NATIVE_TEMPLATE
     turns = [("What is this?", "A fundus photograph."), ("Grade it.", None)]
     segments = template.segments(turns)
     text = "".join(t for t, _ in segments)

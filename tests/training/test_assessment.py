@@ -44,7 +44,7 @@ def engine_and_questions() -> tuple[Any, list[Any]]:
     questions = metadata.assessment.questions()
     sep = tokenizer.convert_tokens_to_ids(engine.template.sep)
     encoded = encode_questions(questions, lambda q: engine.encode(engine.template.prompt(q)),
-                               lambda a: engine._continuation(" ", a), sep)
+                               lambda q, a: engine.continuation(engine.template.prompt(q), a), sep)
     return engine, encoded
 
 

@@ -79,6 +79,10 @@ def import_command(
     vision_tower: Annotated[
         Path | None, typer.Option("--vision-tower", help="Local CLIP ViT directory (llava-med-v0).")
     ] = None,
+    mm_projector: Annotated[
+        Path | None,
+        typer.Option("--mm-projector", help="Separate projector file, keys ending in weight/bias (llava-med-v0)."),
+    ] = None,
     version: Annotated[str | None, typer.Option(help="Version name (default v<n+1>).")] = None,
     name: Annotated[str, typer.Option(help="Model name in results.")] = "retinalgpt",
     activate: Annotated[bool, typer.Option("--activate", help="Make it the active version.")] = False,
@@ -96,7 +100,7 @@ def import_command(
     try:
         with console.status(f"converting {source} ({fmt})"):
             converted = import_checkpoint(
-                fmt, source, staging / "model", vision_tower=vision_tower, name=name
+                fmt, source, staging / "model", vision_tower=vision_tower, name=name, mm_projector=mm_projector
             )
         registered = registry.register(
             converted, version=version, move=True, activate=activate, source_label=f"{fmt}:{source}"
@@ -112,6 +116,10 @@ def import_command(
     console.print(
         f"registered {registered.version}{state}: sha256 {registered.sha256[:12]}, Device UID {registered.device_uid}"
     )
+    assumed = registered.metadata.provenance.get("assumed_config")
+    if assumed:
+        settings_text = ", ".join(f"{key} = {value}" for key, value in assumed.items())
+        console.print(f"note: config.json names no vision tower; read with {settings_text}, as the authors' scripts do")
 
 
 @model_app.command("activate")
