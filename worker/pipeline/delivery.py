@@ -1,12 +1,21 @@
 """Reporting and delivery of one study revision (DESIGN step 4).
 
+Outbox: the transaction that stores an analysis also creates its delivery rows (:func:`create_outbox`), one
+:class:`~worker.db.Delivery` per (destination, object kind), ``pending``; the delivery task is only a nudge, and
+the bookkeeper sends whatever stays pending, so a lost message cannot strand a study in ``analysed``.
+
 The result objects are built once and written to ``<home>/results/<Study>/r<revision>/`` before the first
-send, so every retry sends the same instances. Each (destination, object kind) pair is one
-:class:`~worker.db.Delivery` row with its own retry state: a worker *claims* due rows in one transaction
-(``pending``/``retrying`` → ``sending``) so two workers never send the same row at once; a transient failure
-schedules the next attempt with exponential backoff (``backoff_seconds · 2^(attempts-1)``) until
-``max_attempts``, a permanent failure (association rejected, SOP class refused, HTTP 4xx) goes straight to the
-dead-letter state ``dead``. The bookkeeper re-enqueues rows whose next attempt is due.
+send, so every retry sends the same instances; their UIDs are recorded (``result_objects``) so that the node
+recognises them when a PACS sends them back. A worker *claims* due rows in one transaction
+(``pending``/``retrying`` → ``sending``) so two workers never send the same row at once, and holds the claim
+with a lease it renews while it works (:mod:`worker.pipeline.lease`): a slow destination is never sent to
+twice; only a claim whose lease expired (the worker died) is taken back by the bookkeeper. Each claim is
+checked again just before its send, so a worker that lost its claim starts no send. Every claim counts as an
+attempt and ``max_attempts`` is never exceeded. A transient failure schedules the next attempt with exponential
+backoff (``backoff_seconds · 2^(attempts-1)``); a permanent one (association rejected, SOP class refused, HTTP
+4xx) goes straight to the dead-letter state ``dead``, as does a row whose attempts are exhausted, each with its
+reason (:class:`~worker.db.FailureReason`). A failure to build the result objects counts as a failed attempt of
+every due row, so it ends in ``dead`` with its error instead of looping.
 """
 
 from __future__ import annotations
@@ -18,13 +27,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from sqlalchemy import ColumnElement, and_, or_, update
+
 from model.schema import StudyAnalysis
-from worker.config import Destination, Settings
+from worker.config import ConfigError, Destination, Settings
 from worker.db import (
     Analysis,
     AuditEvent,
@@ -32,12 +44,18 @@ from worker.db import (
     Delivery,
     DeliveryObject,
     DeliveryState,
+    FailureReason,
     Instance,
+    ResultObject,
     Study,
     StudyState,
     utcnow,
 )
+from worker.pipeline.lease import Lease
 from worker.pipeline.results import WrittenResults, read_results, write_results
+
+if TYPE_CHECKING:
+    from reporting import ReportObjects
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +109,28 @@ def ensure_results(settings: Settings, db: Database, study_instance_uid: str, re
     objects = build_report_objects(
         analysis, sources, report_options(settings.reporting), vessel_masks=masks, previous_sr=previous_sr
     )
+    _register_objects(db, study_instance_uid, revision, objects)
     written = write_results(folder, analysis, objects)
     _index_fhir(db, study_instance_uid, revision, objects.fhir_bundle)
     return written
+
+
+def _register_objects(db: Database, study_instance_uid: str, revision: int, objects: ReportObjects) -> None:
+    """Record the UIDs of the DICOM objects built (before they are written or sent), so that the node
+    recognises them as ours when a PACS sends them back. Idempotent: rebuilding gives the same UIDs."""
+    built = [(DeliveryObject.SR, objects.sr)]
+    built += [(DeliveryObject.KEY_IMAGE, ds) for ds in objects.key_images]
+    built += [(DeliveryObject.SEG, ds) for ds in objects.segmentations]
+    built += [(DeliveryObject.PDF, objects.pdf)] if objects.pdf is not None else []
+    with db.session() as session:
+        study_id = session.scalars(select(Study.id).where(Study.study_instance_uid == study_instance_uid)).one()
+        known = set(session.scalars(select(ResultObject.sop_instance_uid).where(
+            ResultObject.sop_instance_uid.in_([str(ds.SOPInstanceUID) for _, ds in built]))))
+        for kind, ds in built:
+            if str(ds.SOPInstanceUID) not in known:
+                session.add(ResultObject(study_id=study_id, revision=revision, object_kind=kind,
+                                         sop_instance_uid=str(ds.SOPInstanceUID),
+                                         series_instance_uid=str(ds.SeriesInstanceUID)))
 
 
 def _read_masks(folder: Path, uids: list[str]) -> dict:
@@ -118,11 +155,39 @@ def _index_fhir(db: Database, study_instance_uid: str, revision: int, bundle: di
         index_bundle(session, study.id, revision, bundle)
 
 
-def _kinds_for(destination: Destination, written: WrittenResults) -> list[DeliveryObject]:
+def expected_kinds(settings: Settings, destination: Destination) -> list[DeliveryObject]:
+    """The object kinds an analysis will send to ``destination`` with this configuration (the outbox rows)."""
     if destination.kind == "fhir":
         return [DeliveryObject.FHIR]
     if destination.kind == "folder":
         return [DeliveryObject.SR]  # the whole folder of result objects is one delivery
+    reporting = settings.reporting
+    wanted = {DeliveryObject.KEY_IMAGE: reporting.key_image, DeliveryObject.PDF: reporting.pdf,
+              DeliveryObject.SEG: reporting.segmentation}
+    return [DeliveryObject.SR, *(kind for kind, on in wanted.items() if on)]
+
+
+def create_outbox(session: Session, settings: Settings, study: Study, revision: int) -> int:
+    """In the caller's transaction (the one storing the analysis): a ``pending`` delivery row for every
+    destination and expected object kind of the revision that has none yet. Returns how many were created."""
+    existing = set(session.execute(select(Delivery.destination, Delivery.object_kind).where(
+        Delivery.study_id == study.id, Delivery.revision == revision)).tuples())
+    now = utcnow()
+    created = 0
+    for destination in settings.destinations:
+        for kind in expected_kinds(settings, destination):
+            if (destination.name, kind) not in existing:
+                session.add(Delivery(study_id=study.id, revision=revision, destination=destination.name,
+                                     object_kind=kind, state=DeliveryState.PENDING, next_attempt_at=now,
+                                     created_at=now, updated_at=now))
+                created += 1
+    return created
+
+
+def _kinds_for(destination: Destination, written: WrittenResults) -> list[DeliveryObject]:
+    """The object kinds there are to send to ``destination`` among the built results."""
+    if destination.kind != "dicom":
+        return [DeliveryObject.FHIR] if destination.kind == "fhir" else [DeliveryObject.SR]
     return [DeliveryObject(kind) for kind, paths in written.dicom_objects.items() if paths]
 
 
@@ -178,14 +243,29 @@ def deliver_revision(
     *, send: Callable[[Settings, Destination, DeliveryObject, WrittenResults], SendOutcome] = _send,
 ) -> StudyState:
     """Build (once) and send the results of one revision to every destination; return the study state."""
-    written = ensure_results(settings, db, study_instance_uid, revision)
-    for claim in _claim(settings, db, study_instance_uid, revision, written):
-        try:
-            outcome = send(settings, claim.destination, claim.kind, written)
-        except Exception as exc:  # a bug or an unexpected environment problem: retry, never crash the loop
-            log.exception("delivery %d to %s failed unexpectedly", claim.delivery_id, claim.destination.name)
-            outcome = SendOutcome(ok=False, detail=f"{type(exc).__name__}: {exc}")
-        _record(db, claim, outcome)
+    try:
+        written = ensure_results(settings, db, study_instance_uid, revision)
+    except LookupError as exc:  # a stray message for a revision without analysis: nothing to build or send
+        log.warning("study %s revision %d: %s; nothing delivered", study_instance_uid, revision, exc)
+        return _state(db, study_instance_uid)
+    except Exception as exc:  # noqa: BLE001 -- counted as a failed attempt of every due row, never lost
+        log.exception("building the results of study %s revision %d failed", study_instance_uid, revision)
+        return _build_failed(settings, db, study_instance_uid, revision, exc)
+    claims = _claim(settings, db, study_instance_uid, revision, written)
+    if claims:
+        with Lease(db, _renewal(claims), settings.pipeline.heartbeat_seconds,
+                   f"deliveries of {study_instance_uid} r{revision}"):
+            for claim in claims:
+                if not _still_ours(db, claim):
+                    log.warning("delivery %d to %s: the claim was taken over before its send; not sending",
+                                claim.delivery_id, claim.destination.name)
+                    continue
+                try:
+                    outcome = send(settings, claim.destination, claim.kind, written)
+                except Exception as exc:  # a bug or an unexpected environment problem: retry, never crash the loop
+                    log.exception("delivery %d to %s failed unexpectedly", claim.delivery_id, claim.destination.name)
+                    outcome = SendOutcome(ok=False, detail=f"{type(exc).__name__}: {exc}")
+                _record(db, claim, outcome)
     return _settle(db, study_instance_uid, revision)
 
 
@@ -199,10 +279,37 @@ class Claim:
     attempt: int
 
 
+def _is_claim(claim: Claim) -> ColumnElement[bool]:
+    return and_(Delivery.id == claim.delivery_id, Delivery.attempts == claim.attempt,
+                Delivery.state == DeliveryState.SENDING)
+
+
+def _renewal(claims: list[Claim]) -> Callable[[Session], int]:
+    """Refresh ``updated_at`` (the lease) of the claimed rows that are still this worker's."""
+    def renew(session: Session) -> int:
+        return session.execute(update(Delivery).where(or_(*(_is_claim(c) for c in claims)))
+                               .values(updated_at=utcnow())).rowcount
+    return renew
+
+
+def _still_ours(db: Database, claim: Claim) -> bool:
+    with db.session() as session:
+        return session.scalars(select(Delivery.id).where(_is_claim(claim))).first() is not None
+
+
+def _destination(settings: Settings, name: str) -> Destination | None:
+    try:
+        return settings.destination(name)
+    except ConfigError:
+        return None
+
+
 def _claim(
     settings: Settings, db: Database, study_instance_uid: str, revision: int, written: WrittenResults
 ) -> list[Claim]:
-    """Create missing delivery rows and move the due ones to ``sending`` in one transaction."""
+    """Create missing delivery rows and move the due ones to ``sending`` in one transaction. A row whose
+    attempts are exhausted is dead-lettered instead, a row for a destination no longer configured too, and a
+    row for an object kind the results do not have (e.g. no segmentation was possible) is dropped."""
     now = utcnow()
     claimed: list[Claim] = []
     with db.session() as session:
@@ -213,37 +320,104 @@ def _claim(
             log.info("study %s revision %d is superseded by %d; not delivering", study_instance_uid, revision,
                      study.revision)
             return []
-        existing = {
-            (d.destination, d.object_kind): d
-            for d in session.scalars(select(Delivery).where(Delivery.study_id == study.id,
-                                                            Delivery.revision == revision))
-        }
+        rows = list(session.scalars(select(Delivery).where(Delivery.study_id == study.id,
+                                                           Delivery.revision == revision)))
+        existing = {(d.destination, d.object_kind): d for d in rows}
+        wanted: set[tuple[str, DeliveryObject]] = set()
         for destination in settings.destinations:
             for kind in _kinds_for(destination, written):
-                row = existing.get((destination.name, kind))
-                if row is None:
+                wanted.add((destination.name, kind))
+                if (destination.name, kind) not in existing:
                     row = Delivery(study_id=study.id, revision=revision, destination=destination.name,
                                    object_kind=kind, state=DeliveryState.PENDING, next_attempt_at=now)
                     session.add(row)
-                    session.flush()
-                due = row.next_attempt_at is None or row.next_attempt_at <= now
-                if row.state in OPEN_STATES and due:
-                    row.state = DeliveryState.SENDING
-                    row.attempts += 1
-                    claimed.append(Claim(row.id, destination, kind, row.attempts))
+                    rows.append(row)
+        session.flush()
+        for row in rows:
+            if row.state not in OPEN_STATES:
+                continue
+            destination = _destination(settings, row.destination)
+            if destination is None:
+                _dead(session, row, study, FailureReason.DESTINATION_REMOVED,
+                      f"destination {row.destination!r} is no longer configured")
+                continue
+            if (row.destination, row.object_kind) not in wanted:
+                log.info("delivery %d: the results have no %s object; nothing to send to %s", row.id,
+                         row.object_kind.value, row.destination)
+                session.delete(row)
+                continue
+            if row.next_attempt_at is not None and row.next_attempt_at > now:
+                continue
+            if row.attempts >= destination.max_attempts:
+                _dead(session, row, study, FailureReason.ATTEMPTS_EXHAUSTED,
+                      f"{row.attempts} of {destination.max_attempts} attempts used; last error: {row.last_error}")
+                continue
+            row.state = DeliveryState.SENDING
+            row.attempts += 1
+            row.updated_at = now
+            claimed.append(Claim(row.id, destination, row.object_kind, row.attempts))
         if study.state in (StudyState.ANALYSED, StudyState.DELIVERED, StudyState.FAILED) and claimed:
             study.state = StudyState.DELIVERING
     return claimed
 
 
+def _dead(session: Session, row: Delivery, study: Study, reason: FailureReason, detail: str) -> None:
+    """Dead-letter a delivery row with its reason (audited)."""
+    row.state, row.failure, row.last_error = DeliveryState.DEAD, reason, detail[:2000]
+    session.add(AuditEvent(actor=ACTOR, action="delivery.dead", study_instance_uid=study.study_instance_uid,
+                           detail={"destination": row.destination, "object": row.object_kind.value,
+                                   "revision": row.revision, "attempts": row.attempts, "reason": reason.value,
+                                   "detail": detail[:500]}))
+    log.warning("delivery.dead %s → %s (%s): %s", study.study_instance_uid, row.destination, reason.value, detail)
+
+
+def _build_failed(settings: Settings, db: Database, study_instance_uid: str, revision: int,
+                  exc: Exception) -> StudyState:
+    """The result objects could not be built: one failed attempt for every due row of the revision (dead once
+    its attempts are exhausted); with no destinations at all, the study fails at once."""
+    detail = f"cannot build the result objects: {type(exc).__name__}: {exc}"
+    now = utcnow()
+    with db.session() as session:
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == study_instance_uid).with_for_update()
+        ).one()
+        if study.revision != revision:
+            return study.state
+        rows = list(session.scalars(select(Delivery).where(Delivery.study_id == study.id,
+                                                           Delivery.revision == revision)))
+        if not rows:
+            session.add(AuditEvent(actor=ACTOR, action="results.failed", study_instance_uid=study_instance_uid,
+                                   detail={"revision": revision, "detail": detail[:500]}))
+            study.state = StudyState.FAILED
+            return study.state
+        for row in rows:
+            due = row.next_attempt_at is None or row.next_attempt_at <= now
+            if row.state not in OPEN_STATES or not due:
+                continue
+            destination = _destination(settings, row.destination)
+            row.attempts += 1
+            if destination is None or row.attempts >= destination.max_attempts:
+                _dead(session, row, study, FailureReason.ATTEMPTS_EXHAUSTED, detail)
+            else:
+                row.state, row.last_error, row.updated_at = DeliveryState.RETRYING, detail[:2000], now
+                row.next_attempt_at = now + backoff(destination, row.attempts)
+    return _settle(db, study_instance_uid, revision)
+
+
+def _state(db: Database, study_instance_uid: str) -> StudyState:
+    with db.session() as session:
+        return session.scalars(select(Study.state).where(Study.study_instance_uid == study_instance_uid)).one()
+
+
 def _record(db: Database, claim: Claim, outcome: SendOutcome) -> None:
-    """Store the outcome of a claimed attempt, unless the row was taken from this worker meanwhile (the
-    bookkeeper judged the claim stale, or an operator resent): then the newer claim's outcome counts."""
+    """Store the outcome of a claimed attempt, unless the row was taken from this worker meanwhile (its lease
+    expired, or an operator resent): then the newer claim's outcome counts and this one starts nothing."""
     destination = claim.destination
     with db.session() as session:
         row = session.get(Delivery, claim.delivery_id)
         assert row is not None
-        study_uid = session.get(Study, row.study_id).study_instance_uid
+        study = session.get(Study, row.study_id)
+        study_uid = study.study_instance_uid
         if row.state != DeliveryState.SENDING or row.attempts != claim.attempt:
             log.warning("delivery %d to %s: attempt %d finished after the row moved on (%s, attempt %d); "
                         "outcome not recorded: %s", row.id, destination.name, claim.attempt, row.state.value,
@@ -251,11 +425,15 @@ def _record(db: Database, claim: Claim, outcome: SendOutcome) -> None:
             return
         if outcome.ok:
             row.state, row.delivered_at, row.last_error = DeliveryState.DELIVERED, utcnow(), None
-            row.remote_id = outcome.remote_id
+            row.remote_id, row.failure = outcome.remote_id, None
             action = "delivery.delivered"
-        elif outcome.permanent or row.attempts >= destination.max_attempts:
-            row.state, row.last_error = DeliveryState.DEAD, outcome.detail
-            action = "delivery.dead"
+        elif outcome.permanent:
+            _dead(session, row, study, FailureReason.REFUSED, outcome.detail)
+            return
+        elif row.attempts >= destination.max_attempts:
+            _dead(session, row, study, FailureReason.ATTEMPTS_EXHAUSTED,
+                  f"{row.attempts} of {destination.max_attempts} attempts used; last error: {outcome.detail}")
+            return
         else:
             now = utcnow()  # one clock reading: the bookkeeper tells a scheduled retry by updated_at <= next
             row.state, row.last_error, row.updated_at = DeliveryState.RETRYING, outcome.detail, now
