@@ -14,8 +14,8 @@ checked again just before its send, so a worker that lost its claim starts no se
 attempt and ``max_attempts`` is never exceeded. A transient failure schedules the next attempt with exponential
 backoff (``backoff_seconds · 2^(attempts-1)``); a permanent one (association rejected, SOP class refused, HTTP
 4xx) goes straight to the dead-letter state ``dead``, as does a row whose attempts are exhausted, each with its
-reason (:class:`~worker.db.FailureReason`). A failure to build the result objects counts as a failed attempt of
-every due row, so it ends in ``dead`` with its error instead of looping.
+reason (:class:`~worker.db.FailureReason`). Only a worker holding claims builds the objects, and a failure to
+build them counts as a failed attempt of its claims, so it ends in ``dead`` with its error instead of looping.
 """
 
 from __future__ import annotations
@@ -184,11 +184,9 @@ def create_outbox(session: Session, settings: Settings, study: Study, revision: 
     return created
 
 
-def _kinds_for(destination: Destination, written: WrittenResults) -> list[DeliveryObject]:
-    """The object kinds there are to send to ``destination`` among the built results."""
-    if destination.kind != "dicom":
-        return [DeliveryObject.FHIR] if destination.kind == "fhir" else [DeliveryObject.SR]
-    return [DeliveryObject(kind) for kind, paths in written.dicom_objects.items() if paths]
+def _has_objects(destination: Destination, kind: DeliveryObject, written: WrittenResults) -> bool:
+    """Whether the built results have anything of ``kind`` to send to ``destination``."""
+    return destination.kind != "dicom" or bool(written.dicom_objects.get(kind.value))
 
 
 def _send(settings: Settings, destination: Destination, kind: DeliveryObject, written: WrittenResults) -> SendOutcome:
@@ -242,30 +240,55 @@ def deliver_revision(
     settings: Settings, db: Database, study_instance_uid: str, revision: int,
     *, send: Callable[[Settings, Destination, DeliveryObject, WrittenResults], SendOutcome] = _send,
 ) -> StudyState:
-    """Build (once) and send the results of one revision to every destination; return the study state."""
-    try:
-        written = ensure_results(settings, db, study_instance_uid, revision)
-    except LookupError as exc:  # a stray message for a revision without analysis: nothing to build or send
-        log.warning("study %s revision %d: %s; nothing delivered", study_instance_uid, revision, exc)
-        return _state(db, study_instance_uid)
-    except Exception as exc:  # noqa: BLE001 -- counted as a failed attempt of every due row, never lost
-        log.exception("building the results of study %s revision %d failed", study_instance_uid, revision)
-        return _build_failed(settings, db, study_instance_uid, revision, exc)
-    claims = _claim(settings, db, study_instance_uid, revision, written)
-    if claims:
-        with Lease(db, _renewal(claims), settings.pipeline.heartbeat_seconds,
-                   f"deliveries of {study_instance_uid} r{revision}"):
+    """Claim the due deliveries of one revision, build its result objects (once) and send them; return the
+    study state. Only the worker holding claims builds, so concurrent messages for one revision never build it
+    twice at once; with no destination configured the results are only built."""
+    if not settings.destinations:
+        return _results_only(settings, db, study_instance_uid, revision)
+    claims = _claim(settings, db, study_instance_uid, revision)
+    if not claims:
+        return _settle(db, study_instance_uid, revision)
+    active = list(claims)
+    with Lease(db, _renewal(active), settings.pipeline.heartbeat_seconds,
+               f"deliveries of {study_instance_uid} r{revision}"):
+        try:
+            written = ensure_results(settings, db, study_instance_uid, revision)
+        except Exception as exc:  # noqa: BLE001 -- counted as a failed attempt of every claim, never lost
+            log.exception("building the results of study %s revision %d failed", study_instance_uid, revision)
             for claim in claims:
-                if not _still_ours(db, claim):
-                    log.warning("delivery %d to %s: the claim was taken over before its send; not sending",
-                                claim.delivery_id, claim.destination.name)
-                    continue
+                _record(db, claim, SendOutcome(ok=False, detail=f"cannot build the result objects: "
+                                                                f"{type(exc).__name__}: {exc}"))
+            return _settle(db, study_instance_uid, revision)
+        for claim in claims:
+            if not _has_objects(claim.destination, claim.kind, written):
+                _drop(db, claim)
+            elif not _still_ours(db, claim):
+                log.warning("delivery %d to %s: the claim was taken over before its send; not sending",
+                            claim.delivery_id, claim.destination.name)
+            else:
                 try:
                     outcome = send(settings, claim.destination, claim.kind, written)
                 except Exception as exc:  # a bug or an unexpected environment problem: retry, never crash the loop
                     log.exception("delivery %d to %s failed unexpectedly", claim.delivery_id, claim.destination.name)
                     outcome = SendOutcome(ok=False, detail=f"{type(exc).__name__}: {exc}")
                 _record(db, claim, outcome)
+            active.remove(claim)
+    return _settle(db, study_instance_uid, revision)
+
+
+def _results_only(settings: Settings, db: Database, study_instance_uid: str, revision: int) -> StudyState:
+    """No destination: build the results on disk; a failure to build fails the study (audited)."""
+    try:
+        ensure_results(settings, db, study_instance_uid, revision)
+    except Exception as exc:  # noqa: BLE001 -- the study fails visibly instead of staying analysed
+        log.exception("building the results of study %s revision %d failed", study_instance_uid, revision)
+        with db.session() as session:
+            study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)
+                                    .with_for_update()).one()
+            if study.revision == revision:
+                study.state = StudyState.FAILED
+                session.add(AuditEvent(actor=ACTOR, action="results.failed", study_instance_uid=study_instance_uid,
+                                       detail={"revision": revision, "detail": f"{type(exc).__name__}: {exc}"[:500]}))
     return _settle(db, study_instance_uid, revision)
 
 
@@ -284,10 +307,13 @@ def _is_claim(claim: Claim) -> ColumnElement[bool]:
                 Delivery.state == DeliveryState.SENDING)
 
 
-def _renewal(claims: list[Claim]) -> Callable[[Session], int]:
-    """Refresh ``updated_at`` (the lease) of the claimed rows that are still this worker's."""
+def _renewal(active: list[Claim]) -> Callable[[Session], int]:
+    """Refresh ``updated_at`` (the lease) of the claims not yet settled that are still this worker's."""
     def renew(session: Session) -> int:
-        return session.execute(update(Delivery).where(or_(*(_is_claim(c) for c in claims)))
+        current = list(active)
+        if not current:
+            return 1  # everything settled: nothing taken over
+        return session.execute(update(Delivery).where(or_(*(_is_claim(c) for c in current)))
                                .values(updated_at=utcnow())).rowcount
     return renew
 
@@ -297,6 +323,16 @@ def _still_ours(db: Database, claim: Claim) -> bool:
         return session.scalars(select(Delivery.id).where(_is_claim(claim))).first() is not None
 
 
+def _drop(db: Database, claim: Claim) -> None:
+    """The results have no object of the claimed kind (e.g. no segmentation was possible): no delivery."""
+    with db.session() as session:
+        row = session.scalars(select(Delivery).where(_is_claim(claim))).first()
+        if row is not None:
+            log.info("delivery %d: the results have no %s object; nothing to send to %s", row.id,
+                     row.object_kind.value, row.destination)
+            session.delete(row)
+
+
 def _destination(settings: Settings, name: str) -> Destination | None:
     try:
         return settings.destination(name)
@@ -304,13 +340,9 @@ def _destination(settings: Settings, name: str) -> Destination | None:
         return None
 
 
-def _claim(
-    settings: Settings, db: Database, study_instance_uid: str, revision: int, written: WrittenResults
-) -> list[Claim]:
+def _claim(settings: Settings, db: Database, study_instance_uid: str, revision: int) -> list[Claim]:
     """Create missing delivery rows and move the due ones to ``sending`` in one transaction. A row whose
-    attempts are exhausted is dead-lettered instead, a row for a destination no longer configured too, and a
-    row for an object kind the results do not have (e.g. no segmentation was possible) is dropped."""
-    now = utcnow()
+    attempts are exhausted is dead-lettered instead, as is a row for a destination no longer configured."""
     claimed: list[Claim] = []
     with db.session() as session:
         study = session.scalars(
@@ -320,31 +352,19 @@ def _claim(
             log.info("study %s revision %d is superseded by %d; not delivering", study_instance_uid, revision,
                      study.revision)
             return []
-        rows = list(session.scalars(select(Delivery).where(Delivery.study_id == study.id,
-                                                           Delivery.revision == revision)))
-        existing = {(d.destination, d.object_kind): d for d in rows}
-        wanted: set[tuple[str, DeliveryObject]] = set()
-        for destination in settings.destinations:
-            for kind in _kinds_for(destination, written):
-                wanted.add((destination.name, kind))
-                if (destination.name, kind) not in existing:
-                    row = Delivery(study_id=study.id, revision=revision, destination=destination.name,
-                                   object_kind=kind, state=DeliveryState.PENDING, next_attempt_at=now)
-                    session.add(row)
-                    rows.append(row)
+        if latest_analysis(session, study, revision) is None:
+            log.warning("study %s revision %d has no analysis; nothing to deliver", study_instance_uid, revision)
+            return []
+        create_outbox(session, settings, study, revision)
         session.flush()
+        now = utcnow()
+        rows = session.scalars(select(Delivery).where(Delivery.study_id == study.id, Delivery.revision == revision,
+                                                      Delivery.state.in_(OPEN_STATES))).all()
         for row in rows:
-            if row.state not in OPEN_STATES:
-                continue
             destination = _destination(settings, row.destination)
             if destination is None:
                 _dead(session, row, study, FailureReason.DESTINATION_REMOVED,
                       f"destination {row.destination!r} is no longer configured")
-                continue
-            if (row.destination, row.object_kind) not in wanted:
-                log.info("delivery %d: the results have no %s object; nothing to send to %s", row.id,
-                         row.object_kind.value, row.destination)
-                session.delete(row)
                 continue
             if row.next_attempt_at is not None and row.next_attempt_at > now:
                 continue
@@ -369,44 +389,6 @@ def _dead(session: Session, row: Delivery, study: Study, reason: FailureReason, 
                                    "revision": row.revision, "attempts": row.attempts, "reason": reason.value,
                                    "detail": detail[:500]}))
     log.warning("delivery.dead %s → %s (%s): %s", study.study_instance_uid, row.destination, reason.value, detail)
-
-
-def _build_failed(settings: Settings, db: Database, study_instance_uid: str, revision: int,
-                  exc: Exception) -> StudyState:
-    """The result objects could not be built: one failed attempt for every due row of the revision (dead once
-    its attempts are exhausted); with no destinations at all, the study fails at once."""
-    detail = f"cannot build the result objects: {type(exc).__name__}: {exc}"
-    now = utcnow()
-    with db.session() as session:
-        study = session.scalars(
-            select(Study).where(Study.study_instance_uid == study_instance_uid).with_for_update()
-        ).one()
-        if study.revision != revision:
-            return study.state
-        rows = list(session.scalars(select(Delivery).where(Delivery.study_id == study.id,
-                                                           Delivery.revision == revision)))
-        if not rows:
-            session.add(AuditEvent(actor=ACTOR, action="results.failed", study_instance_uid=study_instance_uid,
-                                   detail={"revision": revision, "detail": detail[:500]}))
-            study.state = StudyState.FAILED
-            return study.state
-        for row in rows:
-            due = row.next_attempt_at is None or row.next_attempt_at <= now
-            if row.state not in OPEN_STATES or not due:
-                continue
-            destination = _destination(settings, row.destination)
-            row.attempts += 1
-            if destination is None or row.attempts >= destination.max_attempts:
-                _dead(session, row, study, FailureReason.ATTEMPTS_EXHAUSTED, detail)
-            else:
-                row.state, row.last_error, row.updated_at = DeliveryState.RETRYING, detail[:2000], now
-                row.next_attempt_at = now + backoff(destination, row.attempts)
-    return _settle(db, study_instance_uid, revision)
-
-
-def _state(db: Database, study_instance_uid: str) -> StudyState:
-    with db.session() as session:
-        return session.scalars(select(Study.state).where(Study.study_instance_uid == study_instance_uid)).one()
 
 
 def _record(db: Database, claim: Claim, outcome: SendOutcome) -> None:
