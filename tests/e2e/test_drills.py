@@ -95,9 +95,11 @@ def test_uid_reuse_refused_lost_delivery_message_and_echo_back(tmp_path: Path, r
         s.pacs.post("/modalities/retinalgpt/store", {"Resources": [s.pacs.study_id(study_uid)], "Synchronous": True})
         peer = PeerParams("RETINALGPT", "127.0.0.1", s.node_port, calling_ae_title="ORTHANC")
 
-        # Another patient's study reuses the first image's SOP Instance UID: refused, audited, nothing moves.
+        # Another patient's study (another device) reuses the first image's SOP Instance UID: refused, audited,
+        # nothing moves.
         reused = dcmread(paths[0])
-        reused.StudyInstanceUID, reused.PatientID, reused.PatientName = generate_uid(), "E2E-2", "Other^Patient"
+        reused.StudyInstanceUID, reused.SeriesInstanceUID = generate_uid(), generate_uid()
+        reused.PatientID, reused.PatientName = "E2E-2", "Other^Patient"
         reused.save_as(tmp_path / "reused.dcm")
         [refused] = send_files(peer, [tmp_path / "reused.dcm"]).instances
         assert refused.status == StoreStatus.UID_CONFLICT
