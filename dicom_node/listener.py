@@ -2,8 +2,12 @@
 
 Receive path per C-STORE (DESIGN step 1): the data set bytes arrive as sent (never decoded), their
 identifying attributes are read and checked (:mod:`dicom_node.instance`), the file is written to a temp
-file and fsynced, renamed into place, reported to the :class:`~dicom_node.events.IngestSink` (the database
-row), and only then is Success answered. Any failure answers a failure status and the association carries on.
+file and fsynced, the sink is asked how the instance relates to what is recorded (new, duplicate, or a UID
+conflict that would move data to another study or patient: refused with 0xC004), the file is renamed into
+place, reported to the :class:`~dicom_node.events.IngestSink` (the database row), and only then is Success
+answered. Any failure — a database error in the duplicate check included — answers a failure status and the
+association carries on. When an association ends, whether it was released (A-RELEASE) or cut off is passed to
+the completion tracker: a cut-off sender does not end its studies.
 """
 
 from __future__ import annotations

@@ -86,29 +86,32 @@ class IngestService:
     # -- IngestSink ------------------------------------------------------------------------------------
 
     def placement(self, instance: ReceivedInstance) -> Placement:
-        """NEW, DUPLICATE (same SOP Instance UID in the same study and series, same patient) or CONFLICT."""
+        """NEW, DUPLICATE (same SOP Instance UID in the same study and series, same patient) or CONFLICT.
+        One statement (this is on the C-STORE hot path)."""
         with self.db.engine.connect() as conn:
-            recorded = conn.execute(
-                select(Study.study_instance_uid, Study.patient_id, Series.series_instance_uid)
-                .select_from(Instance)
-                .join(Study, Study.id == Instance.study_id)
-                .join(Series, Series.id == Instance.series_id)
-                .where(Instance.sop_instance_uid == instance.sop_instance_uid)
-            ).first()
-            if recorded is None:
-                reason = _study_or_series_conflict(conn, instance)
-                return Placement(PlacementKind.CONFLICT, reason) if reason else Placement(PlacementKind.NEW)
-        place = (recorded.study_instance_uid, recorded.series_instance_uid)
-        if place != (instance.study_instance_uid, instance.series_instance_uid):
+            found = conn.execute(_PLACEMENT, {"sop": instance.sop_instance_uid, "study": instance.study_instance_uid,
+                                              "series": instance.series_instance_uid}).one()
+        sop, study, series, patient = (instance.sop_instance_uid, instance.study_instance_uid,
+                                       instance.series_instance_uid, instance.patient_id)
+        if found.recorded_study is not None:
+            if (found.recorded_study, found.recorded_series) != (study, series):
+                return Placement(PlacementKind.CONFLICT, (
+                    f"SOP Instance UID {sop} is already stored in study {found.recorded_study} series "
+                    f"{found.recorded_series} (patient {found.recorded_patient!r}); received for study {study} "
+                    f"series {series} (patient {patient!r})"))
+            if _other_patient(found.recorded_patient, patient):
+                return Placement(PlacementKind.CONFLICT, (
+                    f"SOP Instance UID {sop} is already stored for patient {found.recorded_patient!r}; received "
+                    f"for patient {patient!r}"))
+            return Placement(PlacementKind.DUPLICATE)
+        if _other_patient(found.study_patient, patient):
             return Placement(PlacementKind.CONFLICT, (
-                f"SOP Instance UID {instance.sop_instance_uid} is already stored in study {place[0]} series "
-                f"{place[1]} (patient {recorded.patient_id!r}); received for study {instance.study_instance_uid} "
-                f"series {instance.series_instance_uid} (patient {instance.patient_id!r})"))
-        if _other_patient(recorded.patient_id, instance.patient_id):
+                f"study {study} is recorded for patient {found.study_patient!r}; instance {sop} names patient "
+                f"{patient!r}"))
+        if found.series_study is not None and found.series_study != study:
             return Placement(PlacementKind.CONFLICT, (
-                f"SOP Instance UID {instance.sop_instance_uid} is already stored for patient "
-                f"{recorded.patient_id!r}; received for patient {instance.patient_id!r}"))
-        return Placement(PlacementKind.DUPLICATE)
+                f"series {series} is recorded in study {found.series_study}; instance {sop} names study {study}"))
+        return Placement(PlacementKind.NEW)
 
     def instance_stored(self, instance: ReceivedInstance, *, replaced: bool) -> None:
         """One short Core transaction (this is on the C-STORE hot path): recognise our own objects, touch the
@@ -321,20 +324,25 @@ def _other_patient(recorded: str | None, received: str | None) -> bool:
     return bool(recorded and received and recorded.strip() != received.strip())
 
 
-def _study_or_series_conflict(conn: Connection, instance: ReceivedInstance) -> str | None:
-    """Why a new instance cannot join its study and series, or None: the study is recorded for another
-    Patient ID, or the series under another study."""
-    patient = conn.execute(select(Study.patient_id).where(
-        Study.study_instance_uid == instance.study_instance_uid)).first()
-    if patient is not None and _other_patient(patient.patient_id, instance.patient_id):
-        return (f"study {instance.study_instance_uid} is recorded for patient {patient.patient_id!r}; instance "
-                f"{instance.sop_instance_uid} names patient {instance.patient_id!r}")
-    owner = conn.execute(select(Study.study_instance_uid).join(Series, Series.study_id == Study.id).where(
-        Series.series_instance_uid == instance.series_instance_uid)).scalar_one_or_none()
-    if owner is not None and owner != instance.study_instance_uid:
-        return (f"series {instance.series_instance_uid} is recorded in study {owner}; instance "
-                f"{instance.sop_instance_uid} names study {instance.study_instance_uid}")
-    return None
+def _placement_statement():
+    """Where the SOP Instance UID is recorded (study, series, patient), the Patient ID the study is recorded
+    for, and the study the series is recorded in — NULL when unknown — as one row."""
+    by_sop = Instance.sop_instance_uid == bindparam("sop")
+    return select(
+        select(Study.study_instance_uid).join(Instance, Instance.study_id == Study.id).where(by_sop)
+        .scalar_subquery().label("recorded_study"),
+        select(Series.series_instance_uid).join(Instance, Instance.series_id == Series.id).where(by_sop)
+        .scalar_subquery().label("recorded_series"),
+        select(Study.patient_id).join(Instance, Instance.study_id == Study.id).where(by_sop)
+        .scalar_subquery().label("recorded_patient"),
+        select(Study.patient_id).where(Study.study_instance_uid == bindparam("study"))
+        .scalar_subquery().label("study_patient"),
+        select(Study.study_instance_uid).join(Series, Series.study_id == Study.id)
+        .where(Series.series_instance_uid == bindparam("series")).scalar_subquery().label("series_study"),
+    )
+
+
+_PLACEMENT = _placement_statement()
 
 
 _STUDY_FIELDS = ("patient_id", "patient_name", "accession_number", "study_date", "study_description")

@@ -81,6 +81,7 @@ def _node_up(s: Stack) -> bool:
     return True
 
 
+@pytest.mark.slow  # ≈ 75 s; tests/worker/test_integrity.py and test_pipeline_state.py prove the same in the fast suite
 def test_uid_reuse_refused_lost_delivery_message_and_echo_back(tmp_path: Path, retina_rgb: np.ndarray,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RETINALGPT_MODEL__ENABLED", "false")  # measurement pipeline only: the drill is not the model

@@ -358,3 +358,47 @@ def test_database_error_in_the_duplicate_check_fails_the_store(node, op_file, ca
             conn.execute("ALTER TABLE instances_moved RENAME TO instances")
     assert not [p for p in running.listener.params.storage_root.rglob("*.dcm") if "other" in p.name]
     assert _statuses(running, [sent]) == [0]  # back: a duplicate again, answered from the database
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_placement_and_the_guards_of_the_recording_on_both_backends(backend, tmp_path, request):
+    """The ingest service's own checks, as the listener asks them, on SQLite and PostgreSQL: the one-statement
+    placement check, and the recording refusing to move anything even when asked without a check."""
+    from dicom_node.events import InstanceConflict, PlacementKind, ReceivedInstance
+    from worker.db import Database, utcnow
+    from worker.ingest import IngestService
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    upgrade(url)
+    db = Database(url)
+    service = IngestService(db)
+
+    def received(sop: str, study: str, series: str, patient: str | None = "P1") -> ReceivedInstance:
+        return ReceivedInstance(sop_class_uid=OP_8BIT, sop_instance_uid=sop, study_instance_uid=study,
+                                series_instance_uid=series, transfer_syntax_uid="1.2.840.10008.1.2.1",
+                                path=tmp_path / f"{sop}.dcm", size=1, sha256="0" * 64, calling_ae_title="CAMERA1",
+                                peer_host="127.0.0.1", received_at=utcnow(), analysable=True, patient_id=patient)
+
+    try:
+        first = received("1.2.3.1", "1.2.9", "1.2.9.1")
+        assert service.placement(first).kind is PlacementKind.NEW
+        service.instance_stored(first, replaced=False)
+        cases = {
+            "duplicate": (received("1.2.3.1", "1.2.9", "1.2.9.1"), PlacementKind.DUPLICATE),
+            "patient unknown": (received("1.2.3.1", "1.2.9", "1.2.9.1", None), PlacementKind.DUPLICATE),
+            "new in study": (received("1.2.3.2", "1.2.9", "1.2.9.1"), PlacementKind.NEW),
+            "sop elsewhere": (received("1.2.3.1", "1.2.8", "1.2.8.1"), PlacementKind.CONFLICT),
+            "sop other patient": (received("1.2.3.1", "1.2.9", "1.2.9.1", "P2"), PlacementKind.CONFLICT),
+            "study other patient": (received("1.2.3.3", "1.2.9", "1.2.9.1", "P2"), PlacementKind.CONFLICT),
+            "series elsewhere": (received("1.2.3.4", "1.2.7", "1.2.9.1"), PlacementKind.CONFLICT),
+        }
+        for name, (instance, expected) in cases.items():
+            assert service.placement(instance).kind is expected, name
+        for name in ("sop elsewhere", "study other patient", "series elsewhere"):
+            with pytest.raises(InstanceConflict):
+                service.instance_stored(cases[name][0], replaced=False)
+        with db.session() as session:
+            assert [(i.sop_instance_uid, i.study_id) for i in session.scalars(select(Instance))] == [("1.2.3.1", 1)]
+            assert [s.study_instance_uid for s in session.scalars(select(Study))] == ["1.2.9"]
+    finally:
+        db.dispose()
