@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +31,7 @@ class ReceivedInstance:
     peer_host: str
     received_at: datetime
     analysable: bool
+    not_analysed_reason: str | None = None
     patient_id: str | None = None
     patient_name: str | None = None
     accession_number: str | None = None
@@ -40,6 +42,34 @@ class ReceivedInstance:
     series_description: str | None = None
     instance_number: int | None = None
     laterality: str | None = None
+    image_type: tuple[str, ...] = ()
+    burned_in_annotation: str | None = None
+    manufacturer: str | None = None
+
+
+class PlacementKind(StrEnum):
+    """How a received instance relates to what is already recorded."""
+
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    """Its SOP Instance UID is recorded in the same study and series, for the same patient."""
+    CONFLICT = "conflict"
+    """Recording it would move an instance, a series or a study to another study or patient."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    kind: PlacementKind
+    reason: str = ""
+
+
+class InstanceConflict(Exception):
+    """Raised by :meth:`IngestSink.instance_stored` when recording would move an instance, series or study to
+    another study or patient (a UID reused by another sender); the listener refuses the instance."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +97,8 @@ class RejectedAssociation:
 
 @dataclass(frozen=True, slots=True)
 class AssociationSummary:
-    """What one accepted association carried, reported when it ends (released or aborted)."""
+    """What one accepted association carried, reported when it ends. ``aborted``: it ended without an
+    A-RELEASE (A-ABORT from either side, connection dropped, timeout)."""
 
     calling_ae_title: str
     peer_host: str
@@ -80,25 +111,31 @@ class AssociationSummary:
 
 @dataclass(frozen=True, slots=True)
 class PendingStudy:
-    """A study still receiving, re-armed for completion detection when the listener starts."""
+    """A study still receiving, re-armed for completion detection when the listener starts. ``interrupted``:
+    the last association that carried an instance of it was not released normally (aborted, connection
+    dropped, or cut by a crash of the node), so more instances are probably still to come."""
 
     study_instance_uid: str
-    receiving_since: datetime
-    last_received_at: datetime
+    interrupted: bool
 
 
 class IngestSink(Protocol):
     """What the listener tells the rest of the product."""
 
-    def instance_stored(self, instance: ReceivedInstance, *, replaced: bool) -> None:
-        """Record a durably stored instance; Success is answered only after this returns."""
+    def placement(self, instance: ReceivedInstance) -> Placement:
+        """Whether ``instance`` is new, a duplicate of a recorded instance, or in conflict with what is
+        recorded (asked before its file is put in place). Raises when it cannot tell (database error): the
+        listener then refuses the instance rather than guess."""
 
-    def instance_recorded(self, sop_instance_uid: str) -> bool:
-        """Whether an instance with this SOP Instance UID is recorded (asked only when its file exists, to
-        tell a true duplicate from a file whose recording failed, e.g. in a crash)."""
+    def instance_stored(self, instance: ReceivedInstance, *, replaced: bool) -> None:
+        """Record a durably stored instance; Success is answered only after this returns. Raises
+        :class:`InstanceConflict` instead of moving anything between studies or patients."""
 
     def duplicate_ignored(self, instance: ReceivedInstance) -> None:
         """An instance whose SOP Instance UID was already stored was discarded (keep-first policy)."""
+
+    def uid_conflict(self, instance: ReceivedInstance, reason: str) -> None:
+        """An instance was refused because recording it would move data to another study or patient."""
 
     def instance_rejected(self, rejection: RejectedInstance) -> None:
         """A C-STORE request got a failure status."""

@@ -31,7 +31,8 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _IDENTIFYING = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName",
     "AccessionNumber", "StudyDate", "StudyDescription", "Modality", "SeriesNumber", "SeriesDescription",
-    "InstanceNumber", "ImageLaterality", "Laterality", "SpecificCharacterSet",
+    "InstanceNumber", "ImageLaterality", "Laterality", "SpecificCharacterSet", "ImageType", "BurnedInAnnotation",
+    "Manufacturer",
 )
 _TAG_OF = {keyword: int(Tag(keyword)) for keyword in _IDENTIFYING}
 _IDENTIFYING_TAGS = frozenset(_TAG_OF.values())
@@ -64,6 +65,15 @@ class Identified:
     series_description: str | None
     instance_number: int | None
     laterality: str | None
+    image_type: tuple[str, ...] = ()
+    burned_in_annotation: str | None = None
+    manufacturer: str | None = None
+
+    @property
+    def derived(self) -> bool:
+        """A derived image: Image Type value 1 DERIVED (PS3.3 C.7.6.1.1.2) or Burned In Annotation YES
+        (C.7.6.3.1.6) — a processed or annotated picture, such as a key image, not a photograph to analyse."""
+        return self.image_type[:1] == ("DERIVED",) or self.burned_in_annotation == "YES"
 
 
 def is_valid_uid(value: str) -> bool:
@@ -153,6 +163,9 @@ def identify(dataset: bytes, transfer_syntax_uid: str, *, sop_class_uid: str, so
         series_description=attributes["SeriesDescription"],
         instance_number=_int(attributes["InstanceNumber"]),
         laterality=attributes["ImageLaterality"] or attributes["Laterality"],
+        image_type=tuple(v.strip().upper() for v in (attributes["ImageType"] or "").split("\\") if v.strip()),
+        burned_in_annotation=(attributes["BurnedInAnnotation"] or "").upper() or None,
+        manufacturer=attributes["Manufacturer"],
     )
 
 

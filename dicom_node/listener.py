@@ -2,14 +2,19 @@
 
 Receive path per C-STORE (DESIGN step 1): the data set bytes arrive as sent (never decoded), their
 identifying attributes are read and checked (:mod:`dicom_node.instance`), the file is written to a temp
-file and fsynced, renamed into place, reported to the :class:`~dicom_node.events.IngestSink` (the database
-row), and only then is Success answered. Any failure answers a failure status and the association carries on.
+file and fsynced, the sink is asked how the instance relates to what is recorded (new, duplicate, or a UID
+conflict that would move data to another study or patient: refused with 0xC004), the file is renamed into
+place, reported to the :class:`~dicom_node.events.IngestSink` (the database row), and only then is Success
+answered. Any failure — a database error in the duplicate check included — answers a failure status and the
+association carries on. When an association ends, whether it was released (A-RELEASE) or cut off is passed to
+the completion tracker: a cut-off sender does not end its studies.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,11 +31,13 @@ from dicom_node.completion import CompletionTracker
 from dicom_node.events import (
     AssociationSummary,
     IngestSink,
+    InstanceConflict,
+    PlacementKind,
     ReceivedInstance,
     RejectedAssociation,
     RejectedInstance,
 )
-from dicom_node.instance import InvalidInstance, file_header, identify, is_valid_uid
+from dicom_node.instance import Identified, InvalidInstance, file_header, identify, is_valid_uid
 from dicom_node.params import CompletionParams, DuplicatePolicy, ListenerParams, UnsupportedSopPolicy
 from dicom_node.sop import (
     ANALYSABLE_SOP_CLASSES,
@@ -49,6 +56,9 @@ log = logging.getLogger(__name__)
 _REJECT_PERMANENT, _SOURCE_SERVICE_USER = 0x01, 0x01
 _CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
 _LOCK_STRIPES = 64
+_RELEASE_FLAG_WAIT = 2.0
+"""Seconds to wait, when a connection closes, for pynetdicom's reactor thread to say whether the association
+was released or aborted (the close is seen on the DUL thread, sometimes a moment before the flag is set)."""
 
 
 class _SupportedContext(PresentationContext):
@@ -111,11 +121,10 @@ class Listener:
         if removed:
             log.warning("removed %d incomplete temp files from an earlier run", removed)
         for pending in self.sink.pending_studies():
-            self.tracker.arm(
-                pending.study_instance_uid,
-                pending.receiving_since.timestamp(),
-                pending.last_received_at.timestamp(),
-            )
+            self.tracker.arm(pending.study_instance_uid, interrupted=pending.interrupted)
+            if pending.interrupted:
+                log.warning("study %s was cut off mid-association before this start; waiting for its sender "
+                            "to send again (or max_wait_seconds)", pending.study_instance_uid)
         _quiet_pynetdicom_when_not_logged()
         ae = self._application_entity()
         handlers: list[Any] = [
@@ -195,11 +204,13 @@ class Listener:
 
     def _on_closed(self, event: Event) -> None:
         assoc = event.assoc
-        self.tracker.association_closed(id(assoc))
         with self._stats_lock:
             stats = self._stats.pop(id(assoc), None)
         if stats is None:
+            self.tracker.association_closed(id(assoc))
             return
+        released = _released(assoc)
+        self.tracker.association_closed(id(assoc), released=released)
         summary = AssociationSummary(
             calling_ae_title=stats.calling_ae_title,
             peer_host=stats.peer_host,
@@ -207,7 +218,7 @@ class Listener:
             duplicates=stats.duplicates,
             failed=stats.failed,
             studies=tuple(sorted(stats.studies)),
-            aborted=bool(assoc.is_aborted),
+            aborted=not released,
         )
         log.info(
             "association from %s@%s ended%s: %d stored, %d duplicate, %d failed",
@@ -237,6 +248,13 @@ class Listener:
             self._report(self.sink.instance_rejected, rejection)
             return int(status)
 
+        def conflict(instance: ReceivedInstance, reason: str) -> int:
+            stats.failed += 1
+            log.error("C-STORE %s from %s@%s refused with 0x%04X (UID conflict): %s", instance.sop_instance_uid,
+                      stats.calling_ae_title, stats.peer_host, StoreStatus.UID_CONFLICT, reason)
+            self._sink_call(self.sink.uid_conflict, instance, reason)
+            return int(StoreStatus.UID_CONFLICT)
+
         if sop_class_uid not in self._accepted_classes:
             return refuse(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class_uid} is not accepted")
         if not (is_valid_uid(sop_class_uid) and is_valid_uid(sop_instance_uid)):
@@ -253,6 +271,7 @@ class Listener:
             temp, sha256 = self.store.write_temp(header, dataset)
         except OSError as exc:
             return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc}", ident.study_instance_uid)
+        not_analysed = self._not_analysed_reason(ident)
         instance = ReceivedInstance(
             sop_class_uid=ident.sop_class_uid,
             sop_instance_uid=ident.sop_instance_uid,
@@ -265,7 +284,8 @@ class Listener:
             calling_ae_title=stats.calling_ae_title,
             peer_host=stats.peer_host,
             received_at=datetime.now(UTC),
-            analysable=ident.sop_class_uid in ANALYSABLE_SOP_CLASSES,
+            analysable=not_analysed is None,
+            not_analysed_reason=not_analysed,
             patient_id=ident.patient_id,
             patient_name=ident.patient_name,
             accession_number=ident.accession_number,
@@ -276,14 +296,27 @@ class Listener:
             series_description=ident.series_description,
             instance_number=ident.instance_number,
             laterality=ident.laterality,
+            image_type=ident.image_type,
+            burned_in_annotation=ident.burned_in_annotation,
+            manufacturer=ident.manufacturer,
         )
         with self._sop_locks[hash(ident.sop_instance_uid) % _LOCK_STRIPES]:
-            existed = final.exists()
-            if existed and not self._recorded(ident.sop_instance_uid):
-                existed = False  # a file left by an attempt that never got recorded: this one takes its place
-            if existed and self.params.duplicate_policy is DuplicatePolicy.KEEP_FIRST:
+            try:
+                placement = self.sink.placement(instance)
+            except Exception as exc:  # noqa: BLE001 - never answer Success without knowing what is recorded
+                log.exception("cannot tell whether %s is already recorded", ident.sop_instance_uid)
+                self.store.discard(temp)
+                return refuse(StoreStatus.OUT_OF_RESOURCES_DATABASE, f"cannot check what is recorded: {exc}",
+                              ident.study_instance_uid)
+            if placement.kind is PlacementKind.CONFLICT:
+                self.store.discard(temp)
+                return conflict(instance, placement.reason)
+            duplicate = placement.kind is PlacementKind.DUPLICATE
+            if duplicate and self.params.duplicate_policy is DuplicatePolicy.KEEP_FIRST and final.exists():
                 self.store.discard(temp)
                 stats.duplicates += 1
+                stats.studies.add(ident.study_instance_uid)
+                self.tracker.duplicate_received(ident.study_instance_uid, id(assoc))
                 log.info("duplicate SOP Instance UID %s from %s ignored (keep first)", ident.sop_instance_uid,
                          stats.calling_ae_title)
                 self._report(self.sink.duplicate_ignored, instance)
@@ -295,30 +328,50 @@ class Listener:
                 return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot store: {exc}", ident.study_instance_uid)
             self.tracker.instance_received(ident.study_instance_uid, id(assoc))
             try:
-                self.sink.instance_stored(instance, replaced=existed)
+                self.sink.instance_stored(instance, replaced=duplicate)
+            except InstanceConflict as exc:
+                if not duplicate:
+                    self.store.discard(final)
+                return conflict(instance, exc.reason)
             except Exception as exc:
                 log.exception("recording instance %s failed", ident.sop_instance_uid)
-                if not existed:
+                if not duplicate:
                     self.store.discard(final)
                 return refuse(StoreStatus.OUT_OF_RESOURCES_DATABASE, f"cannot record: {exc}", ident.study_instance_uid)
         stats.stored += 1
         stats.studies.add(ident.study_instance_uid)
         return int(StoreStatus.SUCCESS)
 
-    def _recorded(self, sop_instance_uid: str) -> bool:
-        try:
-            return bool(self.sink.instance_recorded(sop_instance_uid))
-        except Exception:
-            log.exception("cannot tell whether %s is recorded; treating the stored file as a duplicate",
-                          sop_instance_uid)
-            return True
+    def _not_analysed_reason(self, ident: Identified) -> str | None:
+        """Why an instance is stored but not analysed, or None when it goes to analysis: only photographs of
+        the analysable SOP classes, and (unless ``analyse_derived_images``) only original ones."""
+        if ident.sop_class_uid not in ANALYSABLE_SOP_CLASSES:
+            return "SOP class is not a photograph class"
+        if ident.derived and not self.params.analyse_derived_images:
+            if ident.image_type[:1] == ("DERIVED",):
+                return "derived image (Image Type DERIVED)"
+            return "burned-in annotation"
+        return None
 
     def _report(self, method: Any, payload: Any) -> None:
         """Tell the sink something that must never stop the node."""
+        self._sink_call(method, payload)
+
+    @staticmethod
+    def _sink_call(method: Any, *args: Any) -> None:
         try:
-            method(payload)
+            method(*args)
         except Exception:
             log.exception("ingest sink failed in %s", getattr(method, "__name__", method))
+
+
+def _released(assoc: Association) -> bool:
+    """Whether the association ended with A-RELEASE; anything else (A-ABORT, A-P-ABORT, dropped connection,
+    timeout) counts as cut off. Waits briefly for the reactor thread to set the flag."""
+    deadline = time.monotonic() + _RELEASE_FLAG_WAIT
+    while not (assoc.is_released or assoc.is_aborted) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return bool(assoc.is_released)
 
 
 def _quiet_pynetdicom_when_not_logged() -> None:

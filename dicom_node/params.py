@@ -53,6 +53,7 @@ class ListenerParams:
     allowed_callers: tuple[CallerRule, ...] = ()
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     unsupported_sop_classes: UnsupportedSopPolicy = UnsupportedSopPolicy.STORE
+    analyse_derived_images: bool = False
     fsync: bool = True
     max_pdu_size: int = 4 * 1024 * 1024
     network_timeout: float = 60.0

@@ -17,6 +17,9 @@ class StoreStatus(IntEnum):
     MISSING_IDENTIFIER = 0xC001
     INVALID_IDENTIFIER = 0xC002
     PIXEL_DATA_TRUNCATED = 0xC003
+    UID_CONFLICT = 0xC004
+    """The SOP Instance UID (or the Series Instance UID) is already stored under another study, series or
+    patient, or the study is recorded for another Patient ID: nothing is moved between studies or patients."""
 
 
 def is_success(status: int) -> bool:

@@ -76,6 +76,8 @@ class DicomSettings(_Section):
     max_wait_seconds: float = Field(default=600.0, gt=0)
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
     unsupported_sop_classes: UnsupportedSopPolicy = UnsupportedSopPolicy.STORE
+    analyse_derived_images: bool = Field(default=False, description="analyse images marked DERIVED or with "
+                                         "burned-in annotation (key images, montages); our own objects never are")
     max_pdu_size: int = Field(default=4 * 1024 * 1024, ge=0, description="0 means unlimited")
     network_timeout: float = Field(default=60.0, gt=0)
     acse_timeout: float = Field(default=30.0, gt=0)

@@ -35,6 +35,7 @@ def listener_params(settings: Settings) -> ListenerParams:
         allowed_callers=tuple(CallerRule(c.ae_title, c.host) for c in dicom.allowed_callers),
         duplicate_policy=DuplicatePolicy(dicom.duplicate_policy.value),
         unsupported_sop_classes=UnsupportedSopPolicy(dicom.unsupported_sop_classes.value),
+        analyse_derived_images=dicom.analyse_derived_images,
         fsync=settings.storage.fsync,
         max_pdu_size=dicom.max_pdu_size,
         network_timeout=dicom.network_timeout,

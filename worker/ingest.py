@@ -1,28 +1,40 @@
 """The worker side of the DICOM node: records what :mod:`dicom_node` receives in the database.
 
 :class:`IngestService` implements :class:`dicom_node.events.IngestSink`. It keeps one row per study, series
-and instance, opens a new revision when an instance arrives for a study that already left ``receiving``,
-marks a study ``complete`` when the listener's completion tracker says it is stable, and then calls every
-registered completion callback with ``(study_instance_uid, revision)`` — the end-to-end pipeline hangs its
-Celery work on that. Associations, rejections, duplicates and completions are written as audit events.
+and instance, opens a new revision when an analysable instance arrives for a study that already left
+``receiving``, marks a study ``complete`` when the listener's completion tracker says it is stable, and then
+calls every registered completion callback with ``(study_instance_uid, revision)`` — the end-to-end pipeline
+hangs its Celery work on that. Associations, rejections, duplicates and completions are written as audit events.
+
+Nothing is ever moved between studies or patients: an instance whose SOP Instance UID is recorded under another
+study or series, a series recorded under another study, or an instance naming another Patient ID than its
+study is a *UID conflict*, refused and audited (``instance.uid_conflict``); the first recording stays.
+
+Our own result objects (SR, key images, PDF, SEG) sent back by a PACS are recognised by their SOP Instance UID
+or Series Instance UID (recorded in ``result_objects`` when they were built) or by our Manufacturer: they are
+stored, never analysed, and — like every instance that is not analysed — never open a revision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from dicom_node.events import (
     AssociationSummary,
+    InstanceConflict,
     PendingStudy,
+    Placement,
+    PlacementKind,
     ReceivedInstance,
     RejectedAssociation,
     RejectedInstance,
@@ -34,6 +46,7 @@ from worker.db import (
     AuditEvent,
     Database,
     Instance,
+    ResultObject,
     Series,
     Study,
     StudyState,
@@ -53,8 +66,10 @@ ACTOR = "dicom-node"
 class IngestService:
     """Records received instances and study completion (thread-safe; one short transaction per call)."""
 
-    def __init__(self, db: Database, on_complete: CompletionCallback | Iterable[CompletionCallback] | None = None):
+    def __init__(self, db: Database, on_complete: CompletionCallback | Iterable[CompletionCallback] | None = None,
+                 *, own_manufacturer: str | None = None):
         self.db = db
+        self.own_manufacturer = (own_manufacturer or "").strip().casefold() or None
         if on_complete is None:
             self._callbacks: list[CompletionCallback] = []
         elif callable(on_complete):
@@ -62,7 +77,7 @@ class IngestService:
         else:
             self._callbacks = list(on_complete)
         self._callbacks_lock = threading.Lock()
-        self._series_ids: dict[str, int] = {}
+        self._series_ids: dict[str, tuple[int, int]] = {}
 
     def add_completion_callback(self, callback: CompletionCallback) -> None:
         with self._callbacks_lock:
@@ -70,35 +85,78 @@ class IngestService:
 
     # -- IngestSink ------------------------------------------------------------------------------------
 
+    def placement(self, instance: ReceivedInstance) -> Placement:
+        """NEW, DUPLICATE (same SOP Instance UID in the same study and series, same patient) or CONFLICT.
+        One statement (this is on the C-STORE hot path)."""
+        with self.db.engine.connect() as conn:
+            found = conn.execute(_PLACEMENT, {"sop": instance.sop_instance_uid, "study": instance.study_instance_uid,
+                                              "series": instance.series_instance_uid}).one()
+        sop, study, series, patient = (instance.sop_instance_uid, instance.study_instance_uid,
+                                       instance.series_instance_uid, instance.patient_id)
+        if found.recorded_study is not None:
+            if (found.recorded_study, found.recorded_series) != (study, series):
+                return Placement(PlacementKind.CONFLICT, (
+                    f"SOP Instance UID {sop} is already stored in study {found.recorded_study} series "
+                    f"{found.recorded_series} (patient {found.recorded_patient!r}); received for study {study} "
+                    f"series {series} (patient {patient!r})"))
+            if _other_patient(found.recorded_patient, patient):
+                return Placement(PlacementKind.CONFLICT, (
+                    f"SOP Instance UID {sop} is already stored for patient {found.recorded_patient!r}; received "
+                    f"for patient {patient!r}"))
+            return Placement(PlacementKind.DUPLICATE)
+        if _other_patient(found.study_patient, patient):
+            return Placement(PlacementKind.CONFLICT, (
+                f"study {study} is recorded for patient {found.study_patient!r}; instance {sop} names patient "
+                f"{patient!r}"))
+        if found.series_study is not None and found.series_study != study:
+            return Placement(PlacementKind.CONFLICT, (
+                f"series {series} is recorded in study {found.series_study}; instance {sop} names study {study}"))
+        return Placement(PlacementKind.NEW)
+
     def instance_stored(self, instance: ReceivedInstance, *, replaced: bool) -> None:
-        """One short Core transaction (this is on the C-STORE hot path): touch the receiving study (or open
-        it / its next revision), find or create the series, upsert the instance row."""
+        """One short Core transaction (this is on the C-STORE hot path): recognise our own objects, touch the
+        receiving study (or open it / its next revision), find or create the series, upsert the instance row.
+        Raises :class:`InstanceConflict` rather than move anything to another study or patient."""
         for attempt in (1, 2):
             try:
                 with self.db.engine.begin() as conn:
-                    study_id, revision = self._receiving_study(conn, instance)
-                    series_id = self._series_id(conn, instance, study_id)
-                    _upsert_instance(conn, instance, study_id, series_id, revision)
+                    own = self._own_result(conn, instance)
+                    recorded = instance
+                    if own is not None:
+                        recorded = dataclasses.replace(instance, analysable=False, not_analysed_reason=own)
+                    study_id, revision = self._receiving_study(conn, recorded)
+                    series_id = self._series_id(conn, recorded, study_id)
+                    _upsert_instance(conn, recorded, study_id, series_id, revision)
                     if replaced:
                         conn.execute(insert(AuditEvent).values(_audit_values(
                             instance.calling_ae_title, instance.peer_host, "instance.replaced",
                             instance.study_instance_uid, sop_instance_uid=instance.sop_instance_uid)))
+                    if own is not None:
+                        conn.execute(insert(AuditEvent).values(_audit_values(
+                            instance.calling_ae_title, instance.peer_host, "instance.own_result",
+                            instance.study_instance_uid, sop_instance_uid=instance.sop_instance_uid,
+                            sop_class_uid=instance.sop_class_uid, reason=own)))
                 return
+            except InstanceConflict:
+                self._series_ids.pop(instance.series_instance_uid, None)
+                raise
             except IntegrityError:
                 if attempt == 2:  # a concurrent association created the same study or series first
                     raise
                 self._series_ids.pop(instance.series_instance_uid, None)
-
-    def instance_recorded(self, sop_instance_uid: str) -> bool:
-        with self.db.engine.connect() as conn:
-            found = conn.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)).first()
-            return found is not None
 
     def duplicate_ignored(self, instance: ReceivedInstance) -> None:
         with self.db.session() as session:
             session.add(_audit(instance.calling_ae_title, instance.peer_host, "instance.duplicate_ignored",
                                instance.study_instance_uid, sop_instance_uid=instance.sop_instance_uid,
                                sha256=instance.sha256))
+
+    def uid_conflict(self, instance: ReceivedInstance, reason: str) -> None:
+        with self.db.session() as session:
+            session.add(_audit(instance.calling_ae_title, instance.peer_host, "instance.uid_conflict",
+                               instance.study_instance_uid, sop_instance_uid=instance.sop_instance_uid,
+                               series_instance_uid=instance.series_instance_uid, patient_id=instance.patient_id,
+                               sha256=instance.sha256, reason=reason))
 
     def instance_rejected(self, rejection: RejectedInstance) -> None:
         with self.db.session() as session:
@@ -113,17 +171,25 @@ class IngestService:
                                called_ae_title=rejection.called_ae_title, reason=rejection.reason))
 
     def association_ended(self, summary: AssociationSummary) -> None:
+        """Audit the association; a release (not an abort) marks its studies as cleanly sent so far."""
         detail = asdict(summary)
         detail.pop("calling_ae_title")
         detail.pop("peer_host")
         detail["studies"] = list(summary.studies)
         with self.db.session() as session:
             session.add(_audit(summary.calling_ae_title, summary.peer_host, "association.ended", None, **detail))
+            if summary.studies and not summary.aborted:
+                session.execute(update(Study).where(Study.study_instance_uid.in_(summary.studies))
+                                .values(released_at=utcnow()))
 
     def pending_studies(self) -> list[PendingStudy]:
+        """Studies still receiving; interrupted when no release followed their last instance."""
         with self.db.session() as session:
-            rows = session.scalars(select(Study).where(Study.state == StudyState.RECEIVING)).all()
-            return [PendingStudy(s.study_instance_uid, s.receiving_since, s.last_instance_at) for s in rows]
+            rows = session.execute(select(Study.study_instance_uid, Study.released_at, Study.last_instance_at)
+                                   .where(Study.state == StudyState.RECEIVING)).all()
+            return [PendingStudy(row.study_instance_uid,
+                                 interrupted=row.released_at is None or row.released_at < row.last_instance_at)
+                    for row in rows]
 
     def study_stable(self, study_instance_uid: str) -> None:
         with self.db.session() as session:
@@ -136,12 +202,19 @@ class IngestService:
             study.state = StudyState.COMPLETE
             study.completed_at = utcnow()
             revision = study.revision
-            count = len(session.scalars(
-                select(Instance.id).where(Instance.study_id == study.id, Instance.revision == revision)
-            ).all())
+            count = session.scalar(select(func.count()).select_from(Instance).where(
+                Instance.study_id == study.id, Instance.revision == revision))
+            analysable = session.scalar(select(func.count()).select_from(Instance).where(
+                Instance.study_id == study.id, Instance.revision <= revision, Instance.analysable.is_(True)))
             session.add(AuditEvent(actor=ACTOR, action="study.complete", study_instance_uid=study_instance_uid,
-                                   detail={"revision": revision, "instances": count}))
-        log.info("study %s revision %d complete (%d instances)", study_instance_uid, revision, count)
+                                   detail={"revision": revision, "instances": count, "analysable": analysable}))
+            if not analysable:
+                session.add(AuditEvent(actor=ACTOR, action="study.not_analysed", study_instance_uid=study_instance_uid,
+                                       detail={"revision": revision, "reason": "no analysable image"}))
+        log.info("study %s revision %d complete (%d instances, %d analysable)", study_instance_uid, revision, count,
+                 analysable)
+        if not analysable:
+            return
         with self._callbacks_lock:
             callbacks = list(self._callbacks)
         for callback in callbacks:
@@ -152,10 +225,27 @@ class IngestService:
 
     # -- helpers ---------------------------------------------------------------------------------------
 
+    def _own_result(self, conn: Connection, instance: ReceivedInstance) -> str | None:
+        """Why ``instance`` is one of our own result objects, or None: its SOP Instance UID or Series Instance
+        UID is one we built, or its Manufacturer is ours (``reporting.manufacturer``)."""
+        built = conn.execute(
+            select(ResultObject.object_kind, ResultObject.revision)
+            .where(or_(ResultObject.sop_instance_uid == instance.sop_instance_uid,
+                       ResultObject.series_instance_uid == instance.series_instance_uid))
+            .limit(1)
+        ).first()
+        if built is not None:
+            return f"our own result object ({built.object_kind.value} of revision {built.revision})"
+        if self.own_manufacturer and (instance.manufacturer or "").strip().casefold() == self.own_manufacturer:
+            return f"our own result object (Manufacturer {instance.manufacturer!r})"
+        return None
+
     def _receiving_study(self, conn: Connection, instance: ReceivedInstance) -> tuple[int, int]:
         """(study id, revision) for an arriving instance. Usually one UPDATE … RETURNING on a study already
         receiving; otherwise the study is created, or, when it already left ``receiving``, revision N+1 is
-        opened (older analyses become superseded)."""
+        opened (older analyses become superseded) — only by an analysable instance: anything else is filed
+        under the current revision and changes nothing. An instance naming another Patient ID than the study
+        raises :class:`InstanceConflict`."""
         touched = conn.execute(
             _TOUCH_RECEIVING,
             {"uid": instance.study_instance_uid, "at": instance.received_at,
@@ -165,7 +255,7 @@ class IngestService:
             return touched.id, touched.revision
         now = instance.received_at
         found = conn.execute(
-            select(Study.id, Study.state, Study.revision)
+            select(Study.id, Study.state, Study.revision, Study.patient_id)
             .where(Study.study_instance_uid == instance.study_instance_uid)
             .with_for_update()
         ).first()
@@ -181,6 +271,16 @@ class IngestService:
                 instance.calling_ae_title, instance.peer_host, "study.receiving", instance.study_instance_uid,
                 revision=1)))
             return study_id, 1
+        if _other_patient(found.patient_id, instance.patient_id):
+            raise InstanceConflict(f"study {instance.study_instance_uid} is recorded for patient {found.patient_id!r}; "
+                                   f"instance {instance.sop_instance_uid} names patient {instance.patient_id!r}")
+        if found.state == StudyState.RECEIVING:  # opened by a concurrent association since the touch above
+            return found.id, found.revision
+        if not instance.analysable:
+            log.info("instance %s (%s) filed under study %s revision %d without opening a revision",
+                     instance.sop_instance_uid, instance.not_analysed_reason, instance.study_instance_uid,
+                     found.revision)
+            return found.id, found.revision
         revision = found.revision + 1
         conn.execute(
             update(Study).where(Study.id == found.id).values(
@@ -199,22 +299,50 @@ class IngestService:
         return found.id, revision
 
     def _series_id(self, conn: Connection, instance: ReceivedInstance, study_id: int) -> int:
-        """The series row id, cached per process (a series never moves between studies)."""
+        """The series row id, cached per process; a series recorded under another study is a conflict."""
         uid = instance.series_instance_uid
         cached = self._series_ids.get(uid)
-        if cached is not None:
-            return cached
-        series_id = conn.execute(select(Series.id).where(Series.series_instance_uid == uid)).scalar_one_or_none()
-        if series_id is None:
-            series_id = conn.execute(
-                insert(Series).values(
-                    study_id=study_id, series_instance_uid=uid, modality=instance.modality,
-                    series_number=instance.series_number, series_description=instance.series_description,
-                    created_at=instance.received_at,
-                ).returning(Series.id)
-            ).scalar_one()
-        self._series_ids[uid] = series_id
-        return series_id
+        if cached is None:
+            row = conn.execute(select(Series.id, Series.study_id).where(Series.series_instance_uid == uid)).first()
+            if row is None:
+                series_id = conn.execute(
+                    insert(Series).values(
+                        study_id=study_id, series_instance_uid=uid, modality=instance.modality,
+                        series_number=instance.series_number, series_description=instance.series_description,
+                        created_at=instance.received_at,
+                    ).returning(Series.id)
+                ).scalar_one()
+                row = (series_id, study_id)
+            cached = self._series_ids[uid] = (row[0], row[1])
+        if cached[1] != study_id:
+            raise InstanceConflict(f"series {uid} is recorded under another study than {instance.study_instance_uid}")
+        return cached[0]
+
+
+def _other_patient(recorded: str | None, received: str | None) -> bool:
+    """Two Patient IDs that are both present and differ (an absent one is filled in, never a conflict)."""
+    return bool(recorded and received and recorded.strip() != received.strip())
+
+
+def _placement_statement():
+    """Where the SOP Instance UID is recorded (study, series, patient), the Patient ID the study is recorded
+    for, and the study the series is recorded in — NULL when unknown — as one row."""
+    by_sop = Instance.sop_instance_uid == bindparam("sop")
+    return select(
+        select(Study.study_instance_uid).join(Instance, Instance.study_id == Study.id).where(by_sop)
+        .scalar_subquery().label("recorded_study"),
+        select(Series.series_instance_uid).join(Instance, Instance.series_id == Series.id).where(by_sop)
+        .scalar_subquery().label("recorded_series"),
+        select(Study.patient_id).join(Instance, Instance.study_id == Study.id).where(by_sop)
+        .scalar_subquery().label("recorded_patient"),
+        select(Study.patient_id).where(Study.study_instance_uid == bindparam("study"))
+        .scalar_subquery().label("study_patient"),
+        select(Study.study_instance_uid).join(Series, Series.study_id == Study.id)
+        .where(Series.series_instance_uid == bindparam("series")).scalar_subquery().label("series_study"),
+    )
+
+
+_PLACEMENT = _placement_statement()
 
 
 _STUDY_FIELDS = ("patient_id", "patient_name", "accession_number", "study_date", "study_description")
@@ -222,7 +350,11 @@ _STUDY_FIELDS = ("patient_id", "patient_name", "accession_number", "study_date",
 
 _TOUCH_RECEIVING = (
     update(Study)
-    .where(Study.study_instance_uid == bindparam("uid"), Study.state == StudyState.RECEIVING)
+    .where(
+        Study.study_instance_uid == bindparam("uid"),
+        Study.state == StudyState.RECEIVING,
+        or_(Study.patient_id.is_(None), Study.patient_id == func.coalesce(bindparam("patient_id"), Study.patient_id)),
+    )
     .values(
         last_instance_at=bindparam("at"),
         updated_at=bindparam("at"),
@@ -230,18 +362,21 @@ _TOUCH_RECEIVING = (
     )
     .returning(Study.id, Study.revision)
 )
-"""Touch a study that is still receiving, filling identifying fields it lacks; no row if it is not."""
+"""Touch a study that is still receiving, filling identifying fields it lacks; no row if it is not (or if the
+instance names another Patient ID)."""
 
 _INSTANCE_COLUMNS = (
     "study_id", "series_id", "sop_class_uid", "transfer_syntax_uid", "instance_number", "laterality", "path",
     "size_bytes", "sha256", "calling_ae_title", "peer_host", "received_at", "revision", "analysable",
+    "not_analysed_reason",
 )
 
 
 @functools.cache
 def _upsert_statement(dialect: str):
-    """INSERT … ON CONFLICT (sop_instance_uid) DO UPDATE: a replaced instance (or a row left by an earlier
-    attempt) takes the new values. Built once per dialect with bind parameters."""
+    """INSERT … ON CONFLICT (sop_instance_uid) DO UPDATE … RETURNING id: a replaced instance (or a row left by
+    an earlier attempt) takes the new values — only in the same study and series (no row comes back otherwise:
+    an instance never moves). Built once per dialect with bind parameters."""
     dialect_insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
     statement = dialect_insert(Instance).values(
         {name: bindparam(name) for name in ("sop_instance_uid", *_INSTANCE_COLUMNS)}
@@ -249,12 +384,13 @@ def _upsert_statement(dialect: str):
     return statement.on_conflict_do_update(
         index_elements=[Instance.sop_instance_uid],
         set_={name: statement.excluded[name] for name in _INSTANCE_COLUMNS},
-    )
+        where=(Instance.study_id == statement.excluded.study_id) & (Instance.series_id == statement.excluded.series_id),
+    ).returning(Instance.id)
 
 
 def _upsert_instance(conn: Connection, instance: ReceivedInstance, study_id: int, series_id: int,
                      revision: int) -> None:
-    conn.execute(_upsert_statement(conn.dialect.name), {
+    upserted = conn.execute(_upsert_statement(conn.dialect.name), {
         "sop_instance_uid": instance.sop_instance_uid,
         "study_id": study_id,
         "series_id": series_id,
@@ -270,7 +406,10 @@ def _upsert_instance(conn: Connection, instance: ReceivedInstance, study_id: int
         "received_at": instance.received_at,
         "revision": revision,
         "analysable": instance.analysable,
-    })
+        "not_analysed_reason": instance.not_analysed_reason,
+    }).first()
+    if upserted is None:
+        raise InstanceConflict(f"SOP Instance UID {instance.sop_instance_uid} is recorded in another study or series")
 
 
 def _audit_values(calling: str, host: str, action: str, study_uid: str | None, **detail: object) -> dict:
@@ -308,7 +447,7 @@ def start_node(
 ) -> RunningNode:
     """Start the DICOM listener of ``settings`` recording into its database (already migrated)."""
     db = db or Database(settings.database.url, echo=settings.database.echo)
-    service = IngestService(db, on_complete)
+    service = IngestService(db, on_complete, own_manufacturer=settings.reporting.manufacturer)
     listener = Listener(listener_params(settings), completion_params(settings), service)
     listener.start()
     return RunningNode(listener, service, db)

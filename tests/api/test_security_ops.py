@@ -124,7 +124,18 @@ def test_metrics(deployment: Deployment) -> None:
 def test_metrics_figures_from_jobs_and_deliveries(tmp_path: Path) -> None:
     import datetime as dt
 
-    from worker.db import Database, Delivery, DeliveryObject, DeliveryState, Job, JobKind, JobState, Study
+    from worker.db import (
+        AuditEvent,
+        Database,
+        Delivery,
+        DeliveryObject,
+        DeliveryState,
+        FailureReason,
+        Job,
+        JobKind,
+        JobState,
+        Study,
+    )
     from worker.db.migrate import upgrade
 
     settings = settings_for(tmp_path)
@@ -137,11 +148,15 @@ def test_metrics_figures_from_jobs_and_deliveries(tmp_path: Path) -> None:
         session.flush()
         for n, (seconds, state) in enumerate([(3, JobState.SUCCEEDED), (40, JobState.SUCCEEDED), (1, JobState.DEAD)]):
             session.add(Job(study_id=study.id, revision=n + 1, kind=JobKind.ANALYSIS, state=state,
-                            started_at=start, finished_at=start + dt.timedelta(seconds=seconds)))
+                            started_at=start, finished_at=start + dt.timedelta(seconds=seconds),
+                            failure=FailureReason.NO_ANALYSABLE_IMAGE if state == JobState.DEAD else None))
+        session.add_all([AuditEvent(actor="CAMERA1@127.0.0.1", action="instance.uid_conflict", detail={}),
+                         AuditEvent(actor="CAMERA1@127.0.0.1", action="instance.rejected", detail={}),
+                         AuditEvent(actor="CAMERA1@127.0.0.1", action="instance.uid_conflict", detail={})])
         session.add(Delivery(study_id=study.id, revision=1, destination="pacs", object_kind=DeliveryObject.SR,
                              state=DeliveryState.DELIVERED, created_at=start, delivered_at=start + dt.timedelta(seconds=7)))
         session.add(Delivery(study_id=study.id, revision=1, destination="ehr", object_kind=DeliveryObject.FHIR,
-                             state=DeliveryState.DEAD))
+                             state=DeliveryState.DEAD, failure=FailureReason.ATTEMPTS_EXHAUSTED))
     with TestClient(create_app(settings, db=db)) as http:
         text = http.get("/metrics").text
     assert 'retinalgpt_job_duration_seconds_bucket{kind="analysis",le="5"} 2.0' in text
@@ -152,6 +167,10 @@ def test_metrics_figures_from_jobs_and_deliveries(tmp_path: Path) -> None:
     assert 'retinalgpt_delivery_duration_seconds_bucket{destination="pacs",le="10"} 1.0' in text
     assert 'retinalgpt_job_failures_total{kind="analysis"} 1.0' in text
     assert 'retinalgpt_delivery_failures_total{destination="ehr"} 1.0' in text
+    assert 'retinalgpt_dead_jobs{kind="analysis",reason="no_analysable_image"} 1.0' in text
+    assert 'retinalgpt_dead_deliveries{destination="ehr",reason="attempts_exhausted"} 1.0' in text
+    assert 'retinalgpt_instances_refused_total{reason="uid_conflict"} 2.0' in text
+    assert 'retinalgpt_instances_refused_total{reason="rejected"} 1.0' in text
     db.dispose()
 
 

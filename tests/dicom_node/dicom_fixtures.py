@@ -134,6 +134,7 @@ class MemorySink:
 
     stored: list = field(default_factory=list)
     duplicates: list = field(default_factory=list)
+    conflicts: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
     rejected_associations: list = field(default_factory=list)
     ended: list = field(default_factory=list)
@@ -145,13 +146,24 @@ class MemorySink:
         with self.lock:
             self.stored.append((instance, replaced))
 
-    def instance_recorded(self, sop_instance_uid):
+    def placement(self, instance):
+        from dicom_node.events import Placement, PlacementKind
+
         with self.lock:
-            return any(i.sop_instance_uid == sop_instance_uid for i, _ in self.stored)
+            for stored, _ in self.stored:
+                if stored.sop_instance_uid == instance.sop_instance_uid:
+                    same = (stored.study_instance_uid, stored.series_instance_uid) == (
+                        instance.study_instance_uid, instance.series_instance_uid)
+                    return Placement(PlacementKind.DUPLICATE if same else PlacementKind.CONFLICT, "elsewhere")
+            return Placement(PlacementKind.NEW)
 
     def duplicate_ignored(self, instance):
         with self.lock:
             self.duplicates.append(instance)
+
+    def uid_conflict(self, instance, reason):
+        with self.lock:
+            self.conflicts.append((instance, reason))
 
     def instance_rejected(self, rejection):
         with self.lock:

@@ -59,16 +59,56 @@ def test_forced_after_max_wait_even_with_open_association():
     assert fired == ["1.2.3"]
 
 
-def test_armed_study_from_before_a_restart_completes_without_association():
+def test_armed_study_from_before_a_restart_gets_a_fresh_stable_window():
+    """Re-armed after a restart: stable_seconds from the restart, whenever its last instance arrived."""
     clock, fired = Clock(), []
     tracker = _tracker(clock, fired)
-    tracker.arm("1.2.3", receiving_since=clock.now - 5, last_received=clock.now - 5)
-    clock.now += 4
+    tracker.arm("1.2.3")
+    clock.now += 9
     tracker.check()
     assert fired == []
     clock.now += 1
     tracker.check()
     assert fired == ["1.2.3"]
+
+
+def test_aborted_association_waits_for_a_later_association():
+    """A sender cut off (A-ABORT, dropped connection) is not the end of its study: a later association that
+    brings an instance (even one already stored) and is released makes it stable again."""
+    clock, fired = Clock(), []
+    tracker = _tracker(clock, fired, stable=10, max_wait=600)
+    tracker.instance_received("1.2.3", association=1)
+    tracker.association_closed(1, released=False)
+    clock.now += 100
+    tracker.check()
+    assert fired == []
+    tracker.duplicate_received("1.2.3", association=2)
+    tracker.instance_received("1.2.3", association=2)
+    tracker.association_closed(2)
+    clock.now += 10
+    tracker.check()
+    assert fired == ["1.2.3"]
+
+
+def test_aborted_association_or_interrupted_restart_forced_after_max_wait():
+    clock, fired = Clock(), []
+    tracker = _tracker(clock, fired, stable=10, max_wait=60)
+    tracker.instance_received("1.2.3", association=1)
+    tracker.association_closed(1, released=False)
+    tracker.arm("4.5.6", interrupted=True)
+    clock.now += 59
+    tracker.check()
+    assert fired == []
+    clock.now += 1
+    tracker.check()
+    assert sorted(fired) == ["1.2.3", "4.5.6"]
+
+
+def test_duplicate_of_an_untracked_study_arms_nothing():
+    clock, fired = Clock(), []
+    tracker = _tracker(clock, fired)
+    tracker.duplicate_received("1.2.3", association=1)
+    assert tracker.tracked() == []
 
 
 def test_failing_callback_is_retried():

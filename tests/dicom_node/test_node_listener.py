@@ -18,6 +18,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from dicom_node.events import Placement, PlacementKind
 from dicom_node.params import CallerRule, DuplicatePolicy, PeerParams, TlsParams, UnsupportedSopPolicy
 from dicom_node.sender import Failure, send_files
 from dicom_node.status import StoreStatus
@@ -198,6 +199,9 @@ def test_sink_failure_answers_out_of_resources_and_keeps_no_file(start_listener,
     class FailingSink:
         def __getattr__(self, name):
             return lambda *a, **k: [] if name == "pending_studies" else None
+
+        def placement(self, instance):
+            return Placement(PlacementKind.NEW)
 
         def instance_stored(self, instance, *, replaced):
             raise RuntimeError("database down")

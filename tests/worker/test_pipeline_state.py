@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.uid import generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from model.schema import (
     Condition,
@@ -34,7 +36,9 @@ from worker.db import (
     AuditEvent,
     Database,
     Delivery,
+    DeliveryObject,
     DeliveryState,
+    FailureReason,
     Instance,
     Job,
     JobKind,
@@ -46,8 +50,10 @@ from worker.db import (
 )
 from worker.db.migrate import upgrade
 from worker.pipeline.bookkeeper import Bookkeeper
-from worker.pipeline.delivery import SendOutcome, deliver_revision
+from worker.pipeline.delivery import SendOutcome, create_outbox, deliver_revision
 from worker.pipeline.jobs import Pipeline, PipelineError
+from worker.pipeline.operations import list_jobs
+from worker.pipeline.processing import run_job
 from worker.pipeline.tasks import register_tasks
 from worker.pipeline.referral import image_referral, impression, study_referral
 from worker.pipeline.sources import ophthalmic_photograph
@@ -350,3 +356,202 @@ def test_each_celery_app_runs_its_own_configuration(tmp_path: Path) -> None:
     for name in (ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY):
         bound = inspect.getclosurevars(apps[1].tasks[name].__wrapped__).nonlocals["settings"]
         assert bound is second, name
+
+
+# --- issue 18: nothing lost, never stuck ------------------------------------------------------------------------
+
+def _settings(w: World, **pipeline) -> object:
+    """The world's configuration with other pipeline timings (and no RetinalGPT: measurement pipeline only)."""
+    return load_settings(w.settings._toml_file, pipeline=pipeline, model={"enabled": False})
+
+
+def _queued_job(w: World) -> int:
+    """Back to before the analysis: the study is queued with a job and no analysis."""
+    with w.db.session() as session:
+        session.execute(delete(Analysis))
+        study = session.scalars(select(Study)).one()
+        study.state = StudyState.QUEUED
+        job = Job(study_id=study.id, revision=1, kind=JobKind.ANALYSIS, state=JobState.QUEUED,
+                  model_name="measurement-only", model_version="")
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def test_the_analysis_creates_its_deliveries_and_the_bookkeeper_sends_them_when_the_message_is_lost(world: World) -> None:
+    """Outbox: the transaction storing the analysis creates the delivery rows; the inference task survives a
+    broker that refuses its deliver message, and the bookkeeper sends the pending rows later."""
+    settings = _settings(world)
+    job_id = _queued_job(world)
+    app = make_celery(settings)
+    register_tasks(app, settings)
+    app.finalize()
+
+    def broker_down(name, *args, **kwargs):
+        raise ConnectionRefusedError(f"cannot send {name}")
+
+    app.send_task = broker_down
+    assert app.tasks[PROCESS_STUDY].run(job_id=job_id)["status"] == "analysed"
+    with world.db.session() as session:
+        study = session.scalars(select(Study)).one()
+        rows = {(d.destination, d.object_kind.value, d.state) for d in session.scalars(select(Delivery))}
+    assert study.state == StudyState.ANALYSED
+    assert rows == {("pacs", "sr", DeliveryState.PENDING), ("pacs", "key_image", DeliveryState.PENDING),
+                    ("pacs", "pdf", DeliveryState.PENDING), ("archive", "sr", DeliveryState.PENDING)}
+    bookkeeper = Bookkeeper(world.pipeline)
+    assert bookkeeper.sweep() == {"jobs": 0, "deliveries": 0}  # not before requeue_after
+    with world.db.session() as session:
+        session.execute(update(Delivery).values(updated_at=utcnow() - dt.timedelta(minutes=5)))
+    assert bookkeeper.sweep()["deliveries"] == 1
+    assert world.celery.sent == [(DELIVER_STUDY, {"study_instance_uid": world.study_uid, "revision": 1})]
+
+
+def test_a_send_slower_than_requeue_after_keeps_its_lease_and_is_sent_once(world: World) -> None:
+    settings = _settings(world, heartbeat_seconds=0.1, stale_after_seconds=1.0, requeue_after_seconds=0.3,
+                         sweep_seconds=0.1)
+    pipeline = Pipeline(settings, world.db, world.celery)
+    sends: list[str] = []
+
+    def slow(settings_, destination, kind, written):
+        sends.append(f"{destination.name}:{kind.value}")
+        deadline = time.monotonic() + (1.5 if len(sends) == 1 else 0)  # 5 × requeue_after, beyond stale_after
+        while time.monotonic() < deadline:
+            Bookkeeper(pipeline).sweep()
+            time.sleep(0.1)
+        return SendOutcome(ok=True)
+
+    assert deliver_revision(settings, world.db, world.study_uid, 1, send=slow) == StudyState.DELIVERED
+    assert sorted(sends) == ["archive:sr", "pacs:key_image", "pacs:pdf", "pacs:sr"]
+    assert world.celery.sent == []  # never re-queued while it was being sent
+    assert {(d.state, d.attempts) for d in _all(world)} == {(DeliveryState.DELIVERED, 1)}
+
+
+def test_a_send_whose_worker_died_is_retried_after_its_lease_within_max_attempts(world: World) -> None:
+    settings = _settings(world, heartbeat_seconds=0.1, stale_after_seconds=1.0)
+    pipeline = Pipeline(settings, world.db, world.celery)
+    with world.db.session() as session:
+        study = session.scalars(select(Study)).one()
+        create_outbox(session, settings, study, 1)
+    # Two workers died mid-send: the PACS SR on its last allowed attempt, the others on their first.
+    with world.db.session() as session:
+        session.execute(update(Delivery).values(state=DeliveryState.SENDING, attempts=1,
+                                                updated_at=utcnow() - dt.timedelta(seconds=5)))
+        session.execute(update(Delivery).where(Delivery.destination == "pacs", Delivery.object_kind == DeliveryObject.SR)
+                        .values(attempts=3, updated_at=utcnow() - dt.timedelta(seconds=5)))
+    assert Bookkeeper(pipeline).sweep()["deliveries"] == 1
+    rows = {(d.destination, d.object_kind.value): d for d in _all(world)}
+    dead = rows[("pacs", "sr")]
+    assert (dead.state, dead.failure, dead.attempts) == (DeliveryState.DEAD, FailureReason.ATTEMPTS_EXHAUSTED, 3)
+    assert "stopped renewing its lease" in dead.last_error
+    assert all(r.state == DeliveryState.RETRYING for key, r in rows.items() if key != ("pacs", "sr"))
+    sends = []
+    assert deliver_revision(settings, world.db, world.study_uid, 1,
+                            send=lambda s, d, k, w: sends.append(k) or SendOutcome(ok=True)) == StudyState.FAILED
+    assert len(sends) == 3 and {(d.state, d.attempts) for d in _all(world) if d.id != dead.id} == {
+        (DeliveryState.DELIVERED, 2)}
+
+    # A retry that is due but has used every attempt is dead-lettered, not sent a fourth time.
+    world.pipeline.resend(world.study_uid, actor="test")
+    with world.db.session() as session:
+        session.execute(update(Delivery).values(state=DeliveryState.RETRYING, attempts=3, last_error="timeout"))
+    sends.clear()
+    assert deliver_revision(settings, world.db, world.study_uid, 1,
+                            send=lambda s, d, k, w: sends.append(k) or SendOutcome(ok=True)) == StudyState.FAILED
+    pacs = [d for d in _all(world) if d.destination == "pacs"]
+    assert sends == [DeliveryObject.SR]  # the archive (max_attempts 8) only
+    assert all((d.state, d.attempts, d.failure) == (DeliveryState.DEAD, 3, FailureReason.ATTEMPTS_EXHAUSTED)
+               for d in pacs)
+
+
+def test_a_claim_taken_over_starts_no_further_send(world: World) -> None:
+    """The first worker's remaining claims were handed on while it was stuck: it must not send them too."""
+    sends: list[str] = []
+
+    def stuck(settings, destination, kind, written):
+        sends.append(f"{destination.name}:{kind.value}")
+        if len(sends) == 1:  # meanwhile its lease expired and another worker delivered everything
+            with world.db.session() as session:
+                session.execute(update(Delivery).where(Delivery.state == DeliveryState.SENDING)
+                                .values(updated_at=utcnow() - dt.timedelta(minutes=5)))
+            Bookkeeper(world.pipeline).sweep()
+            deliver_revision(world.settings, world.db, world.study_uid, 1, send=lambda *a: SendOutcome(ok=True))
+        return SendOutcome(ok=True)
+
+    assert deliver_revision(world.settings, world.db, world.study_uid, 1, send=stuck) == StudyState.DELIVERED
+    assert len(sends) == 1
+
+
+def test_a_failure_to_build_the_results_is_counted_and_ends_dead(world: World, tmp_path: Path) -> None:
+    settings = _settings(world)
+    with world.db.session() as session:
+        create_outbox(session, settings, session.scalars(select(Study)).one(), 1)
+    for source in (tmp_path / "1.dcm", tmp_path / "2.dcm"):
+        source.unlink()  # the source images are gone: nothing can be built
+    for attempt in range(1, 9):
+        state_after = deliver_revision(settings, world.db, world.study_uid, 1)
+        with world.db.session() as session:
+            session.execute(update(Delivery).where(Delivery.state == DeliveryState.RETRYING)
+                            .values(next_attempt_at=utcnow()))
+        rows = _all(world)
+        assert all(r.attempts == min(attempt, 3 if r.destination == "pacs" else 8) for r in rows)
+        assert all("cannot build the result objects" in r.last_error for r in rows)
+    assert state_after == StudyState.FAILED
+    assert {(r.state, r.failure) for r in _all(world)} == {(DeliveryState.DEAD, FailureReason.ATTEMPTS_EXHAUSTED)}
+    dead = list_jobs(settings, state="dead")
+    assert len(dead) == 4 and {r["reason"] for r in dead} == {"attempts_exhausted"}
+
+
+def test_only_permanent_job_failures_are_dead_at_once(world: World, tmp_path: Path) -> None:
+    settings = _settings(world)
+    job_id = _queued_job(world)
+    for source in (tmp_path / "1.dcm", tmp_path / "2.dcm"):  # pixel data the decoder refuses (a ValueError)
+        ds = pydicom.dcmread(source)
+        ds.PixelData = ds.PixelData[:1000]
+        ds.save_as(source)
+    outcomes = [run_job(settings, world.db, job_id).status for _ in range(3)]
+    assert outcomes == ["retry", "retry", "failed"]
+    with world.db.session() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts, job.failure) == (JobState.DEAD, 3, FailureReason.ATTEMPTS_EXHAUSTED)
+        assert "could be read" in job.error and "pixel data" in job.error
+        assert session.scalars(select(Study.state)).one() == StudyState.FAILED
+    [row] = [r for r in list_jobs(settings, state="dead") if r["kind"] == "job:analysis"]
+    assert row["reason"] == "attempts_exhausted" and "could be read" in row["error"]
+
+    world.pipeline.retry_job(job_id, actor="test")
+    with world.db.session() as session:
+        session.execute(update(Instance).values(analysable=False))  # nothing to analyse: permanent
+    assert run_job(settings, world.db, job_id).status == "failed"
+    with world.db.session() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts, job.failure) == (JobState.DEAD, 1, FailureReason.NO_ANALYSABLE_IMAGE)
+
+
+def test_bookkeeper_leaves_no_study_with_nothing_pending(world: World) -> None:
+    """A study ``analysed`` with no delivery row (a lost deliver message before the outbox existed), and one
+    ``complete`` whose completion callback never queued a job: both are picked up, nothing else."""
+    old = utcnow() - dt.timedelta(minutes=5)
+    with world.db.session() as session:
+        session.execute(update(Study).values(updated_at=old))
+        analysed = session.scalars(select(Study)).one()
+        waiting = Study(study_instance_uid=generate_uid(), state=StudyState.COMPLETE, updated_at=old)
+        nothing_to_analyse = Study(study_instance_uid=generate_uid(), state=StudyState.COMPLETE, updated_at=old)
+        session.add_all([waiting, nothing_to_analyse])
+        session.flush()
+        for study, analysable in ((waiting, True), (nothing_to_analyse, False)):
+            series = Series(study_id=study.id, series_instance_uid=generate_uid())
+            session.add(series)
+            session.flush()
+            session.add(Instance(study_id=study.id, series_id=series.id, sop_instance_uid=generate_uid(),
+                                 sop_class_uid="1.2.3", transfer_syntax_uid="1.2.840.10008.1.2.1", path="/x",
+                                 size_bytes=1, sha256="0" * 64, calling_ae_title="CAM", peer_host="127.0.0.1",
+                                 revision=1, analysable=analysable))
+        waiting_uid = waiting.study_instance_uid
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 1, "deliveries": 1}
+    sent = sorted(world.celery.sent, key=lambda item: item[0])
+    assert sent[0] == (DELIVER_STUDY, {"study_instance_uid": analysed.study_instance_uid, "revision": 1})
+    assert sent[1][0] == PROCESS_STUDY
+    with world.db.session() as session:
+        states = {s.study_instance_uid: s.state for s in session.scalars(select(Study))}
+    assert states[waiting_uid] == StudyState.QUEUED
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0}  # sent once, not every sweep

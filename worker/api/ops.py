@@ -4,7 +4,8 @@
 the newest migration and that the broker accepts a connection. ``/metrics`` (Prometheus text format 0.0.4) is
 computed from the database at scrape time, so every API replica reports the same cluster-wide figures:
 instances received, studies by state, broker queue depth, job and delivery durations (histograms over all
-finished jobs and delivered objects) and failures, plus this process's own HTTP request counters.
+finished jobs and delivered objects) and failures, dead jobs and deliveries by reason, instances refused (UID
+conflicts included), plus this process's own HTTP request counters.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from sqlalchemy import ColumnElement, case, func, select, text
 from sqlalchemy.orm import Session
 
 from worker.celery_app import QUEUES
-from worker.db import Database, Delivery, DeliveryState, Instance, Job, JobState, Study, StudyState
+from worker.db import AuditEvent, Database, Delivery, DeliveryState, Instance, Job, JobState, Study, StudyState
 from worker.db.migrate import current_revision, head_revision
 
 log = logging.getLogger(__name__)
+
+_REFUSALS = {"instance.rejected": "rejected", "instance.uid_conflict": "uid_conflict"}
+"""Audit actions of refused C-STOREs and their metrics label."""
 
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
@@ -121,6 +125,26 @@ class PipelineCollector(Collector):
                 dead.add_metric([dest], n)
         yield deliveries
         yield dead
+        dead_jobs = GaugeMetricFamily("retinalgpt_dead_jobs", "dead jobs by kind and reason (retinalgpt jobs list "
+                                      "--state dead shows each)", labels=["kind", "reason"])
+        for kind, reason, n in session.execute(select(Job.kind, Job.failure, func.count())
+                                               .where(Job.state == JobState.DEAD).group_by(Job.kind, Job.failure)):
+            dead_jobs.add_metric([kind.value, reason.value if reason else "unknown"], n)
+        yield dead_jobs
+        dead_deliveries = GaugeMetricFamily("retinalgpt_dead_deliveries", "dead deliveries by destination and reason",
+                                            labels=["destination", "reason"])
+        for dest, reason, n in session.execute(select(Delivery.destination, Delivery.failure, func.count())
+                                               .where(Delivery.state == DeliveryState.DEAD)
+                                               .group_by(Delivery.destination, Delivery.failure)):
+            dead_deliveries.add_metric([dest, reason.value if reason else "unknown"], n)
+        yield dead_deliveries
+        refused = CounterMetricFamily("retinalgpt_instances_refused", "C-STORE requests answered with a failure, "
+                                      "by reason", labels=["reason"])
+        for action, n in session.execute(select(AuditEvent.action, func.count())
+                                         .where(AuditEvent.action.in_(tuple(_REFUSALS)))
+                                         .group_by(AuditEvent.action)):
+            refused.add_metric([_REFUSALS[action]], n)
+        yield refused
         yield _histogram(session, "retinalgpt_job_duration_seconds", "run time of finished jobs", "kind", Job.kind,
                          Job.started_at, Job.finished_at,
                          Job.started_at.is_not(None) & Job.finished_at.is_not(None))

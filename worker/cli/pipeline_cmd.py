@@ -97,10 +97,11 @@ def jobs_list(
     if json_output:
         print_json(rows)
         return
-    table = Table("Kind", "ID", "Study", "Rev", "Target", "State", "Attempts", "Updated", "Error")
+    table = Table("Kind", "ID", "Study", "Rev", "Target", "State", "Attempts", "Updated", "Reason", "Error")
     for row in rows:
         table.add_row(row["kind"], str(row["id"]), row["study_instance_uid"], str(row["revision"]), row["target"],
-                      row["state"], str(row["attempts"]), row["updated_at"][:19], (row["error"] or "")[:60])
+                      row["state"], str(row["attempts"]), row["updated_at"][:19], row["reason"] or "",
+                      (row["error"] or "")[:60])
     console.print(table)
 
 

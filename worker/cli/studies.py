@@ -85,9 +85,10 @@ def show_command(
     for series in detail["series"]:
         console.print(f"  series {series['series_instance_uid']} ({series['modality'] or '?'})", highlight=False)
         for inst in series["instances"]:
+            use = "analysable" if inst["analysable"] else f"stored only: {inst['not_analysed_reason'] or 'not analysed'}"
             console.print(
                 f"    {inst['sop_instance_uid']}  rev {inst['revision']}  {inst['laterality'] or '-'}  "
-                f"{'analysable' if inst['analysable'] else 'stored only'}  {inst['size_bytes']} B  "
+                f"{use}  {inst['size_bytes']} B  "
                 f"from {inst['calling_ae_title']}@{inst['peer_host']}",
                 highlight=False,
             )

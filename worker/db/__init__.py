@@ -1,11 +1,23 @@
 """The database: models, state machine, sessions and migrations."""
 
-from worker.db.models import Analysis, AuditEvent, Base, Delivery, Instance, Job, Series, Study, utcnow
+from worker.db.models import (
+    Analysis,
+    AuditEvent,
+    Base,
+    Delivery,
+    Instance,
+    Job,
+    ResultObject,
+    Series,
+    Study,
+    utcnow,
+)
 from worker.db.session import Database, make_engine
 from worker.db.states import (
     STUDY_TRANSITIONS,
     DeliveryObject,
     DeliveryState,
+    FailureReason,
     InvalidTransition,
     JobKind,
     JobState,
@@ -22,11 +34,13 @@ __all__ = [
     "Delivery",
     "DeliveryObject",
     "DeliveryState",
+    "FailureReason",
     "Instance",
     "InvalidTransition",
     "Job",
     "JobKind",
     "JobState",
+    "ResultObject",
     "Series",
     "Study",
     "StudyState",

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from worker.db.states import DeliveryObject, DeliveryState, JobKind, JobState, StudyState
+from worker.db.states import DeliveryObject, DeliveryState, FailureReason, JobKind, JobState, StudyState
 
 UID_LENGTH = 64
 
@@ -55,12 +55,12 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _enum(enum_cls: type[StrEnum]) -> Enum:
+def _enum(enum_cls: type[StrEnum], length: int = 16) -> Enum:
     return Enum(
         enum_cls,
         native_enum=False,
         create_constraint=False,
-        length=16,
+        length=length,
         values_callable=lambda members: [m.value for m in members],
         validate_strings=True,
     )
@@ -89,6 +89,9 @@ class Study(Base):
     receiving_since: Mapped[datetime] = mapped_column(default=utcnow)
     last_instance_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column()
+    released_at: Mapped[datetime | None] = mapped_column()
+    """When an association that carried the study was last released normally (A-RELEASE). Older than
+    ``last_instance_at`` (or absent) means its last sender was cut off: an abort or a node crash."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
@@ -132,6 +135,7 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     revision: Mapped[int] = mapped_column(Integer)
     analysable: Mapped[bool] = mapped_column(Boolean)
+    not_analysed_reason: Mapped[str | None] = mapped_column(String(128))
 
     study: Mapped[Study] = relationship(back_populates="instances")
     series: Mapped[Series] = relationship(back_populates="instances")
@@ -155,6 +159,7 @@ class Job(Base):
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    failure: Mapped[FailureReason | None] = mapped_column(_enum(FailureReason, 32))
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -200,12 +205,28 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(Text)
+    failure: Mapped[FailureReason | None] = mapped_column(_enum(FailureReason, 32))
     remote_id: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
 
     study: Mapped[Study] = relationship()
+
+
+class ResultObject(Base):
+    """A DICOM object we built (SR, key image, PDF, SEG), so that the node recognises it when a PACS sends it
+    back (DESIGN "our own objects"): its SOP Instance UID and Series Instance UID are ours."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    object_kind: Mapped[DeliveryObject] = mapped_column(_enum(DeliveryObject))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditEvent(Base):

@@ -84,6 +84,7 @@ def study_detail(study: Study) -> dict[str, Any]:
                         "laterality": i.laterality,
                         "revision": i.revision,
                         "analysable": i.analysable,
+                        "not_analysed_reason": i.not_analysed_reason,
                         "path": i.path,
                         "size_bytes": i.size_bytes,
                         "sha256": i.sha256,

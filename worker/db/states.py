@@ -56,6 +56,20 @@ class DeliveryState(StrEnum):
     DEAD = "dead"
 
 
+class FailureReason(StrEnum):
+    """Why a job or delivery is ``dead``, as a short code (a metrics label; the full text is in its error).
+
+    Only ``no_analysable_image``, ``model_unavailable``, ``refused`` and ``destination_removed`` are permanent
+    at the first occurrence; every other error is retried and ends as ``attempts_exhausted``."""
+
+    NO_ANALYSABLE_IMAGE = "no_analysable_image"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    REFUSED = "refused"
+    DESTINATION_REMOVED = "destination_removed"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    SUPERSEDED = "superseded"
+
+
 class DeliveryObject(StrEnum):
     """The kind of object delivered."""
 

@@ -1,4 +1,5 @@
-"""The bookkeeper: finds work that a dead worker or a lost message left behind and queues it again.
+"""The bookkeeper: finds work that a dead worker or a lost message left behind and queues it again, so that no
+study sits in a state with nothing pending.
 
 Brokers disagree on unacknowledged messages after a worker is killed (Redis redelivers after the visibility
 timeout, kombu's SQLAlchemy transport never does), so the database decides. Each sweep:
@@ -10,7 +11,14 @@ timeout, kombu's SQLAlchemy transport never does), so the database decides. Each
 - a delivery that is ``retrying`` and due → its study revision's delivery task is sent, once: the sweep stamps
   ``updated_at`` and sends again only if the row is still untouched ``pipeline.requeue_after_seconds`` later
   (a lost message), so a busy delivery queue is not filled with copies of the same task every sweep;
-- a delivery that is ``pending``/``sending`` and untouched for ``pipeline.requeue_after_seconds`` → sent again.
+- a delivery that is ``pending`` and untouched for ``pipeline.requeue_after_seconds`` → sent again (the outbox:
+  the analysis created it, its message was lost);
+- a delivery that is ``sending`` whose lease (renewed by the sending worker every ``pipeline.heartbeat_seconds``)
+  is older than ``pipeline.stale_after_seconds`` → its worker died mid-send: retried, or dead when that was its
+  last allowed attempt. A slow destination keeps its lease and is never sent to twice;
+- a study left ``complete``, ``queued`` or ``processing`` without a live job for its current revision, or
+  ``analysed``/``delivering`` without an open delivery, for ``pipeline.requeue_after_seconds`` → its job is
+  queued (or the study marked failed when the job is dead), or its delivery task sent.
 
 Re-sending is safe because jobs and deliveries are idempotent and claimed in the database.
 """
@@ -21,16 +29,33 @@ import datetime as dt
 import logging
 import threading
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, exists, or_, select, update
 
-from worker.db import Delivery, DeliveryState, Job, JobKind, JobState, Study, utcnow
-from worker.pipeline.jobs import Pipeline
+from worker.db import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    FailureReason,
+    Instance,
+    Job,
+    JobKind,
+    JobState,
+    Study,
+    StudyState,
+    utcnow,
+)
+from worker.pipeline.delivery import create_outbox
+from worker.pipeline.jobs import Pipeline, move
 
 log = logging.getLogger(__name__)
 
+ACTOR = "bookkeeper"
+LIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)
+OPEN_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.RETRYING)
+
 
 class Bookkeeper:
-    """Periodic sweeps over jobs and deliveries (run by the node process)."""
+    """Periodic sweeps over jobs, deliveries and studies (run by the node process)."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -43,10 +68,22 @@ class Bookkeeper:
         self._thread: threading.Thread | None = None
 
     def sweep(self) -> dict[str, int]:
-        """One pass; returns how many jobs and deliveries were re-queued."""
+        """One pass; returns how many jobs and study revisions' deliveries were (re-)queued."""
+        job_ids = self._jobs()
+        revisions = self._deliveries()
+        enqueue, deliver = self._studies()
+        for job_id in job_ids:
+            self.pipeline.send_job(job_id)
+        for study_uid, revision in enqueue:
+            self.pipeline.enqueue(study_uid, revision, actor=ACTOR)
+        revisions = sorted(set(revisions) | set(deliver))
+        for study_uid, revision in revisions:
+            self.pipeline.send_delivery(study_uid, revision)
+        return {"jobs": len(job_ids) + len(enqueue), "deliveries": len(revisions)}
+
+    def _jobs(self) -> list[int]:
         now = utcnow()
-        db = self.pipeline.db
-        with db.session() as session:
+        with self.pipeline.db.session() as session:
             stale = session.scalars(select(Job).where(
                 Job.kind == JobKind.ANALYSIS,
                 or_(
@@ -60,35 +97,103 @@ class Bookkeeper:
                 study = session.get(Study, job.study_id)
                 if study.revision != job.revision:
                     job.state, job.error = JobState.DEAD, f"superseded by revision {study.revision}"
+                    job.failure = FailureReason.SUPERSEDED
                     continue
                 if job.state == JobState.RUNNING:
                     log.warning("job %d of study %s lost its worker; queued again", job.id, study.study_instance_uid)
                 job.state = JobState.QUEUED
                 job.updated_at = now
                 job_ids.append(job.id)
+        return job_ids
+
+    def _deliveries(self) -> list[tuple[str, int]]:
+        now = utcnow()
+        settings = self.pipeline.settings
+        with self.pipeline.db.session() as session:
+            current = Delivery.revision == Study.revision
             due = session.execute(
                 select(Study.study_instance_uid, Delivery.revision, Delivery.id)
                 .join(Study, Study.id == Delivery.study_id)
-                .where(Delivery.revision == Study.revision)
+                .where(current)
                 .where(or_(
                     (Delivery.state == DeliveryState.RETRYING) & (Delivery.next_attempt_at <= now)
                     & ((Delivery.updated_at <= Delivery.next_attempt_at)
                        | (Delivery.updated_at < now - self.requeue_after)),
-                    Delivery.state.in_((DeliveryState.PENDING, DeliveryState.SENDING))
-                    & (Delivery.updated_at < now - self.requeue_after),
+                    (Delivery.state == DeliveryState.PENDING) & (Delivery.updated_at < now - self.requeue_after),
                 ))
             ).all()
-            stuck = [row.id for row in due]
-            if stuck:
-                session.execute(update(Delivery).where(Delivery.id.in_(stuck), Delivery.state == DeliveryState.SENDING)
-                                .values(state=DeliveryState.RETRYING, next_attempt_at=Delivery.updated_at))
-                session.execute(update(Delivery).where(Delivery.id.in_(stuck)).values(updated_at=now))
-        for job_id in job_ids:
-            self.pipeline.send_job(job_id)
-        revisions = sorted({(row.study_instance_uid, row.revision) for row in due})
-        for study_uid, revision in revisions:
-            self.pipeline.send_delivery(study_uid, revision)
-        return {"jobs": len(job_ids), "deliveries": len(revisions)}
+            revisions = {(row.study_instance_uid, row.revision) for row in due}
+            if due:
+                session.execute(update(Delivery).where(Delivery.id.in_([row.id for row in due]))
+                                .values(updated_at=now))
+            lost = session.execute(
+                select(Delivery, Study.study_instance_uid)
+                .join(Study, Study.id == Delivery.study_id)
+                .where(current, Delivery.state == DeliveryState.SENDING, Delivery.updated_at < now - self.stale_after)
+                .with_for_update(of=Delivery)
+            ).all()
+            for row, study_uid in lost:
+                detail = f"the worker sending attempt {row.attempts} stopped renewing its lease (died or hangs)"
+                destination = next((d for d in settings.destinations if d.name == row.destination), None)
+                if destination is None or row.attempts >= destination.max_attempts:
+                    row.state, row.failure, row.last_error = DeliveryState.DEAD, FailureReason.ATTEMPTS_EXHAUSTED, detail
+                    session.add(AuditEvent(actor=ACTOR, action="delivery.dead", study_instance_uid=study_uid,
+                                           detail={"destination": row.destination, "object": row.object_kind.value,
+                                                   "revision": row.revision, "attempts": row.attempts,
+                                                   "reason": FailureReason.ATTEMPTS_EXHAUSTED.value,
+                                                   "detail": detail}))
+                    log.warning("delivery %d of study %s to %s: %s; no attempt left: dead", row.id, study_uid,
+                                row.destination, detail)
+                else:
+                    row.state, row.last_error, row.next_attempt_at = DeliveryState.RETRYING, detail, now
+                    log.warning("delivery %d of study %s to %s: %s; retrying", row.id, study_uid, row.destination,
+                                detail)
+                row.updated_at = now
+                revisions.add((study_uid, row.revision))
+        return sorted(revisions)
+
+    def _studies(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """Studies with nothing pending: (revisions to enqueue, revisions to deliver)."""
+        cutoff = utcnow() - self.requeue_after
+        current_job = and_(Job.study_id == Study.id, Job.revision == Study.revision, Job.kind == JobKind.ANALYSIS)
+        analysable = exists().where(Instance.study_id == Study.id, Instance.revision <= Study.revision,
+                                    Instance.analysable.is_(True))
+        enqueue: list[tuple[str, int]] = []
+        deliver: list[tuple[str, int]] = []
+        with self.pipeline.db.session() as session:
+            waiting = session.scalars(select(Study).where(
+                Study.state.in_((StudyState.COMPLETE, StudyState.QUEUED, StudyState.PROCESSING)),
+                Study.updated_at < cutoff, analysable,
+                ~exists().where(current_job, Job.state.in_(LIVE_JOB_STATES)),
+            ).with_for_update()).all()
+            for study in waiting:
+                states = set(session.scalars(select(Job.state).where(
+                    Job.study_id == study.id, Job.revision == study.revision, Job.kind == JobKind.ANALYSIS)))
+                if JobState.SUCCEEDED in states:
+                    move(study, StudyState.ANALYSED)
+                    create_outbox(session, self.pipeline.settings, study, study.revision)
+                    deliver.append((study.study_instance_uid, study.revision))
+                elif JobState.DEAD in states:
+                    move(study, StudyState.FAILED)
+                    session.add(AuditEvent(actor=ACTOR, action="study.failed",
+                                           study_instance_uid=study.study_instance_uid,
+                                           detail={"revision": study.revision, "reason": "its analysis job is dead"}))
+                else:
+                    log.warning("study %s revision %d is %s with no analysis job; queueing it",
+                                study.study_instance_uid, study.revision, study.state.value)
+                    enqueue.append((study.study_instance_uid, study.revision))
+            undelivered = session.scalars(select(Study).where(
+                Study.state.in_((StudyState.ANALYSED, StudyState.DELIVERING)),
+                Study.updated_at < cutoff,
+                ~exists().where(Delivery.study_id == Study.id, Delivery.revision == Study.revision,
+                                Delivery.state.in_(OPEN_DELIVERY_STATES)),
+            ).with_for_update()).all()
+            for study in undelivered:
+                log.warning("study %s revision %d is %s with no open delivery; sending its delivery task",
+                            study.study_instance_uid, study.revision, study.state.value)
+                study.updated_at = utcnow()
+                deliver.append((study.study_instance_uid, study.revision))
+        return enqueue, deliver
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="bookkeeper", daemon=True)

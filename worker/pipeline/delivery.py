@@ -1,12 +1,21 @@
 """Reporting and delivery of one study revision (DESIGN step 4).
 
+Outbox: the transaction that stores an analysis also creates its delivery rows (:func:`create_outbox`), one
+:class:`~worker.db.Delivery` per (destination, object kind), ``pending``; the delivery task is only a nudge, and
+the bookkeeper sends whatever stays pending, so a lost message cannot strand a study in ``analysed``.
+
 The result objects are built once and written to ``<home>/results/<Study>/r<revision>/`` before the first
-send, so every retry sends the same instances. Each (destination, object kind) pair is one
-:class:`~worker.db.Delivery` row with its own retry state: a worker *claims* due rows in one transaction
-(``pending``/``retrying`` → ``sending``) so two workers never send the same row at once; a transient failure
-schedules the next attempt with exponential backoff (``backoff_seconds · 2^(attempts-1)``) until
-``max_attempts``, a permanent failure (association rejected, SOP class refused, HTTP 4xx) goes straight to the
-dead-letter state ``dead``. The bookkeeper re-enqueues rows whose next attempt is due.
+send, so every retry sends the same instances; their UIDs are recorded (``result_objects``) so that the node
+recognises them when a PACS sends them back. A worker *claims* due rows in one transaction
+(``pending``/``retrying`` → ``sending``) so two workers never send the same row at once, and holds the claim
+with a lease it renews while it works (:mod:`worker.pipeline.lease`): a slow destination is never sent to
+twice; only a claim whose lease expired (the worker died) is taken back by the bookkeeper. Each claim is
+checked again just before its send, so a worker that lost its claim starts no send. Every claim counts as an
+attempt and ``max_attempts`` is never exceeded. A transient failure schedules the next attempt with exponential
+backoff (``backoff_seconds · 2^(attempts-1)``); a permanent one (association rejected, SOP class refused, HTTP
+4xx) goes straight to the dead-letter state ``dead``, as does a row whose attempts are exhausted, each with its
+reason (:class:`~worker.db.FailureReason`). Only a worker holding claims builds the objects, and a failure to
+build them counts as a failed attempt of its claims, so it ends in ``dead`` with its error instead of looping.
 """
 
 from __future__ import annotations
@@ -18,13 +27,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from sqlalchemy import ColumnElement, and_, or_, update
+
 from model.schema import StudyAnalysis
-from worker.config import Destination, Settings
+from worker.config import ConfigError, Destination, Settings
 from worker.db import (
     Analysis,
     AuditEvent,
@@ -32,12 +44,18 @@ from worker.db import (
     Delivery,
     DeliveryObject,
     DeliveryState,
+    FailureReason,
     Instance,
+    ResultObject,
     Study,
     StudyState,
     utcnow,
 )
+from worker.pipeline.lease import Lease
 from worker.pipeline.results import WrittenResults, read_results, write_results
+
+if TYPE_CHECKING:
+    from reporting import ReportObjects
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +109,28 @@ def ensure_results(settings: Settings, db: Database, study_instance_uid: str, re
     objects = build_report_objects(
         analysis, sources, report_options(settings.reporting), vessel_masks=masks, previous_sr=previous_sr
     )
+    _register_objects(db, study_instance_uid, revision, objects)
     written = write_results(folder, analysis, objects)
     _index_fhir(db, study_instance_uid, revision, objects.fhir_bundle)
     return written
+
+
+def _register_objects(db: Database, study_instance_uid: str, revision: int, objects: ReportObjects) -> None:
+    """Record the UIDs of the DICOM objects built (before they are written or sent), so that the node
+    recognises them as ours when a PACS sends them back. Idempotent: rebuilding gives the same UIDs."""
+    built = [(DeliveryObject.SR, objects.sr)]
+    built += [(DeliveryObject.KEY_IMAGE, ds) for ds in objects.key_images]
+    built += [(DeliveryObject.SEG, ds) for ds in objects.segmentations]
+    built += [(DeliveryObject.PDF, objects.pdf)] if objects.pdf is not None else []
+    with db.session() as session:
+        study_id = session.scalars(select(Study.id).where(Study.study_instance_uid == study_instance_uid)).one()
+        known = set(session.scalars(select(ResultObject.sop_instance_uid).where(
+            ResultObject.sop_instance_uid.in_([str(ds.SOPInstanceUID) for _, ds in built]))))
+        for kind, ds in built:
+            if str(ds.SOPInstanceUID) not in known:
+                session.add(ResultObject(study_id=study_id, revision=revision, object_kind=kind,
+                                         sop_instance_uid=str(ds.SOPInstanceUID),
+                                         series_instance_uid=str(ds.SeriesInstanceUID)))
 
 
 def _read_masks(folder: Path, uids: list[str]) -> dict:
@@ -118,12 +155,38 @@ def _index_fhir(db: Database, study_instance_uid: str, revision: int, bundle: di
         index_bundle(session, study.id, revision, bundle)
 
 
-def _kinds_for(destination: Destination, written: WrittenResults) -> list[DeliveryObject]:
+def expected_kinds(settings: Settings, destination: Destination) -> list[DeliveryObject]:
+    """The object kinds an analysis will send to ``destination`` with this configuration (the outbox rows)."""
     if destination.kind == "fhir":
         return [DeliveryObject.FHIR]
     if destination.kind == "folder":
         return [DeliveryObject.SR]  # the whole folder of result objects is one delivery
-    return [DeliveryObject(kind) for kind, paths in written.dicom_objects.items() if paths]
+    reporting = settings.reporting
+    wanted = {DeliveryObject.KEY_IMAGE: reporting.key_image, DeliveryObject.PDF: reporting.pdf,
+              DeliveryObject.SEG: reporting.segmentation}
+    return [DeliveryObject.SR, *(kind for kind, on in wanted.items() if on)]
+
+
+def create_outbox(session: Session, settings: Settings, study: Study, revision: int) -> int:
+    """In the caller's transaction (the one storing the analysis): a ``pending`` delivery row for every
+    destination and expected object kind of the revision that has none yet. Returns how many were created."""
+    existing = set(session.execute(select(Delivery.destination, Delivery.object_kind).where(
+        Delivery.study_id == study.id, Delivery.revision == revision)).tuples())
+    now = utcnow()
+    created = 0
+    for destination in settings.destinations:
+        for kind in expected_kinds(settings, destination):
+            if (destination.name, kind) not in existing:
+                session.add(Delivery(study_id=study.id, revision=revision, destination=destination.name,
+                                     object_kind=kind, state=DeliveryState.PENDING, next_attempt_at=now,
+                                     created_at=now, updated_at=now))
+                created += 1
+    return created
+
+
+def _has_objects(destination: Destination, kind: DeliveryObject, written: WrittenResults) -> bool:
+    """Whether the built results have anything of ``kind`` to send to ``destination``."""
+    return destination.kind != "dicom" or bool(written.dicom_objects.get(kind.value))
 
 
 def _send(settings: Settings, destination: Destination, kind: DeliveryObject, written: WrittenResults) -> SendOutcome:
@@ -177,15 +240,55 @@ def deliver_revision(
     settings: Settings, db: Database, study_instance_uid: str, revision: int,
     *, send: Callable[[Settings, Destination, DeliveryObject, WrittenResults], SendOutcome] = _send,
 ) -> StudyState:
-    """Build (once) and send the results of one revision to every destination; return the study state."""
-    written = ensure_results(settings, db, study_instance_uid, revision)
-    for claim in _claim(settings, db, study_instance_uid, revision, written):
+    """Claim the due deliveries of one revision, build its result objects (once) and send them; return the
+    study state. Only the worker holding claims builds, so concurrent messages for one revision never build it
+    twice at once; with no destination configured the results are only built."""
+    if not settings.destinations:
+        return _results_only(settings, db, study_instance_uid, revision)
+    claims = _claim(settings, db, study_instance_uid, revision)
+    if not claims:
+        return _settle(db, study_instance_uid, revision)
+    active = list(claims)
+    with Lease(db, _renewal(active), settings.pipeline.heartbeat_seconds,
+               f"deliveries of {study_instance_uid} r{revision}"):
         try:
-            outcome = send(settings, claim.destination, claim.kind, written)
-        except Exception as exc:  # a bug or an unexpected environment problem: retry, never crash the loop
-            log.exception("delivery %d to %s failed unexpectedly", claim.delivery_id, claim.destination.name)
-            outcome = SendOutcome(ok=False, detail=f"{type(exc).__name__}: {exc}")
-        _record(db, claim, outcome)
+            written = ensure_results(settings, db, study_instance_uid, revision)
+        except Exception as exc:  # noqa: BLE001 -- counted as a failed attempt of every claim, never lost
+            log.exception("building the results of study %s revision %d failed", study_instance_uid, revision)
+            for claim in claims:
+                _record(db, claim, SendOutcome(ok=False, detail=f"cannot build the result objects: "
+                                                                f"{type(exc).__name__}: {exc}"))
+            return _settle(db, study_instance_uid, revision)
+        for claim in claims:
+            if not _has_objects(claim.destination, claim.kind, written):
+                _drop(db, claim)
+            elif not _still_ours(db, claim):
+                log.warning("delivery %d to %s: the claim was taken over before its send; not sending",
+                            claim.delivery_id, claim.destination.name)
+            else:
+                try:
+                    outcome = send(settings, claim.destination, claim.kind, written)
+                except Exception as exc:  # a bug or an unexpected environment problem: retry, never crash the loop
+                    log.exception("delivery %d to %s failed unexpectedly", claim.delivery_id, claim.destination.name)
+                    outcome = SendOutcome(ok=False, detail=f"{type(exc).__name__}: {exc}")
+                _record(db, claim, outcome)
+            active.remove(claim)
+    return _settle(db, study_instance_uid, revision)
+
+
+def _results_only(settings: Settings, db: Database, study_instance_uid: str, revision: int) -> StudyState:
+    """No destination: build the results on disk; a failure to build fails the study (audited)."""
+    try:
+        ensure_results(settings, db, study_instance_uid, revision)
+    except Exception as exc:  # noqa: BLE001 -- the study fails visibly instead of staying analysed
+        log.exception("building the results of study %s revision %d failed", study_instance_uid, revision)
+        with db.session() as session:
+            study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)
+                                    .with_for_update()).one()
+            if study.revision == revision:
+                study.state = StudyState.FAILED
+                session.add(AuditEvent(actor=ACTOR, action="results.failed", study_instance_uid=study_instance_uid,
+                                       detail={"revision": revision, "detail": f"{type(exc).__name__}: {exc}"[:500]}))
     return _settle(db, study_instance_uid, revision)
 
 
@@ -199,11 +302,47 @@ class Claim:
     attempt: int
 
 
-def _claim(
-    settings: Settings, db: Database, study_instance_uid: str, revision: int, written: WrittenResults
-) -> list[Claim]:
-    """Create missing delivery rows and move the due ones to ``sending`` in one transaction."""
-    now = utcnow()
+def _is_claim(claim: Claim) -> ColumnElement[bool]:
+    return and_(Delivery.id == claim.delivery_id, Delivery.attempts == claim.attempt,
+                Delivery.state == DeliveryState.SENDING)
+
+
+def _renewal(active: list[Claim]) -> Callable[[Session], int]:
+    """Refresh ``updated_at`` (the lease) of the claims not yet settled that are still this worker's."""
+    def renew(session: Session) -> int:
+        current = list(active)
+        if not current:
+            return 1  # everything settled: nothing taken over
+        return session.execute(update(Delivery).where(or_(*(_is_claim(c) for c in current)))
+                               .values(updated_at=utcnow())).rowcount
+    return renew
+
+
+def _still_ours(db: Database, claim: Claim) -> bool:
+    with db.session() as session:
+        return session.scalars(select(Delivery.id).where(_is_claim(claim))).first() is not None
+
+
+def _drop(db: Database, claim: Claim) -> None:
+    """The results have no object of the claimed kind (e.g. no segmentation was possible): no delivery."""
+    with db.session() as session:
+        row = session.scalars(select(Delivery).where(_is_claim(claim))).first()
+        if row is not None:
+            log.info("delivery %d: the results have no %s object; nothing to send to %s", row.id,
+                     row.object_kind.value, row.destination)
+            session.delete(row)
+
+
+def _destination(settings: Settings, name: str) -> Destination | None:
+    try:
+        return settings.destination(name)
+    except ConfigError:
+        return None
+
+
+def _claim(settings: Settings, db: Database, study_instance_uid: str, revision: int) -> list[Claim]:
+    """Create missing delivery rows and move the due ones to ``sending`` in one transaction. A row whose
+    attempts are exhausted is dead-lettered instead, as is a row for a destination no longer configured."""
     claimed: list[Claim] = []
     with db.session() as session:
         study = session.scalars(
@@ -213,37 +352,54 @@ def _claim(
             log.info("study %s revision %d is superseded by %d; not delivering", study_instance_uid, revision,
                      study.revision)
             return []
-        existing = {
-            (d.destination, d.object_kind): d
-            for d in session.scalars(select(Delivery).where(Delivery.study_id == study.id,
-                                                            Delivery.revision == revision))
-        }
-        for destination in settings.destinations:
-            for kind in _kinds_for(destination, written):
-                row = existing.get((destination.name, kind))
-                if row is None:
-                    row = Delivery(study_id=study.id, revision=revision, destination=destination.name,
-                                   object_kind=kind, state=DeliveryState.PENDING, next_attempt_at=now)
-                    session.add(row)
-                    session.flush()
-                due = row.next_attempt_at is None or row.next_attempt_at <= now
-                if row.state in OPEN_STATES and due:
-                    row.state = DeliveryState.SENDING
-                    row.attempts += 1
-                    claimed.append(Claim(row.id, destination, kind, row.attempts))
+        if latest_analysis(session, study, revision) is None:
+            log.warning("study %s revision %d has no analysis; nothing to deliver", study_instance_uid, revision)
+            return []
+        create_outbox(session, settings, study, revision)
+        session.flush()
+        now = utcnow()
+        rows = session.scalars(select(Delivery).where(Delivery.study_id == study.id, Delivery.revision == revision,
+                                                      Delivery.state.in_(OPEN_STATES))).all()
+        for row in rows:
+            destination = _destination(settings, row.destination)
+            if destination is None:
+                _dead(session, row, study, FailureReason.DESTINATION_REMOVED,
+                      f"destination {row.destination!r} is no longer configured")
+                continue
+            if row.next_attempt_at is not None and row.next_attempt_at > now:
+                continue
+            if row.attempts >= destination.max_attempts:
+                _dead(session, row, study, FailureReason.ATTEMPTS_EXHAUSTED,
+                      f"{row.attempts} of {destination.max_attempts} attempts used; last error: {row.last_error}")
+                continue
+            row.state = DeliveryState.SENDING
+            row.attempts += 1
+            row.updated_at = now
+            claimed.append(Claim(row.id, destination, row.object_kind, row.attempts))
         if study.state in (StudyState.ANALYSED, StudyState.DELIVERED, StudyState.FAILED) and claimed:
             study.state = StudyState.DELIVERING
     return claimed
 
 
+def _dead(session: Session, row: Delivery, study: Study, reason: FailureReason, detail: str) -> None:
+    """Dead-letter a delivery row with its reason (audited)."""
+    row.state, row.failure, row.last_error = DeliveryState.DEAD, reason, detail[:2000]
+    session.add(AuditEvent(actor=ACTOR, action="delivery.dead", study_instance_uid=study.study_instance_uid,
+                           detail={"destination": row.destination, "object": row.object_kind.value,
+                                   "revision": row.revision, "attempts": row.attempts, "reason": reason.value,
+                                   "detail": detail[:500]}))
+    log.warning("delivery.dead %s → %s (%s): %s", study.study_instance_uid, row.destination, reason.value, detail)
+
+
 def _record(db: Database, claim: Claim, outcome: SendOutcome) -> None:
-    """Store the outcome of a claimed attempt, unless the row was taken from this worker meanwhile (the
-    bookkeeper judged the claim stale, or an operator resent): then the newer claim's outcome counts."""
+    """Store the outcome of a claimed attempt, unless the row was taken from this worker meanwhile (its lease
+    expired, or an operator resent): then the newer claim's outcome counts and this one starts nothing."""
     destination = claim.destination
     with db.session() as session:
         row = session.get(Delivery, claim.delivery_id)
         assert row is not None
-        study_uid = session.get(Study, row.study_id).study_instance_uid
+        study = session.get(Study, row.study_id)
+        study_uid = study.study_instance_uid
         if row.state != DeliveryState.SENDING or row.attempts != claim.attempt:
             log.warning("delivery %d to %s: attempt %d finished after the row moved on (%s, attempt %d); "
                         "outcome not recorded: %s", row.id, destination.name, claim.attempt, row.state.value,
@@ -251,11 +407,15 @@ def _record(db: Database, claim: Claim, outcome: SendOutcome) -> None:
             return
         if outcome.ok:
             row.state, row.delivered_at, row.last_error = DeliveryState.DELIVERED, utcnow(), None
-            row.remote_id = outcome.remote_id
+            row.remote_id, row.failure = outcome.remote_id, None
             action = "delivery.delivered"
-        elif outcome.permanent or row.attempts >= destination.max_attempts:
-            row.state, row.last_error = DeliveryState.DEAD, outcome.detail
-            action = "delivery.dead"
+        elif outcome.permanent:
+            _dead(session, row, study, FailureReason.REFUSED, outcome.detail)
+            return
+        elif row.attempts >= destination.max_attempts:
+            _dead(session, row, study, FailureReason.ATTEMPTS_EXHAUSTED,
+                  f"{row.attempts} of {destination.max_attempts} attempts used; last error: {outcome.detail}")
+            return
         else:
             now = utcnow()  # one clock reading: the bookkeeper tells a scheduled retry by updated_at <= next
             row.state, row.last_error, row.updated_at = DeliveryState.RETRYING, outcome.detail, now

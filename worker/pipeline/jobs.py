@@ -105,7 +105,7 @@ class Pipeline:
                 job = Job(study_id=study.id, revision=revision, model_name=name, model_version=version,
                           kind=JobKind.ANALYSIS, state=JobState.QUEUED)
                 session.add(job)
-            job.state, job.error = JobState.QUEUED, None
+            job.state, job.error, job.failure = JobState.QUEUED, None, None
             move(study, StudyState.QUEUED)
             session.flush()
             session.add(AuditEvent(actor=actor, action="job.queued", study_instance_uid=study_instance_uid,
@@ -147,7 +147,7 @@ class Pipeline:
                 raise PipelineError(f"study {study_instance_uid} revision {study.revision} has no results to send")
             session.execute(update(Delivery).where(Delivery.study_id == study.id, Delivery.revision == study.revision)
                             .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow(),
-                                    last_error=None))
+                                    last_error=None, failure=None))
             move(study, StudyState.DELIVERING)
             session.add(AuditEvent(actor=actor, action="study.resend", study_instance_uid=study_instance_uid,
                                    detail={"revision": study.revision}))
@@ -166,7 +166,7 @@ class Pipeline:
             study = session.get(Study, job.study_id)
             if study.revision != job.revision:
                 raise PipelineError(f"job {job_id} is for superseded revision {job.revision}")
-            job.state, job.error, job.attempts = JobState.QUEUED, None, 0
+            job.state, job.error, job.attempts, job.failure = JobState.QUEUED, None, 0, None
             move(study, StudyState.QUEUED)
             session.add(AuditEvent(actor=actor, action="job.retry", study_instance_uid=study.study_instance_uid,
                                    detail={"job": job_id}))

@@ -38,13 +38,15 @@ def list_jobs(settings: Settings, *, state: str | None = None, limit: int = 100)
                 rows.append({"kind": f"job:{job.kind.value}", "id": job.id, "study_instance_uid": uid,
                              "revision": job.revision, "target": f"{job.model_name} {job.model_version}".strip(),
                              "state": job.state.value, "attempts": job.attempts,
-                             "updated_at": job.updated_at.isoformat(), "error": job.error})
+                             "updated_at": job.updated_at.isoformat(), "error": job.error,
+                             "reason": job.failure.value if job.failure else None})
             for delivery, uid in session.execute(deliveries.order_by(Delivery.updated_at.desc()).limit(limit)):
                 rows.append({"kind": f"delivery:{delivery.object_kind.value}", "id": delivery.id,
                              "study_instance_uid": uid, "revision": delivery.revision,
                              "target": delivery.destination, "state": delivery.state.value,
                              "attempts": delivery.attempts, "updated_at": delivery.updated_at.isoformat(),
-                             "error": delivery.last_error})
+                             "error": delivery.last_error,
+                             "reason": delivery.failure.value if delivery.failure else None})
     finally:
         db.dispose()
     rows.sort(key=lambda r: r["updated_at"], reverse=True)

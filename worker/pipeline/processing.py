@@ -1,26 +1,43 @@
 """The inference job: analyse one study revision and store its :class:`StudyAnalysis` (DESIGN step 3).
 
-A running job refreshes its row's ``updated_at`` every ``pipeline.heartbeat_seconds`` from a background thread; the
-bookkeeper re-queues a ``running`` job whose heartbeat stopped (its worker died), whatever the broker did with
-the message. The job is idempotent: a job that already succeeded, or that another live worker is running, is
-skipped; storing the analysis replaces an earlier one of the same (study, revision, model).
+A running job holds a lease (:mod:`worker.pipeline.lease`): it refreshes its row's ``updated_at`` every
+``pipeline.heartbeat_seconds``; the bookkeeper re-queues a ``running`` job whose heartbeat stopped (its worker
+died), whatever the broker did with the message. The job is idempotent: a job that already succeeded, or that
+another live worker is running, is skipped; storing the analysis replaces an earlier one of the same (study,
+revision, model). The transaction that stores the analysis also creates the revision's delivery rows (the
+outbox, :func:`worker.pipeline.delivery.create_outbox`). A failure is classified by
+:mod:`worker.pipeline.failures`: permanent ones make the job ``dead`` at once, the others are retried until
+``pipeline.max_attempts``; either way the job keeps the error and its reason.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
 
 from worker.config import Settings
-from worker.db import Analysis, AuditEvent, Database, Instance, Job, JobState, Study, StudyState, utcnow
-from worker.pipeline.delivery import results_folder
+from worker.db import (
+    Analysis,
+    AuditEvent,
+    Database,
+    FailureReason,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    utcnow,
+)
+from worker.pipeline.delivery import create_outbox, results_folder
+from worker.pipeline.failures import PermanentFailure, permanent_reason
 from worker.pipeline.jobs import move
+from worker.pipeline.lease import Lease
 
 if TYPE_CHECKING:
     from worker.pipeline.study import StudyResult
@@ -40,29 +57,12 @@ class JobOutcome:
     detail: str = ""
 
 
-class Heartbeat:
-    """Touches a job's ``updated_at`` periodically while the job runs."""
-
-    def __init__(self, db: Database, job_id: int, interval: float) -> None:
-        self._db, self._job_id, self._interval = db, job_id, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                with self._db.session() as session:
-                    session.execute(update(Job).where(Job.id == self._job_id).values(updated_at=utcnow()))
-            except Exception:
-                log.exception("heartbeat of job %d failed", self._job_id)
+def _heartbeat(db: Database, job_id: int, interval: float) -> Lease:
+    """The running job's lease: its ``updated_at`` refreshed while it runs on this worker."""
+    def renew(session: Session) -> int:
+        return session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING)
+                               .values(updated_at=utcnow())).rowcount
+    return Lease(db, renew, interval, f"job {job_id}")
 
 
 def _start(settings: Settings, db: Database, job_id: int) -> tuple[str, int] | JobOutcome:
@@ -79,8 +79,10 @@ def _start(settings: Settings, db: Database, job_id: int) -> tuple[str, int] | J
             return JobOutcome("skipped", study.study_instance_uid, job.revision, "job running on another worker")
         if study.revision != job.revision:
             job.state, job.error = JobState.DEAD, f"superseded by revision {study.revision}"
+            job.failure = FailureReason.SUPERSEDED
             return JobOutcome("skipped", study.study_instance_uid, job.revision, job.error)
         job.state, job.attempts, job.started_at, job.error = JobState.RUNNING, job.attempts + 1, utcnow(), None
+        job.failure = None
         move(study, StudyState.PROCESSING)
         return study.study_instance_uid, job.revision
 
@@ -104,7 +106,7 @@ def run_job(settings: Settings, db: Database, job_id: int) -> JobOutcome:
         return started
     study_uid, revision = started
     try:
-        with Heartbeat(db, job_id, settings.pipeline.heartbeat_seconds):
+        with _heartbeat(db, job_id, settings.pipeline.heartbeat_seconds):
             result = _analyse(settings, db, study_uid, revision)
     except Exception as exc:  # noqa: BLE001 -- any failure of a study is recorded on its job, never lost
         return _fail(settings, db, job_id, exc)
@@ -121,6 +123,7 @@ def run_job(settings: Settings, db: Database, job_id: int) -> JobOutcome:
         job.state, job.finished_at = JobState.SUCCEEDED, utcnow()
         if study.revision == revision:
             move(study, StudyState.ANALYSED)
+            create_outbox(session, settings, study, revision)
         session.add(AuditEvent(actor=ACTOR, action="study.analysed", study_instance_uid=study_uid,
                                detail={"job": job_id, "revision": revision, "images": len(analysis.images),
                                        "referral": analysis.referral.value, "model": f"{name} {version}".strip()}))
@@ -134,15 +137,18 @@ def _analyse(settings: Settings, db: Database, study_uid: str, revision: int) ->
     from worker.pipeline.sources import SourceError, load_dicom
     from worker.runtime import analyzer
 
+    paths = _instance_paths(db, study_uid, revision)
+    if not paths:
+        raise PermanentFailure(FailureReason.NO_ANALYSABLE_IMAGE, "the study has no analysable image")
     sources, skipped = [], []
-    for path in _instance_paths(db, study_uid, revision):
+    for path in paths:
         try:
             sources.append(load_dicom(Path(path)))
         except SourceError as exc:
             skipped.append(str(exc))
             log.warning("study %s: %s", study_uid, exc)
-    if not sources:
-        raise ValueError("no analysable image in the study" + (f" ({'; '.join(skipped)})" if skipped else ""))
+    if not sources:  # maybe a decoder missing on this worker, a file not yet visible on shared storage: retried
+        raise RuntimeError(f"no image of the study could be read ({'; '.join(skipped)})")
     result = analyzer(settings).analyze(sources, revision=revision)
     result.analysis.notes.extend(f"Not analysed: {reason}" for reason in skipped)
     masks = results_folder(settings, study_uid, revision) / "masks"
@@ -153,20 +159,24 @@ def _analyse(settings: Settings, db: Database, study_uid: str, revision: int) ->
 
 
 def _fail(settings: Settings, db: Database, job_id: int, exc: Exception) -> JobOutcome:
-    from worker.runtime import ModelUnavailable
-
-    permanent = isinstance(exc, (ModelUnavailable, ValueError))
-    log.exception("job %d failed", job_id)
+    """Record a failed attempt: dead at once when the failure is permanent, else retried until
+    ``pipeline.max_attempts``; the error and its reason stay on the job."""
+    permanent = permanent_reason(exc)
+    log.exception("job %d failed%s", job_id, f" permanently ({permanent.value})" if permanent else "")
     with db.session() as session:
         job = session.get(Job, job_id)
         study = session.get(Study, job.study_id)
         job.error = f"{type(exc).__name__}: {exc}"[:2000]
-        dead = permanent or job.attempts >= settings.pipeline.max_attempts
+        exhausted = job.attempts >= settings.pipeline.max_attempts
+        dead = permanent is not None or exhausted
+        job.failure = permanent or (FailureReason.ATTEMPTS_EXHAUSTED if exhausted else None)
         job.state = JobState.DEAD if dead else JobState.FAILED
         job.finished_at = utcnow()
         if study.revision == job.revision:
             move(study, StudyState.FAILED if dead else StudyState.QUEUED)
+        detail = {"job": job_id, "attempts": job.attempts, "error": job.error}
+        if job.failure is not None:
+            detail["reason"] = job.failure.value
         session.add(AuditEvent(actor=ACTOR, action="job.dead" if dead else "job.failed",
-                               study_instance_uid=study.study_instance_uid,
-                               detail={"job": job_id, "attempts": job.attempts, "error": job.error}))
+                               study_instance_uid=study.study_instance_uid, detail=detail))
         return JobOutcome("failed" if dead else "retry", study.study_instance_uid, job.revision, job.error)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,8 +62,13 @@ class WrittenResults:
         return files
 
 
+def _temp_for(path: Path) -> Path:
+    """A temp name beside ``path`` that no concurrent writer of the same file uses."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temp_for(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -71,7 +77,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _write_dicom(path: Path, dataset: Dataset) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temp_for(path)
     dataset.save_as(tmp, enforce_file_format=True)
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())

@@ -1,6 +1,7 @@
 """Celery tasks of the pipeline, registered on an app built from the configuration.
 
-- ``retinalgpt.process_study(job_id)`` (queue ``inference``): analyse a study revision, then queue delivery.
+- ``retinalgpt.process_study(job_id)`` (queue ``inference``): analyse a study revision (its delivery rows are
+  created with the analysis), then nudge the delivery queue; if that message is lost, the bookkeeper sends it.
 - ``retinalgpt.deliver_study(study_instance_uid, revision)`` (queue ``delivery``): build the result objects
   once and send them to every destination.
 - ``retinalgpt.answer_question(study_instance_uid, question, history)`` (queue ``inference``): a follow-up
@@ -52,7 +53,11 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         db = _db(settings)
         outcome = run_job(settings, db, job_id)
         if outcome.status == "analysed":
-            Pipeline(settings, db, app).send_delivery(outcome.study_instance_uid, outcome.revision)
+            try:
+                Pipeline(settings, db, app).send_delivery(outcome.study_instance_uid, outcome.revision)
+            except Exception:  # noqa: BLE001 - the delivery rows are pending; the bookkeeper sends them
+                log.exception("cannot queue the delivery of study %s revision %d; the bookkeeper will",
+                              outcome.study_instance_uid, outcome.revision)
         return {"status": outcome.status, "study": outcome.study_instance_uid, "revision": outcome.revision,
                 "detail": outcome.detail}
 
