@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
 from model.schema import Laterality
+from reporting.sources import rgb_pixels
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +81,15 @@ def is_analysable(dataset: Dataset) -> bool:
 
 
 def to_rgb8(dataset: Dataset) -> np.ndarray:
-    """Decode the first frame to RGB uint8 (YBR converted, 16-bit rescaled, monochrome stacked)."""
+    """Decode the first frame to RGB uint8 (:func:`reporting.sources.rgb_pixels`: YBR converted, MONOCHROME1
+    inverted against 2^BitsStored − 1, more than 8 bits rescaled, grey stacked)."""
     try:
-        pixels = dataset.pixel_array
+        pixels = rgb_pixels(dataset)
     except Exception as exc:  # pydicom raises many types for undecodable pixel data
         raise SourceError(f"pixel data cannot be decoded: {exc}") from exc
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    samples = int(dataset.get("SamplesPerPixel", 1))
-    if frames > 1:
-        pixels = pixels[0]
-    if samples == 1:
-        if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-            pixels = pixels.max() - pixels
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
-    if pixels.dtype != np.uint8:
-        bits = int(dataset.get("BitsStored", 16))
-        pixels = np.clip(pixels.astype(np.float64) * (255.0 / (2**bits - 1)), 0, 255).round().astype(np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise SourceError(f"unexpected pixel array shape {pixels.shape}")
-    return np.ascontiguousarray(pixels)
+    return pixels
 
 
 def load_dicom(path: Path) -> SourceImage:
