@@ -189,3 +189,29 @@ def test_chat_is_answered_by_the_default_model_grounded_in_the_study(tmp_path: P
         event = session.query(AuditEvent).filter_by(action="chat", study_instance_uid=SPECS[0].uid).one()
         assert event.detail["answer"] == body["answer"]
     db.dispose()
+
+
+@pytest.mark.parametrize("path", [
+    "/api/studies/{uid}%0A", "/api/studies/{uid}%0A/instances/{sop}/image.png",
+    "/api/studies/{uid}/instances/{sop}%0A/image.png", "/ui/studies/{uid}%0A", "/api/studies/1.02.3",
+])
+def test_uids_in_paths_are_validated_whole(deployment: Deployment, path: str) -> None:
+    """A UID in a URL path goes through dicom_node.uids.require_uid (issue 19): a trailing newline is refused
+    as invalid (422) instead of being looked up."""
+    study = deployment.specs[0]
+    sop = next(iter(deployment.analyses[study.uid].images)).sop_instance_uid
+    url = deployment.base_url + path.format(uid=study.uid, sop=sop)
+    response = httpx.get(url, headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    assert response.status_code == 422, response.text
+    assert "not a valid DICOM UID" in response.text
+    chat = httpx.post(f"{deployment.base_url}/api/studies/{study.uid}%0A/chat", json={"question": "DR grade?"},
+                      headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    assert chat.status_code == 422
+
+
+@pytest.mark.parametrize("params", [{"offset": "99999999999999999999"}, {"limit": "99999999999999999999"},
+                                    {"offset": "-1"}, {"limit": "0"}])
+def test_worklist_paging_is_bounded(deployment: Deployment, params: dict[str, str]) -> None:
+    response = httpx.get(f"{deployment.base_url}/api/worklist", params=params,
+                         headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    assert response.status_code == 422, response.text

@@ -22,6 +22,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+from dicom_node.uids import is_valid_uid
 from model.schema import Laterality
 from reporting.sources import rgb_pixels
 
@@ -100,10 +101,23 @@ def load_dicom(path: Path) -> SourceImage:
         raise SourceError(f"{path}: not a readable DICOM file ({exc})") from exc
     if not is_analysable(dataset):
         raise SourceError(f"{path}: SOP class {dataset.get('SOPClassUID', '?')} is not a fundus photograph class")
+    check_uids(dataset, path)
     try:
         return SourceImage(dataset=dataset, rgb=to_rgb8(dataset), path=path)
     except SourceError as exc:
         raise SourceError(f"{path}: {exc}") from exc
+
+
+IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def check_uids(dataset: Dataset, path: Path) -> None:
+    """:class:`SourceError` unless the file's Study, Series and SOP Instance UIDs are valid UIDs
+    (:func:`dicom_node.uids.is_valid_uid`): they become folder and file names and database keys."""
+    for keyword in IDENTIFYING_UIDS:
+        value = dataset.get(keyword)
+        if not is_valid_uid(value):
+            raise SourceError(f"{path}: {keyword} {value!r} is not a valid DICOM UID (PS3.5 §9.1)")
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
