@@ -41,6 +41,7 @@ from worker.db import (
     utcnow,
 )
 from worker.dicom_params import completion_params, listener_params
+from worker.logsetup import phi_enabled
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ class IngestService:
             ).all())
             session.add(AuditEvent(actor=ACTOR, action="study.complete", study_instance_uid=study_instance_uid,
                                    detail={"revision": revision, "instances": count}))
-        log.info("study %s revision %d complete (%d instances)", study_instance_uid, revision, count)
+            patient = f" of patient {study.patient_id} ({study.patient_name})" if phi_enabled() else ""
+        log.info("study %s revision %d complete (%d instances)%s", study_instance_uid, revision, count, patient)
         with self._callbacks_lock:
             callbacks = list(self._callbacks)
         for callback in callbacks:

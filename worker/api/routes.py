@@ -145,7 +145,7 @@ def router() -> APIRouter:
                 raise HTTPException(409, f"study {study_instance_uid} has no result yet")
         try:
             return ask(ctx.celery, ctx.db, study_instance_uid, body, actor=principal.actor,
-                       timeout=ctx.settings.api.chat_timeout_seconds)
+                       timeout=ctx.settings.api.chat_timeout_seconds, chat_text=ctx.settings.audit.chat_text)
         except ChatUnavailable as exc:
             raise HTTPException(504 if exc.timed_out else 502, str(exc)) from None
 
