@@ -16,6 +16,7 @@ from fhirclient.models.observation import Observation
 
 from tests.api.api_fixtures import SPECS, reindex_revision
 from tests.api.conftest import READ_TOKEN, Deployment
+from tests.support.services import service_missing
 from worker.db import Study
 from worker.fhir_store import FhirResource, index_bundle
 
@@ -35,7 +36,7 @@ ANALYSED = [s for s in SPECS if s.referral is not None]
 def r4_errors(resources: list[dict[str, Any]], tmp_path: Path) -> list[dict[str, Any]]:
     """Error and 'not in R4' messages of the npm fhir R4 validator for each resource."""
     if not FHIR_NODE.is_dir():
-        pytest.skip("npm fhir validator not installed (scripts/bootstrap.sh)")
+        service_missing("npm fhir validator not installed (scripts/bootstrap.sh)")
     (tmp_path / "resources.json").write_text(json.dumps(resources))
     (tmp_path / "validate.js").write_text(VALIDATE_JS)
     run = subprocess.run(["node", str(tmp_path / "validate.js"), str(FHIR_NODE), str(tmp_path / "resources.json")],
