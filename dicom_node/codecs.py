@@ -1,12 +1,13 @@
 """Pixel data decoding with permissively licensed code only (issue 19: no GPL in the base install).
 
 pydicom chooses among its own plugins: Pillow (JPEG Baseline, 8-bit JPEG Extended), pylibjpeg-openjpeg
-(JPEG 2000), pyjpegls (JPEG-LS), GDCM's BSD-licensed wheel (JPEG Lossless, Process 14 and SV1), numpy (RLE).
-None of these decodes JPEG Extended (Process 4) with 12-bit samples, which pydicom otherwise reads only with the
-GPLv3 pylibjpeg-libjpeg; :func:`register` adds a decoder for that case built on imagecodecs' libjpeg-turbo
-(BSD-3-Clause / IJG). Monochrome only: 12-bit colour JPEG is not made by fundus cameras, and a colour
-transform pydicom could not undo would be wrong. Every transfer syntax of :data:`dicom_node.sop.TRANSFER_SYNTAXES`
-is checked to decode in a venv holding only the base install (tests/worker/test_pixel_data.py).
+(JPEG 2000), pyjpegls (JPEG-LS), GDCM's BSD-licensed wheel (JPEG Lossless, Process 14 and SV1), numpy
+(RLE). None of these decodes JPEG Extended (Process 4) with 12-bit samples, which pydicom otherwise reads
+only with the GPLv3 pylibjpeg-libjpeg; :func:`register` adds a decoder for that case built on imagecodecs'
+libjpeg-turbo (BSD-3-Clause / IJG). Monochrome only: 12-bit colour JPEG is not made by fundus cameras, and
+a colour transform pydicom could not undo would be wrong. Every transfer syntax of
+:data:`dicom_node.sop.TRANSFER_SYNTAXES` is checked to decode in a venv holding only the base install
+(tests/worker/test_pixel_data.py).
 """
 
 from __future__ import annotations

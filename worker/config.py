@@ -316,8 +316,8 @@ class Settings(BaseSettings):
         raise ConfigError(f"unknown destination {name!r} (known: {known})")
 
     def masked(self) -> dict[str, Any]:
-        """The effective configuration as plain data with secrets masked: ``SecretStr`` values and the password
-        of every URL (database, broker, result backend, FHIR destinations)."""
+        """The effective configuration as plain data with secrets masked: ``SecretStr`` values and the
+        password of every URL (database, broker, result backend, FHIR destinations)."""
         from worker.logsetup import mask_urls
 
         return mask_urls(self.model_dump(mode="json"))

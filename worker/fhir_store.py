@@ -49,7 +49,8 @@ from worker.db.models import Base, utcnow
 Resource = dict[str, Any]
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-"""A FHIR id (R4 §2.24.0.1 id datatype), matched whole (``fullmatch``): ``$`` would admit a trailing newline."""
+"""A FHIR id (R4 §2.24.0.1 id datatype), matched whole (``fullmatch``): ``$`` would admit a trailing
+newline."""
 """FHIR R4 ``id`` datatype."""
 
 SERVED_TYPES = ("DiagnosticReport", "Observation", "ImagingStudy", "Device", "Provenance", "Patient")

@@ -143,7 +143,8 @@ class IngestService:
             session.add(AuditEvent(actor=ACTOR, action="study.complete", study_instance_uid=study_instance_uid,
                                    detail={"revision": revision, "instances": count}))
             patient = f" of patient {study.patient_id} ({study.patient_name})" if phi_enabled() else ""
-        log.info("study %s revision %d complete (%d instances)%s", study_instance_uid, revision, count, patient)
+        log.info("study %s revision %d complete (%d instances)%s", study_instance_uid, revision, count,
+                 patient)
         with self._callbacks_lock:
             callbacks = list(self._callbacks)
         for callback in callbacks:

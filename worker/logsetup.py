@@ -67,7 +67,8 @@ def configure(level: str | int = logging.INFO) -> None:
 
 
 def apply(level: str, *, phi: bool) -> None:
-    """Apply the configuration's ``log_level`` (to a process set up by :func:`configure`) and ``logging.phi``."""
+    """Apply the configuration's ``log_level`` (to a process set up by :func:`configure`) and
+    ``logging.phi``."""
     _phi["enabled"] = phi
     if any(getattr(h, "retinalgpt", False) for h in logging.getLogger().handlers):
         logging.getLogger().setLevel(level)

@@ -11,7 +11,6 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.support.base_install import REPO, BaseVenv, closure, project_requirements

@@ -86,7 +86,8 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
         response: Response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         http_metrics.observe(request.method, route, response.status_code, started)
-        access_log.info(access_line(request.method, route, response.status_code, time.perf_counter() - started))
+        elapsed = time.perf_counter() - started
+        access_log.info(access_line(request.method, route, response.status_code, elapsed))
         if request.url.path.startswith("/ui/"):
             response.headers.setdefault("Content-Security-Policy", ui.CONTENT_SECURITY_POLICY)
             response.headers.setdefault("X-Frame-Options", "DENY")
