@@ -41,7 +41,7 @@ from worker.db import (
     utcnow,
 )
 from worker.dicom_params import completion_params, listener_params
-from worker.logsetup import phi_enabled
+from worker.logsetup import phi_enabled, remember_patient
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class IngestService:
     def instance_stored(self, instance: ReceivedInstance, *, replaced: bool) -> None:
         """One short Core transaction (this is on the C-STORE hot path): touch the receiving study (or open
         it / its next revision), find or create the series, upsert the instance row."""
+        remember_patient(instance.patient_id, instance.patient_name)  # redacted from log lines (logsetup)
         for attempt in (1, 2):
             try:
                 with self.db.engine.begin() as conn:

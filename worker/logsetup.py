@@ -6,6 +6,9 @@
   (:func:`phi_enabled`); the listed third-party loggers that would echo request data or task results are kept
   at WARNING: Celery's task tracer logs every return value at INFO (a chat answer), uvicorn's access log whole
   URLs with their query strings (MRNs in FHIR and worklist searches, a token sent as ``?access_token=``).
+  As a second line of defence for text we do not write ourselves (a FHIR server's OperationOutcome echoing the
+  Patient, a library's warning about a value), the identifiers of the patients whose files this process has
+  read (:func:`remember_patient`) are replaced by ``[PHI]`` in every line while ``logging.phi`` is off.
 - The API logs each request itself on ``retinalgpt.access`` (:func:`access_line`): method, route template,
   status and duration; never the path's values, the query string or a body.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -27,6 +32,11 @@ _QUIET = {
     "celery.app.trace": logging.WARNING,  # "Task … succeeded in …: <return value>" at INFO
 }
 _phi = {"enabled": False}
+REDACTED = "[PHI]"
+_KNOWN_MAX = 4096
+_known: OrderedDict[str, None] = OrderedDict()
+_known_lock = threading.Lock()
+_known_pattern: list[re.Pattern[str] | None] = [None]
 
 
 def mask_url(text: str) -> str:
@@ -45,11 +55,51 @@ def mask_urls(data: Any) -> Any:
     return data
 
 
+def remember_patient(patient_id: object = None, patient_name: object = None, birth_date: object = None) -> None:
+    """Note the identifiers of a patient whose data this process handles, so that :class:`RedactingFormatter`
+    removes them from log lines (the most recent :data:`_KNOWN_MAX` values are kept). A DICOM Person Name is
+    noted whole and by its components; a birth date (DA, ``YYYYMMDD``) also in ISO form."""
+    values = {str(patient_id or "").strip()}
+    name = str(patient_name or "").strip()
+    values |= {name, name.replace("^", " ").strip()} | {part.strip() for part in re.split(r"[\^=]", name)}
+    date = str(birth_date or "").strip()
+    if re.fullmatch(r"\d{8}", date):
+        values |= {date, f"{date[:4]}-{date[4:6]}-{date[6:]}"}
+    values = {v for v in values if len(v) >= 3}  # never a one- or two-letter fragment of every line
+    if not values:
+        return
+    with _known_lock:
+        changed = False
+        for value in values:
+            changed |= value not in _known
+            _known[value] = None
+            _known.move_to_end(value)
+        while len(_known) > _KNOWN_MAX:
+            _known.popitem(last=False)
+        if changed:
+            ordered = sorted(_known, key=len, reverse=True)  # longest first: a name before its parts
+            _known_pattern[0] = re.compile("|".join(re.escape(v) for v in ordered))
+
+
+def remember_dataset(dataset: Any) -> None:
+    """:func:`remember_patient` with a DICOM data set's Patient ID, Patient's Name and Birth Date."""
+    remember_patient(dataset.get("PatientID"), dataset.get("PatientName"), dataset.get("PatientBirthDate"))
+
+
+def redact_phi(text: str) -> str:
+    """``text`` with every remembered patient identifier replaced by ``[PHI]`` (unless ``logging.phi``)."""
+    pattern = _known_pattern[0]
+    if pattern is None or _phi["enabled"]:
+        return text
+    return pattern.sub(REDACTED, text)
+
+
 class RedactingFormatter(logging.Formatter):
-    """A formatter whose whole output, traceback included, has URL passwords masked."""
+    """A formatter whose whole output, traceback included, has URL passwords masked and remembered patient
+    identifiers redacted."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return mask_url(super().format(record))
+        return redact_phi(mask_url(super().format(record)))
 
 
 def configure(level: str | int = logging.INFO) -> None:

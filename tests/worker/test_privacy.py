@@ -64,3 +64,27 @@ def test_mask_url_keeps_what_has_no_password() -> None:
     assert mask_url("sqlite:////var/lib/retinalgpt/retinalgpt.sqlite") == "sqlite:////var/lib/retinalgpt/retinalgpt.sqlite"
     assert mask_url("redis://cache:6379/0 and amqp://guest@mq//") == "redis://cache:6379/0 and amqp://guest@mq//"
     assert mask_url("two: http://a:x@h1/ http://b:y@h2/") == "two: http://a:***@h1/ http://b:***@h2/"
+
+
+REDACTION = """
+import logging, sys
+from worker import logsetup
+logsetup.configure()
+logsetup.apply("INFO", phi=sys.argv[1] == "phi")
+logsetup.remember_patient("PAT-90210", "Doe^Jane^Quinn", "19500102")
+log = logging.getLogger("reporting.fhir.client")
+log.warning("FHIR delivery failed permanently: HTTP 422: Patient PAT-90210 (Doe^Jane^Quinn, born 1950-01-02)")
+log.warning("echo: Jane Doe 19500102")
+"""
+
+
+def test_remembered_patient_identifiers_are_redacted_from_any_log_line() -> None:
+    """Second line of defence (issue 19): text we do not write ourselves -- here a FHIR server's outcome echoing
+    the Patient -- loses the identifiers of the patients this process handles, unless logging.phi is on."""
+    hidden = subprocess.run([sys.executable, "-c", REDACTION, "no"], capture_output=True, text=True, timeout=60)
+    assert hidden.returncode == 0, hidden.stderr
+    for identifier in ("PAT-90210", "Doe", "Jane", "Quinn", "19500102", "1950-01-02"):
+        assert identifier not in hidden.stderr, hidden.stderr
+    assert hidden.stderr.count("[PHI]") >= 6 and "HTTP 422: Patient [PHI]" in hidden.stderr
+    shown = subprocess.run([sys.executable, "-c", REDACTION, "phi"], capture_output=True, text=True, timeout=60)
+    assert "Patient PAT-90210 (Doe^Jane^Quinn, born 1950-01-02)" in shown.stderr and "[PHI]" not in shown.stderr

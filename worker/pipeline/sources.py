@@ -25,6 +25,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 from dicom_node.uids import is_valid_uid
 from model.schema import Laterality
 from reporting.sources import rgb_pixels
+from worker.logsetup import remember_dataset
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def load_dicom(path: Path) -> SourceImage:
     if not is_analysable(dataset):
         raise SourceError(f"{path}: SOP class {dataset.get('SOPClassUID', '?')} is not a fundus photograph class")
     check_uids(dataset, path)
+    remember_dataset(dataset)  # redacted from this process's log lines (worker/logsetup.py)
     try:
         return SourceImage(dataset=dataset, rgb=to_rgb8(dataset), path=path)
     except SourceError as exc:
