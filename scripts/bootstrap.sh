@@ -49,6 +49,8 @@ if [ ! -f "$stamp" ]; then
   fi
   log "installing the locked dependencies of all extras (requirements/dev.lock)"
   .venv/bin/python -m pip install -q --require-hashes -r requirements/dev.lock
+  # dropped by the project (GPLv3, replaced by permissive decoders): remove it from venvs made before
+  .venv/bin/python -m pip uninstall -y -q pylibjpeg-libjpeg 2>/dev/null || true
   log "installing retinalgpt (editable)"
   .venv/bin/python -m pip install -q --no-deps -e .
   rm -f .venv/.bootstrap-*
