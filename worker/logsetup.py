@@ -78,7 +78,15 @@ def remember_patient(patient_id: object = None, patient_name: object = None, bir
             _known.popitem(last=False)
         if changed:
             ordered = sorted(_known, key=len, reverse=True)  # longest first: a name before its parts
-            _known_pattern[0] = re.compile("|".join(re.escape(v) for v in ordered))
+            _known_pattern[0] = re.compile("|".join(_whole(v) for v in ordered))
+
+
+def _whole(value: str) -> str:
+    """A pattern for ``value`` as a whole word (not inside another word or number); a numeric ID also not as
+    a component of a dotted UID, which would otherwise be mangled."""
+    if value.isdigit():
+        return rf"(?<![A-Za-z0-9.]){re.escape(value)}(?![A-Za-z0-9]|\.\d)"
+    return rf"(?<![A-Za-z0-9]){re.escape(value)}(?![A-Za-z0-9])"
 
 
 def remember_dataset(dataset: Any) -> None:

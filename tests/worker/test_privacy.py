@@ -88,3 +88,14 @@ def test_remembered_patient_identifiers_are_redacted_from_any_log_line() -> None
     assert hidden.stderr.count("[PHI]") >= 6 and "HTTP 422: Patient [PHI]" in hidden.stderr
     shown = subprocess.run([sys.executable, "-c", REDACTION, "phi"], capture_output=True, text=True, timeout=60)
     assert "Patient PAT-90210 (Doe^Jane^Quinn, born 1950-01-02)" in shown.stderr and "[PHI]" not in shown.stderr
+
+
+def test_redaction_takes_whole_words_and_spares_uids() -> None:
+    code = """
+from worker import logsetup
+logsetup.remember_patient("123", "Doe^Jane", "19500102")
+for text in ("study 1.2.123.4 took 123 ms", "Doe^Jane Doesnt Jane.", "born 1950-01-02, 19500102."):
+    print(logsetup.redact_phi(text))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.splitlines() == ["study 1.2.123.4 took [PHI] ms", "[PHI] Doesnt [PHI].", "born [PHI], [PHI]."]
