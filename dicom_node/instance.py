@@ -7,7 +7,6 @@ the SOP class and instance of the request (PS3.7 §9.1.1), and that an image's P
 
 from __future__ import annotations
 
-import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 
 from dicom_node.sop import SR_SOP_CLASSES
 from dicom_node.status import StoreStatus
+from dicom_node.uids import is_valid_uid
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PIXEL_DATA_LE = b"\xe0\x7f\x10\x00"
 _SEQUENCE_DELIMITER_LE = b"\xfe\xff\xdd\xe0"
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ", b"SV", b"UV"}
@@ -74,11 +73,6 @@ class Identified:
         """A derived image: Image Type value 1 DERIVED (PS3.3 C.7.6.1.1.2) or Burned In Annotation YES
         (C.7.6.3.1.6) — a processed or annotated picture, such as a key image, not a photograph to analyse."""
         return self.image_type[:1] == ("DERIVED",) or self.burned_in_annotation == "YES"
-
-
-def is_valid_uid(value: str) -> bool:
-    """A UID as PS3.5 §9.1 defines it: dot-separated numeric components without leading zeros, ≤ 64 chars."""
-    return 0 < len(value) <= 64 and _UID.match(value) is not None
 
 
 def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str) -> bytes:

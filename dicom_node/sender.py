@@ -23,6 +23,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
+import dicom_node.codecs  # noqa: F401 - decoders for the decompressing fallback
 from dicom_node.params import PeerParams
 from dicom_node.sop import FALLBACK_TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.status import is_success, is_transient_failure, is_warning

@@ -1,10 +1,13 @@
 """DICOM Segmentation of a fundus image (PS3.3 A.51 Segmentation IOD, BINARY): the vessel mask and the
 lesion, optic disc and optic cup regions on the source photograph, built with highdicom.
 
-highdicom reads pixel measures of single-frame sources from a SharedFunctionalGroupsSequence, which OP and VL
-Photographic instances do not have; the Segmentation is therefore built from a metadata copy of the source
-that gets one (Pixel Measures from the source's Pixel Spacing; a nominal 1 mm when the source has none, as VL
-Photographic images usually do); the copy has the same UIDs, so every reference points at the real source.
+highdicom reads the pixel measures of a source that has Number of Frames (OP is a multi-frame IOD) from a
+SharedFunctionalGroupsSequence, which OP and VL Photographic instances do not have; the Segmentation is
+therefore built from a metadata copy of the source. When the source has Pixel Spacing the copy gets a Pixel
+Measures Sequence carrying exactly that spacing (and Slice Thickness only if the source has one); when it has
+none the copy is single-frame without any, so the Segmentation has no Pixel Measures either and its geometry
+stays in pixels (PS3.3 C.7.6.16.2.1: Pixel Spacing is conditional; a SEG must not claim a calibration the
+photograph lacks). The copy has the same UIDs, so every reference points at the real source.
 """
 
 from __future__ import annotations
@@ -24,17 +27,34 @@ VESSELS_LABEL = "Retinal vessels"
 
 
 def _with_shared_groups(source: Dataset) -> Dataset:
+    """The metadata copy highdicom builds from. Its Pixel Measures are the source's Pixel Spacing, or a
+    placeholder when the source has none; :func:`_source_geometry` then puts the SEG's own measures right."""
     copy = metadata(source)
     measures = Dataset()
-    spacing = source.get("PixelSpacing") or [1.0, 1.0]
-    measures.PixelSpacing = [float(spacing[0]), float(spacing[1])]
-    measures.SliceThickness = 1.0
+    measures.PixelSpacing = [float(v) for v in source.get("PixelSpacing") or (1.0, 1.0)]
+    measures.SliceThickness = float(source.get("SliceThickness") or 1.0)
     shared = Dataset()
     shared.PixelMeasuresSequence = [measures]
     copy.SharedFunctionalGroupsSequence = [shared]
     copy.NumberOfFrames = 1
     copy.PixelData = b""  # highdicom only checks presence; the real pixels are never read
     return copy
+
+
+def _source_geometry(seg: hd.seg.Segmentation, source: Dataset) -> None:
+    """Keep of the Pixel Measures only what the source itself states (PS3.3 C.7.6.16.2.1, both conditional):
+    its Pixel Spacing, with its Slice Thickness if it has one. A SEG in a Frame of Reference needs a Slice
+    Thickness; when the source has none, or no Pixel Spacing at all, the SEG gets no Pixel Measures Sequence
+    and stays in pixel coordinates rather than claim a calibration the photograph lacks."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    spacing, thickness = source.get("PixelSpacing"), source.get("SliceThickness")
+    if not spacing or (thickness is None and "FrameOfReferenceUID" in seg):
+        if "PixelMeasuresSequence" in shared:
+            del shared.PixelMeasuresSequence
+        return
+    measures = shared.PixelMeasuresSequence[0]
+    if thickness is None and "SliceThickness" in measures:
+        del measures.SliceThickness
 
 
 def _polygon_mask(shape: tuple[int, int], points: list[tuple[float, float]]) -> np.ndarray:
@@ -133,6 +153,7 @@ def build_segmentation(
         content_description="Vessels, lesions and optic disc (AI result, not verified)",
         series_description="RetinalGPT segmentation (AI result, not verified)",
     )
+    _source_geometry(seg, source)
     seg.CodingSchemeIdentificationSequence = [codes.coding_scheme_identification()]
     if not seg.get("PatientOrientation"):
         seg.PatientOrientation = source.get("PatientOrientation") or ["L", "F"]

@@ -97,16 +97,22 @@ def metadata(ds: Dataset) -> Dataset:
 
 
 def rgb_pixels(ds: Dataset) -> np.ndarray:
-    """The first frame of ``ds`` as 8-bit RGB (rows × columns × 3): 16-bit data scaled, grey replicated.
-    pydicom already returns YBR (e.g. JPEG Baseline) colour data as RGB."""
+    """The first frame of ``ds`` as 8-bit RGB (rows × columns × 3), as analysed and as shown.
+
+    pydicom already returns YBR (e.g. JPEG Baseline) colour data as RGB. Grey data is replicated to three
+    channels; MONOCHROME1 (minimum is white) is inverted against the largest value the stored bits can hold,
+    2^BitsStored − 1 (PS3.3 C.7.6.3.1.2), not against the image's own maximum, so an image's grey levels do
+    not depend on its brightest pixel. More than 8 stored bits are scaled by the same 2^BitsStored − 1."""
     pixels = ds.pixel_array
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]
-    if pixels.dtype != np.uint8:
-        top = float(pixels.max()) or 1.0
-        pixels = np.clip(pixels.astype(np.float64) * (255.0 / top), 0, 255).astype(np.uint8)
+    top = 2 ** int(ds.get("BitsStored", 8 * pixels.dtype.itemsize)) - 1
     if pixels.ndim == 2:
-        pixels = np.stack([pixels] * 3, axis=-1)
+        if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+            pixels = top - pixels.astype(np.int64)
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.dtype != np.uint8:
+        pixels = np.clip(pixels.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
     return np.ascontiguousarray(pixels)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.dicom_node.dicom_fixtures import make_op, write_jpeg
+from tests.support.base_install import BaseVenv, make_base_venv
 from tests.support.net import free_port
 
 __all__ = ["free_port"]
@@ -23,6 +24,12 @@ def shared_fundus() -> Path:
     if not SHARED_FUNDUS.is_dir():
         pytest.skip("../shared/data/fundus is not available")
     return SHARED_FUNDUS
+
+
+@pytest.fixture(scope="session")
+def base_venv(tmp_path_factory: pytest.TempPathFactory) -> BaseVenv:
+    """A real venv holding only the base install's dependency closure: no torch, no GPL decoder."""
+    return make_base_venv(tmp_path_factory.mktemp("base-venv") / "venv")
 
 
 @pytest.fixture(scope="session")

@@ -224,6 +224,21 @@ class ApiSettings(_Section):
     metrics_public: bool = Field(default=True, description="serve /metrics without a token")
 
 
+class LoggingSettings(_Section):
+    """What log lines may say (worker/logsetup.py)."""
+
+    phi: bool = Field(default=False, description="log lines may name the patient (name, ID, birth date); "
+                      "off by default: lines identify studies by UID only")
+
+
+class AuditSettings(_Section):
+    """What the audit trail keeps."""
+
+    chat_text: Literal["full", "hash"] = Field(
+        default="hash", description="chat questions and answers in the audit trail: their full text, or only "
+        "their SHA-256 and length (a question may name the patient)")
+
+
 class Settings(BaseSettings):
     """The whole configuration."""
 
@@ -243,6 +258,8 @@ class Settings(BaseSettings):
     reporting: ReportingSettings = Field(default_factory=ReportingSettings)
     destinations: list[Destination] = Field(default_factory=list)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     _toml_file: Path | None = None
 
@@ -301,8 +318,11 @@ class Settings(BaseSettings):
         raise ConfigError(f"unknown destination {name!r} (known: {known})")
 
     def masked(self) -> dict[str, Any]:
-        """The effective configuration as plain data with secrets masked."""
-        return self.model_dump(mode="json")
+        """The effective configuration as plain data with secrets masked: ``SecretStr`` values and the
+        password of every URL (database, broker, result backend, FHIR destinations)."""
+        from worker.logsetup import mask_urls
+
+        return mask_urls(self.model_dump(mode="json"))
 
 
 _current_toml: dict[str, Path | None] = {"path": None}

@@ -48,7 +48,9 @@ from worker.db.models import Base, utcnow
 
 Resource = dict[str, Any]
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+"""A FHIR id (R4 §2.24.0.1 id datatype), matched whole (``fullmatch``): ``$`` would admit a trailing
+newline."""
 """FHIR R4 ``id`` datatype."""
 
 SERVED_TYPES = ("DiagnosticReport", "Observation", "ImagingStudy", "Device", "Provenance", "Patient")
@@ -347,7 +349,7 @@ def index_bundle(session: Session, study_id: int, revision: int, bundle: Resourc
         if not re.fullmatch(r"[A-Z][A-Za-z]{1,31}", rtype):
             raise BundleError(f"entry without a valid resourceType: {rtype!r}")
         logical = _logical_id(entry)
-        if not ID_PATTERN.match(logical):
+        if not ID_PATTERN.fullmatch(logical):
             raise BundleError(f"{rtype} id {logical!r} is not a valid FHIR id")
         if entry.get("fullUrl"):
             targets[entry["fullUrl"]] = f"{rtype}/{logical}"
@@ -402,6 +404,9 @@ class SearchRequest:
 
 MAX_COUNT = 200
 DEFAULT_COUNT = 20
+MAX_OFFSET = 1_000_000
+"""Largest ``_offset`` served (as the worklist's ``offset``): beyond it a search answers 400, never overflows
+the database's 64-bit integer."""
 def _token_filter(param: str, raw: str) -> ColumnElement[bool]:
     if "|" in raw:
         system, _, value = raw.partition("|")
@@ -463,12 +468,12 @@ def parse_search(resource_type: str, params: Iterable[tuple[str, str]], base_url
             request.elements = names
             continue
         if name == "_count":
-            if not (raw.isascii() and raw.isdigit()):
-                raise SearchError("_count must be a non-negative integer")
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+                raise SearchError(f"_count must be a non-negative integer (at most {MAX_COUNT} are served)")
             request.count = min(int(raw), MAX_COUNT)
         elif name == "_offset":
-            if not (raw.isascii() and raw.isdigit()):
-                raise SearchError("_offset must be a non-negative integer")
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 7 or int(raw) > MAX_OFFSET:
+                raise SearchError(f"_offset must be an integer from 0 to {MAX_OFFSET}")
             request.offset = int(raw)
         elif name == "_sort":
             for key in raw.split(","):

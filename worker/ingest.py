@@ -54,6 +54,7 @@ from worker.db import (
     utcnow,
 )
 from worker.dicom_params import completion_params, listener_params
+from worker.logsetup import phi_enabled, remember_patient
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class IngestService:
         """One short Core transaction (this is on the C-STORE hot path): recognise our own objects, touch the
         receiving study (or open it / its next revision), find or create the series, upsert the instance row.
         Raises :class:`InstanceConflict` rather than move anything to another study or patient."""
+        remember_patient(instance.patient_id, instance.patient_name)  # redacted from log lines (logsetup)
         for attempt in (1, 2):
             try:
                 with self.db.engine.begin() as conn:
@@ -211,8 +213,9 @@ class IngestService:
             if not analysable:
                 session.add(AuditEvent(actor=ACTOR, action="study.not_analysed", study_instance_uid=study_instance_uid,
                                        detail={"revision": revision, "reason": "no analysable image"}))
-        log.info("study %s revision %d complete (%d instances, %d analysable)", study_instance_uid, revision, count,
-                 analysable)
+            patient = f" of patient {study.patient_id} ({study.patient_name})" if phi_enabled() else ""
+        log.info("study %s revision %d complete (%d instances, %d analysable)%s", study_instance_uid, revision, count,
+                 analysable, patient)
         if not analysable:
             return
         with self._callbacks_lock:

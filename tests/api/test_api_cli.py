@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -39,11 +40,22 @@ def test_api_command_serves_until_sigterm(tmp_path: Path) -> None:
         assert ready["database"] == "ok"  # migrated on start
         worklist = httpx.get(f"http://127.0.0.1:{port}/api/worklist", headers={"Authorization": f"Bearer {READ_TOKEN}"})
         assert worklist.json()["total"] == 0
+        # what an EHR and a careless client send: MRNs in query strings, a token as a query parameter
+        auth = {"Authorization": f"Bearer {READ_TOKEN}"}
+        httpx.get(f"http://127.0.0.1:{port}/api/worklist?patient_id=MRN-7731-Q", headers=auth)
+        httpx.get(f"http://127.0.0.1:{port}/fhir/r4/Patient?identifier=urn:x|MRN-7731-F", headers=auth)
+        httpx.get(f"http://127.0.0.1:{port}/api/studies/1.2.3?access_token=TOKEN-IN-QUERY-99")
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output
     assert READ_TOKEN not in output
+    # our access log (issue 19): method, route template, status, duration; never a query string or path value
+    for secret in ("MRN-7731-Q", "MRN-7731-F", "TOKEN-IN-QUERY-99", "?", "1.2.3"):
+        assert secret not in output.split("API on http")[-1], output
+    assert re.search(r"retinalgpt\.access: GET /api/worklist 200 [0-9.]+ ms", output), output
+    assert re.search(r"retinalgpt\.access: GET /fhir/r4/Patient 200 [0-9.]+ ms", output), output
+    assert re.search(r"retinalgpt\.access: GET /api/studies/\{study_instance_uid\} 401 [0-9.]+ ms", output), output
 
 
 def test_api_command_reports_bad_configuration_in_one_line(tmp_path: Path) -> None:

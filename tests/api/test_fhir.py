@@ -16,6 +16,7 @@ from fhirclient.models.observation import Observation
 
 from tests.api.api_fixtures import SPECS, reindex_revision
 from tests.api.conftest import READ_TOKEN, Deployment
+from tests.support.services import service_missing
 from worker.db import Study
 from worker.fhir_store import FhirResource, index_bundle
 
@@ -35,7 +36,7 @@ ANALYSED = [s for s in SPECS if s.referral is not None]
 def r4_errors(resources: list[dict[str, Any]], tmp_path: Path) -> list[dict[str, Any]]:
     """Error and 'not in R4' messages of the npm fhir R4 validator for each resource."""
     if not FHIR_NODE.is_dir():
-        pytest.skip("npm fhir validator not installed (scripts/bootstrap.sh)")
+        service_missing("npm fhir validator not installed (scripts/bootstrap.sh)")
     (tmp_path / "resources.json").write_text(json.dumps(resources))
     (tmp_path / "validate.js").write_text(VALIDATE_JS)
     run = subprocess.run(["node", str(tmp_path / "validate.js"), str(FHIR_NODE), str(tmp_path / "resources.json")],
@@ -271,3 +272,30 @@ def test_non_ascii_digits_are_client_errors(deployment: Deployment, path: str) -
     response = httpx.get(deployment.base_url + path, headers={"Authorization": f"Bearer {READ_TOKEN}"})
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("params", [
+    {"_offset": "99999999999999999999"},  # was a 500: SQLite integer overflow
+    {"_offset": "1000001"},
+    {"_count": "99999999999999999999"},
+    {"_offset": "18446744073709551616", "_count": "5"},
+])
+def test_paging_parameters_are_bounded(deployment: Deployment, params: dict[str, str]) -> None:
+    """Every paging parameter is bounded (issue 19): out of range is a 400 OperationOutcome, never a 500."""
+    for rtype in ("DiagnosticReport", "Observation", "ImagingStudy", "Patient"):
+        response = get(deployment, rtype, **params)
+        assert response.status_code == 400, (rtype, params, response.text)
+        outcome = response.json()
+        assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["code"] == "invalid"
+        assert "_offset" in outcome["issue"][0]["diagnostics"] or "_count" in outcome["issue"][0]["diagnostics"]
+    assert get(deployment, "Observation", _offset="1000000").status_code == 200  # the bound itself is served
+
+
+def test_a_fhir_id_with_a_trailing_newline_is_not_valid() -> None:
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Device", "id": "abc\n"},
+         "request": {"method": "PUT", "url": "Device/abc\n"}}]}
+    from worker.fhir_store import BundleError
+
+    with pytest.raises(BundleError, match="not a valid FHIR id"):
+        index_bundle(None, 1, 1, bundle)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ import pytest
 from model.schema import Referral
 from tests.api.api_fixtures import SPECS
 from tests.api.conftest import READ_TOKEN, Deployment
+from tests.support.services import service_missing
 
 pytestmark = pytest.mark.xdist_group("api")
 
@@ -23,7 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 def test_worklist_study_chat_in_chromium(deployment: Deployment) -> None:
     if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed")
+        service_missing("Debian chromium is not installed (scripts/bootstrap.sh installs it)")
     from playwright.sync_api import expect, sync_playwright
 
     spec = SPECS[0]

@@ -3,7 +3,9 @@ the audit trail; admin rerun through the pipeline."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -112,7 +114,24 @@ def test_chat_answers_through_the_inference_queue_and_is_audited(deployment: Dep
     with deployment.db.session() as session:
         event = session.query(AuditEvent).filter_by(action="chat", study_instance_uid=spec.uid).one()
         assert event.actor == "api:reader"
-        assert event.detail["question"] == "Does this need referral?" and event.detail["answer"] == answer["answer"]
+        # audit.chat_text = "hash" (default): a question may name the patient, so only digests and lengths
+        question = "Does this need referral?"
+        assert event.detail["question"] == {"sha256": hashlib.sha256(question.encode()).hexdigest(),
+                                            "length": len(question)}
+        assert event.detail["answer"]["sha256"] == hashlib.sha256(answer["answer"].encode()).hexdigest()
+        assert question not in json.dumps(event.detail) and answer["answer"] not in json.dumps(event.detail)
+    deployment.settings.audit.chat_text = "full"
+    try:
+        again = httpx.post(url, json={"question": "Full text, please?"}, headers=READ, timeout=60)
+    finally:
+        deployment.settings.audit.chat_text = "hash"
+    assert again.status_code == 200, again.text
+    with deployment.db.session() as session:
+        events = session.query(AuditEvent).filter(AuditEvent.study_instance_uid == spec.uid,
+                                                  AuditEvent.action.like("chat%")).order_by(AuditEvent.id).all()
+        assert [e.action for e in events] == ["chat", "chat"]
+        assert events[1].detail["question"] == "Full text, please?"
+        assert events[1].detail["answer"] == again.json()["answer"]
     pending = httpx.post(f"{deployment.base_url}/api/studies/{SPECS[4].uid}/chat", json={"question": "?"}, headers=READ)
     assert pending.status_code == 409
     assert httpx.post(url, json={"question": ""}, headers=READ).status_code == 422
@@ -185,7 +204,35 @@ def test_chat_is_answered_by_the_default_model_grounded_in_the_study(tmp_path: P
     body = response.json()
     assert body["answer"].strip()
     assert body["model"]["device_uid"].startswith("2.25.")
-    with db.session() as session:
-        event = session.query(AuditEvent).filter_by(action="chat", study_instance_uid=SPECS[0].uid).one()
-        assert event.detail["answer"] == body["answer"]
+    with db.session() as session:  # audited once, by the API (the inference task no longer audits too)
+        events = session.query(AuditEvent).filter(AuditEvent.study_instance_uid == SPECS[0].uid,
+                                                  AuditEvent.action.like("chat%")).all()
+        assert [e.action for e in events] == ["chat"] and events[0].actor == "api:reader"
+        assert events[0].detail["answer"]["sha256"] == hashlib.sha256(body["answer"].encode()).hexdigest()
     db.dispose()
+
+
+@pytest.mark.parametrize("path", [
+    "/api/studies/{uid}%0A", "/api/studies/{uid}%0A/instances/{sop}/image.png",
+    "/api/studies/{uid}/instances/{sop}%0A/image.png", "/ui/studies/{uid}%0A", "/api/studies/1.02.3",
+])
+def test_uids_in_paths_are_validated_whole(deployment: Deployment, path: str) -> None:
+    """A UID in a URL path goes through dicom_node.uids.require_uid (issue 19): a trailing newline is refused
+    as invalid (422) instead of being looked up."""
+    study = deployment.specs[0]
+    sop = next(iter(deployment.analyses[study.uid].images)).sop_instance_uid
+    url = deployment.base_url + path.format(uid=study.uid, sop=sop)
+    response = httpx.get(url, headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    assert response.status_code == 422, response.text
+    assert "not a valid DICOM UID" in response.text
+    chat = httpx.post(f"{deployment.base_url}/api/studies/{study.uid}%0A/chat", json={"question": "DR grade?"},
+                      headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    assert chat.status_code == 422
+
+
+@pytest.mark.parametrize("params", [{"offset": "99999999999999999999"}, {"limit": "99999999999999999999"},
+                                    {"offset": "-1"}, {"limit": "0"}])
+def test_worklist_paging_is_bounded(deployment: Deployment, params: dict[str, str]) -> None:
+    response = httpx.get(f"{deployment.base_url}/api/worklist", params=params,
+                         headers={"Authorization": f"Bearer {READ_TOKEN}"})
+    assert response.status_code == 422, response.text

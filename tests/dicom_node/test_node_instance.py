@@ -68,6 +68,7 @@ def test_image_without_pixel_data_does_not_match_its_sop_class():
 
 
 @pytest.mark.parametrize(("uid", "valid"), [("1.2.840.10008.1.2", True), ("1.02.3", False), ("../etc", False),
-                                            ("1." + "2" * 63, False), ("", False), ("0.1", True)])
+                                            ("1." + "2" * 63, False), ("", False), ("0.1", True),
+                                            ("1.2.3\n", False), ("\n1.2.3", False), ("1.2.3 ", False)])
 def test_uid_syntax(uid, valid):
     assert is_valid_uid(uid) is valid

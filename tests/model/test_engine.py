@@ -96,13 +96,24 @@ def test_preprocessing_matches_the_clip_image_processor(
 
 
 def test_ask_with_history_and_context(engine: RetinalGPTEngine, retina_rgb: np.ndarray) -> None:
-    answer = engine.ask(
-        retina_rgb,
-        "Is this eye healthy?",
-        history=[("What is this?", "A fundus photograph.")],
-        context="DR grade 2.",
-    )
-    assert isinstance(answer, str)
+    """The answer is the model's own greedy continuation of a prompt that holds the earlier turn and the
+    context (checked against transformers' generate on that prompt), cleaned of the template's markers."""
+    import torch
+
+    history, context = [("What is this?", "A fundus photograph.")], "DR grade 2."
+    answer = engine.ask(retina_rgb, "Is this eye healthy?", history=history, context=context)
+    prompt = engine.template.prompt("Is this eye healthy?", history=history, context=context)
+    assert "What is this?" in prompt and "A fundus photograph." in prompt and "DR grade 2." in prompt
+    ids = torch.tensor([engine.encode(prompt)])
+    with torch.inference_mode():
+        out = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    pixel_values=engine.pixel_values([retina_rgb]), do_sample=False,
+                                    max_new_tokens=12)
+    reference = engine.template.clean_answer(
+        engine.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+    assert answer == reference
+    assert answer == answer.strip() and "###" not in answer and "<im_patch>" not in answer
+    assert len(engine.tokenizer.encode(answer, add_special_tokens=False)) <= 12 + 1
     with pytest.raises(EngineError):
         engine.ask(retina_rgb, "   ")
     with pytest.raises(EngineError):

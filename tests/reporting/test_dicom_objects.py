@@ -190,8 +190,8 @@ def test_dsrdump_prints_the_content(built):
 
 def test_segmentation_content(built):
     _, sources, _, objects, _ = built
-    seg = hd.seg.Segmentation.from_dataset(objects.segmentations[0])
-    labels = [d.segment_label for d in seg.SegmentSequence]
+    seg = objects.segmentations[0]  # highdicom's reader insists on a Slice Thickness, which a photograph lacks
+    labels = [d.SegmentLabel for d in seg.SegmentSequence]
     assert labels == [
         "Retinal vessels",
         "Retinal microaneurysm",
@@ -200,8 +200,53 @@ def test_segmentation_content(built):
         "Optic cup",
     ]
     assert seg.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
-    vessels = seg.get_pixels_by_source_instance([sources[0].SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
+    frames = pydicom.dcmread(pydicom.filebase.DicomBytesIO(_encoded(seg))).pixel_array
+    vessel_frame = next(n for n, item in enumerate(seg.PerFrameFunctionalGroupsSequence)
+                        if item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1)
+    vessels = frames[vessel_frame] if frames.ndim == 3 else frames
     assert np.array_equal(vessels.astype(bool), vessel_mask(sources[0]))
+
+
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    buffer = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _pixel_measures(seg: pydicom.Dataset) -> pydicom.Dataset | None:
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    return shared[0].PixelMeasuresSequence[0] if shared and "PixelMeasuresSequence" in shared[0] else None
+
+
+def test_segmentation_carries_the_source_spacing_or_none(built):
+    """The SEG's Pixel Measures are the source's Pixel Spacing, never an invented 1 mm / 1 mm slice (issue 19)."""
+    _, sources, _, objects, _ = built
+    for seg, source in zip(objects.segmentations, sources, strict=True):
+        measures = _pixel_measures(seg)
+        if "PixelSpacing" in source and "FrameOfReferenceUID" not in seg:
+            assert [float(v) for v in measures.PixelSpacing] == [float(v) for v in source.PixelSpacing]
+        else:  # no spacing, or a Frame of Reference that would need the Slice Thickness the source lacks
+            assert measures is None
+        assert measures is None or "SliceThickness" not in measures  # no source here has one
+
+
+@pytest.mark.parametrize("kind", ["op8", "op16", "widefield"])
+def test_segmentation_of_an_op_without_spacing_is_in_pixels_and_valid(source_factory, tmp_path, kind):
+    """OP sources may lack Pixel Spacing (PS3.3 C.8.17.2, type 1C): the SEG then has no pixel measures at all
+    and dciodvfy still finds no error."""
+    sources = source_factory(kind)
+    for ds in sources:
+        del ds.PixelSpacing
+    masks = {str(ds.SOPInstanceUID): vessel_mask(ds) for ds in sources}
+    objects = build_report_objects(make_analysis(sources), sources, OPTIONS, vessel_masks=masks)
+    files = write_all(objects, sources, tmp_path)
+    assert len(files["seg"]) == 2
+    for seg, path in zip(objects.segmentations, files["seg"], strict=True):
+        assert _pixel_measures(seg) is None
+        assert "PixelSpacing" not in pydicom.dcmread(path)
+        run = _run(DCIODVFY, str(path))
+        errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], errors
 
 
 def test_revision_supersedes_previous_sr(source_factory):

@@ -14,6 +14,7 @@ from model.schema import Condition, Source, StudyAnalysis
 from reporting import ReportOptions, build_report_objects, codes
 from reporting.fhir.bundle import build_bundle
 from tests.reporting.reporting_fixtures import make_analysis
+from tests.support.services import service_missing
 
 REPO = Path(__file__).resolve().parents[2]
 FHIR_NODE = REPO / "tools" / "node" / "node_modules" / "fhir"
@@ -30,7 +31,7 @@ process.stdout.write(JSON.stringify(out));
 def r4_validate(bundle: dict, tmp_path: Path) -> list[dict]:
     """Messages of the npm fhir R4 validator for the Bundle and each of its resources."""
     if not FHIR_NODE.is_dir():
-        pytest.skip("npm fhir validator not installed (scripts/bootstrap.sh)")
+        service_missing("npm fhir validator not installed (scripts/bootstrap.sh)")
     (tmp_path / "bundle.json").write_text(json.dumps(bundle))
     (tmp_path / "validate.js").write_text(VALIDATE_JS)
     run = subprocess.run(

@@ -14,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
 from tests.conftest import free_port
+from tests.support.services import service_missing
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 pytestmark = pytest.mark.xdist_group(name="reporting-orthanc")  # one Orthanc per test session
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.xdist_group(name="reporting-orthanc")  # one Orthanc pe
 def orthanc(tmp_path_factory):
     """One Orthanc on loopback for the session: (AE title, DICOM port, REST base URL)."""
     if not ORTHANC.exists():
-        pytest.skip("Orthanc is not installed")
+        service_missing("Orthanc is not installed (scripts/bootstrap.sh installs it)")
     home = tmp_path_factory.mktemp("orthanc")
     dicom_port, http_port = free_port(), free_port()
     config = {

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from tests.support.net import free_port
+from tests.support.services import service_missing
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
@@ -55,6 +56,8 @@ class Orthanc:
         }
 
     def start(self) -> Orthanc:
+        if not Path(ORTHANC).exists():
+            service_missing("Orthanc is not installed (scripts/bootstrap.sh installs it)")
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.folder / "orthanc.json"
         config.write_text(json.dumps(self.config()))

@@ -4,6 +4,7 @@ the IDRiD test split."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,15 @@ from model import protocol
 from model.schema import Condition
 
 BUNDLED = Path(model.__file__).parent / "bundled" / "retinalgpt-tiny"
+#: The AUC the bundled model must reach per (dataset, condition), on the test split: its own measured figures
+#: (model/bundled/retinalgpt-tiny/metrics.json) less a margin for run-to-run and platform differences, and never
+#: below the issue's floor for referable DR on IDRiD (0.85).
+AUC_MARGIN = 0.05
+AUC_BAR: dict[tuple[str, str], float] = {
+    ("idrid_grading", "referable_diabetic_retinopathy"): 0.85,
+}
+#: Datasets re-measured in the default suite (small enough to score in about 20 s on one CPU core).
+MEASURED_BY_DEFAULT = {"idrid_grading"}
 TRAINED = {Condition.DIABETIC_RETINOPATHY, Condition.DIABETIC_MACULAR_EDEMA, Condition.GLAUCOMA,
            Condition.CATARACT, Condition.PATHOLOGIC_MYOPIA}
 
@@ -75,19 +85,33 @@ def test_every_trained_condition_on_any_gradable_image(engine: object, retina_rg
         assert set(result.not_assessed) == set(protocol.DISEASE_CONDITIONS) - TRAINED
 
 
-@pytest.mark.shared_data
-def test_referable_dr_auc_on_idrid_test_split(engine: object, shared_fundus: Path) -> None:
-    from training.adapters import load_dataset
-    from training.images import load_rgb
-    from training.metrics import roc_auc
+def test_recorded_evaluation_is_of_these_weights_and_clears_the_bar() -> None:
+    """metrics.json belongs to the bundled weights (same checkpoint digest) and every AUC in :data:`AUC_BAR`
+    is met by the recorded evaluation."""
+    from model.checkpoint import checkpoint_sha256
 
-    records = [r for r in load_dataset("idrid_grading", shared_fundus / "idrid_grading") if r.split == "test"]
-    truth, scores = [], []
-    for start in range(0, len(records), 8):
-        batch = records[start:start + 8]
-        for record, result in zip(batch, engine.analyze([load_rgb(r.image) for r in batch]), strict=True):  # type: ignore[attr-defined]
-            referable = next(f for f in result.findings if f.condition == Condition.REFERABLE_DIABETIC_RETINOPATHY)
-            truth.append(record.grades[Condition.REFERABLE_DIABETIC_RETINOPATHY])
-            scores.append(referable.probability)
-    assert len(truth) == 59
-    assert roc_auc(truth, scores) >= 0.85
+    metrics = json.loads((BUNDLED / "metrics.json").read_text())
+    assert metrics["identity"]["checkpoint_sha256"] == checkpoint_sha256(BUNDLED), "not this model's evaluation"
+    short = {key: round(metrics["datasets"][key[0]]["auc"][key[1]]["auc"], 3) for key in AUC_BAR}
+    assert all(short[key] >= bar for key, bar in AUC_BAR.items()), {k: (short[k], b) for k, b in AUC_BAR.items()}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("dataset", sorted({name for name, _ in AUC_BAR}))
+def test_measured_auc_clears_the_bar(dataset: str, shared_fundus: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Scores the labelled test split again with the bundled model (likelihood scoring, no generation) and
+    holds every AUC to :data:`AUC_BAR`. The larger data sets run with ``-m slow``."""
+    if dataset not in MEASURED_BY_DEFAULT and "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip(f"{dataset}: measured with -m slow (the default suite re-measures {sorted(MEASURED_BY_DEFAULT)})")
+    from training.adapters import load_dataset
+    from training.evaluate import EvaluationOptions, evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    records = load_dataset(dataset, shared_fundus / dataset)
+    report = evaluate(BUNDLED, [(dataset, records)], tmp_path / "evaluation",
+                      EvaluationOptions(device="cpu", full_limit=0))
+    measured = report["datasets"][dataset]["auc"]
+    for (name, condition), bar in AUC_BAR.items():
+        if name == dataset:
+            assert measured[condition]["auc"] >= bar, f"{dataset} {condition}: AUC {measured[condition]['auc']:.3f} < {bar:.3f}"

@@ -183,3 +183,39 @@ def test_send_and_echo_errors_are_one_line(config_file, op_file, free_tcp_port):
     down = _invoke("echo", "down", "--config", config)
     assert down.exit_code == 1
     assert "transient" in down.output and len(down.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("hostile", ["../../escaped", "1.2.3/../../../escaped"])
+def test_analyze_refuses_hostile_uids_and_writes_nothing(tmp_path: Path, retina_rgb, hostile: str) -> None:
+    """``retinalgpt analyze`` names its result folders after Study Instance UIDs read from the input files: a
+    hostile UID is refused with one line before anything is written (issue 19), never followed out of --out."""
+    from pydicom import config
+
+    from model.schema import Laterality
+    from worker.pipeline.sources import ophthalmic_photograph
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    mode = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.IGNORE
+    try:
+        for n, study_uid in enumerate((hostile, generate_uid()), 1):  # two studies: one folder per study
+            ds = ophthalmic_photograph(retina_rgb[::8, ::8].copy(), study_instance_uid=study_uid,
+                                       series_instance_uid=generate_uid(), patient_id="P", patient_name="A^B",
+                                       laterality=Laterality.RIGHT)
+            ds.save_as(inputs / f"{n}.dcm", enforce_file_format=True)
+    finally:
+        config.settings.writing_validation_mode = mode
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-c", "from worker.cli.app import main; main()", "analyze",
+                             str(inputs), "--out", str(work / "out")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RETINALGPT_HOME": str(tmp_path / "home"),
+                                 "RETINALGPT_MODEL__ENABLED": "false",
+                                 "RETINALGPT_ANALYSIS__VESSEL_METHOD": "classical"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "StudyInstanceUID" in last and "not a valid DICOM UID" in last
+    assert "Traceback" not in result.stderr
+    assert not (work / "out").exists()
+    assert not list(tmp_path.rglob("escaped*")) and not list(tmp_path.rglob("sr.dcm"))

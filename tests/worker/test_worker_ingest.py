@@ -177,3 +177,27 @@ def test_ingest_service_revisions_and_replacement(backend, tmp_path, request):
         assert completions.calls == also.calls == [(study, 1), (study, 2)]
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize("phi", [False, True])
+def test_completion_log_names_the_patient_only_with_logging_phi(tmp_path, caplog, phi):
+    """``logging.phi`` (default false): log lines identify a study by UID; only when it is on do they name the
+    patient (issue 19)."""
+    from worker import logsetup
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    db = Database(url)
+    service = IngestService(db)
+    logsetup.apply("INFO", phi=phi)
+    try:
+        study = generate_uid()
+        service.instance_stored(_received(study, generate_uid(), "1.2.3.1", patient_id="PAT-LOG-77"), replaced=False)
+        with caplog.at_level("INFO", logger="worker.ingest"):
+            service.study_stable(study)
+    finally:
+        logsetup.apply("INFO", phi=False)
+        db.dispose()
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.ingest"]
+    assert any(study in line and "complete" in line for line in lines), lines
+    assert any("PAT-LOG-77" in line for line in lines) is phi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -20,8 +21,10 @@ from worker.api.limits import RequestSizeLimit
 from worker.api.ops import HttpMetrics, PipelineCollector, readiness
 from worker.config import Settings
 from worker.db import Database
+from worker.logsetup import ACCESS_LOGGER, access_line
 
 FHIR_PREFIX = "/fhir/"
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 def create_app(settings: Settings, *, db: Database | None = None, celery: Celery | None = None) -> FastAPI:
@@ -81,8 +84,10 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
     async def observe(request: Request, call_next: Any) -> Response:
         started = time.perf_counter()
         response: Response = await call_next(request)
-        route = request.scope.get("route")
-        http_metrics.observe(request.method, getattr(route, "path", "unmatched"), response.status_code, started)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        http_metrics.observe(request.method, route, response.status_code, started)
+        elapsed = time.perf_counter() - started
+        access_log.info(access_line(request.method, route, response.status_code, elapsed))
         if request.url.path.startswith("/ui/"):
             response.headers.setdefault("Content-Security-Policy", ui.CONTENT_SECURITY_POLICY)
             response.headers.setdefault("X-Frame-Options", "DENY")

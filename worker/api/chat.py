@@ -1,9 +1,12 @@
 """Follow-up questions about a study, answered by RetinalGPT on the inference workers (Celery task
 ``retinalgpt.answer_question``), grounded by the worker in the study's stored results; every exchange is
-written to the audit trail (action ``chat``)."""
+written to the audit trail once, here (action ``chat``, with the asking user as actor). The question and
+answer are kept as ``audit.chat_text`` says: their SHA-256 and length (default; a question may name the
+patient) or their full text."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 from celery import Celery
@@ -12,6 +15,9 @@ from pydantic import BaseModel, Field
 
 from worker.celery_app import ANSWER_QUESTION
 from worker.db import AuditEvent, Database
+
+
+ChatText = Literal["full", "hash"]
 
 
 class ChatTurn(BaseModel):
@@ -46,7 +52,7 @@ class ChatUnavailable(RuntimeError):
 
 
 def ask(celery: Celery, db: Database, study_uid: str, request: ChatRequest, *, actor: str,
-        timeout: float) -> ChatAnswer:
+        timeout: float, chat_text: ChatText = "hash") -> ChatAnswer:
     """Send the question to the inference queue, wait up to ``timeout`` seconds, audit the exchange."""
     result = celery.send_task(ANSWER_QUESTION, kwargs={
         "study_instance_uid": study_uid, "question": request.question,
@@ -55,22 +61,30 @@ def ask(celery: Celery, db: Database, study_uid: str, request: ChatRequest, *, a
         reply: dict[str, Any] = result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
     except CeleryTimeout:
         result.revoke()
-        _audit(db, actor, study_uid, request, error=f"no answer within {timeout:g} s")
+        _audit(db, actor, study_uid, request, chat_text, error=f"no answer within {timeout:g} s")
         raise ChatUnavailable(f"the inference workers did not answer within {timeout:g} s", timed_out=True) from None
     except Exception as exc:  # noqa: BLE001 - the task's own exception (any type), re-raised by Celery
-        _audit(db, actor, study_uid, request, error=f"{type(exc).__name__}: {exc}")
+        _audit(db, actor, study_uid, request, chat_text, error=f"{type(exc).__name__}: {exc}")
         raise ChatUnavailable(f"the inference worker failed: {exc}", timed_out=False) from None
     answer = ChatAnswer(study_instance_uid=study_uid, question=request.question, answer=str(reply["answer"]),
                         model=ModelInfo.model_validate(reply["model"]) if reply.get("model") else None)
-    _audit(db, actor, study_uid, request, answer=answer)
+    _audit(db, actor, study_uid, request, chat_text, answer=answer)
     return answer
 
 
-def _audit(db: Database, actor: str, study_uid: str, request: ChatRequest, *, answer: ChatAnswer | None = None,
-           error: str | None = None) -> None:
-    detail: dict[str, Any] = {"question": request.question, "history_turns": len(request.history)}
+def audited_text(text: str, chat_text: ChatText) -> str | dict[str, Any]:
+    """``text`` as the audit trail keeps it: verbatim, or its SHA-256 and length."""
+    if chat_text == "full":
+        return text
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "length": len(text)}
+
+
+def _audit(db: Database, actor: str, study_uid: str, request: ChatRequest, chat_text: ChatText, *,
+           answer: ChatAnswer | None = None, error: str | None = None) -> None:
+    detail: dict[str, Any] = {"question": audited_text(request.question, chat_text),
+                              "history_turns": len(request.history)}
     if answer is not None:
-        detail["answer"] = answer.answer
+        detail["answer"] = audited_text(answer.answer, chat_text)
         detail["model"] = answer.model.model_dump() if answer.model else None
     if error is not None:
         detail["error"] = error

@@ -14,6 +14,7 @@ from worker.api.auth import Admin, Reader
 from worker.api.chat import ChatAnswer, ChatRequest, ChatUnavailable, ask
 from worker.api.context import ApiContext, Ctx
 from worker.api.images import render_png
+from worker.api.params import UidPath
 from worker.api.studies import (
     SORT_KEYS,
     Urgency,
@@ -86,7 +87,7 @@ def router() -> APIRouter:
         return page
 
     @api.get("/studies/{study_instance_uid}")
-    def get_study(study_instance_uid: str, request: Request, ctx: Ctx,
+    def get_study(study_instance_uid: UidPath, request: Request, ctx: Ctx,
                   _: Reader) -> dict[str, Any]:
         """The full record of one study: instances, current result, jobs, deliveries, audit trail."""
         with ctx.db.session() as session:
@@ -97,7 +98,7 @@ def router() -> APIRouter:
 
     @api.get("/studies/{study_instance_uid}/instances/{sop_instance_uid}/image.png",
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    def get_image(study_instance_uid: str, sop_instance_uid: str, ctx: Ctx, _: Reader,
+    def get_image(study_instance_uid: UidPath, sop_instance_uid: UidPath, ctx: Ctx, _: Reader,
                   size: Annotated[int, Query(ge=64, le=4096, description="longest side in pixels")] = 1024) -> Response:
         """The instance's first frame as PNG (for display only; never a diagnostic rendering)."""
         with ctx.db.session() as session:
@@ -113,7 +114,7 @@ def router() -> APIRouter:
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @api.post("/studies/{study_instance_uid}/rerun", response_model=RerunResult, status_code=202)
-    def rerun(study_instance_uid: str, ctx: Ctx,
+    def rerun(study_instance_uid: UidPath, ctx: Ctx,
               principal: Admin) -> RerunResult:
         """Admin only: open a new revision and queue its analysis (audited)."""
         from worker.pipeline.jobs import Pipeline, PipelineError
@@ -132,7 +133,7 @@ def router() -> APIRouter:
               responses={409: {"description": "the study has no result yet"},
                          502: {"description": "the inference worker could not answer (e.g. no model)"},
                          504: {"description": "the inference workers did not answer in time"}})
-    def chat(study_instance_uid: str, body: ChatRequest, ctx: Ctx,
+    def chat(study_instance_uid: UidPath, body: ChatRequest, ctx: Ctx,
              principal: Reader) -> ChatAnswer:
         """Ask RetinalGPT a question about a study (with optional earlier turns); the answer is grounded by the
         inference worker in the study's stored results and the exchange is audited."""
@@ -144,7 +145,7 @@ def router() -> APIRouter:
                 raise HTTPException(409, f"study {study_instance_uid} has no result yet")
         try:
             return ask(ctx.celery, ctx.db, study_instance_uid, body, actor=principal.actor,
-                       timeout=ctx.settings.api.chat_timeout_seconds)
+                       timeout=ctx.settings.api.chat_timeout_seconds, chat_text=ctx.settings.audit.chat_text)
         except ChatUnavailable as exc:
             raise HTTPException(504 if exc.timed_out else 502, str(exc)) from None
 

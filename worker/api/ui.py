@@ -23,6 +23,7 @@ from model.schema import ImageAnalysis, LandmarkType, StudyAnalysis
 from reporting import summary
 from worker.api.auth import SESSION_COOKIE, Reader, principal_for
 from worker.api.context import Ctx
+from worker.api.params import UidPath
 from worker.api.routes import worklist_query
 from worker.api.studies import URGENCY_RANK, WorklistQuery, find_study, study_detail, worklist
 from worker.db import StudyState
@@ -149,7 +150,7 @@ def router() -> APIRouter:
             "states": [s.value for s in StudyState], "urgencies": list(URGENCY_RANK)})
 
     @ui.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
-    def study_page(study_instance_uid: str, request: Request, ctx: Ctx,
+    def study_page(study_instance_uid: UidPath, request: Request, ctx: Ctx,
                    principal: Reader) -> Response:
         with ctx.db.session() as session:
             study = find_study(session, study_instance_uid)

@@ -32,8 +32,11 @@ def api(
                       "and metrics is refused", highlight=False)
     bind_host, bind_port = host or effective.api.host, port or effective.api.port
     app = create_app(effective)
+    # log_config=None: uvicorn logs through our root handler (URL passwords masked); its access log is off,
+    # worker.api.app writes one without query strings (worker/logsetup.py).
     server = uvicorn.Server(uvicorn.Config(app, host=bind_host, port=bind_port, log_level=effective.log_level.lower(),
-                                           proxy_headers=True, server_header=False))
+                                           proxy_headers=True, server_header=False, access_log=False,
+                                           log_config=None))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the previous handler:
     # make that handler a no-op so a requested stop exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -13,6 +13,7 @@ import pkgutil
 import typer
 
 import worker.cli
+from worker import logsetup
 
 app = typer.Typer(
     name="retinalgpt",
@@ -37,7 +38,5 @@ _register_commands()
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("highdicom", "pynetdicom", "alembic", "httpx", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logsetup.configure(logging.INFO)  # commands re-apply it with the configuration's level and logging.phi
     app()

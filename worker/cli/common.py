@@ -16,6 +16,7 @@ from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 import typer
 from rich.console import Console
 
+from worker import logsetup
 from worker.config import ConfigError, Settings, load_settings
 
 console = Console(soft_wrap=True)
@@ -43,9 +44,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def settings(config: Path | None) -> Settings:
     """Load the configuration for a command; a wrong value ends it with one line naming the key."""
     try:
-        return load_settings(config)
+        loaded = load_settings(config)
     except ConfigError as exc:
         fail(str(exc))
+    logsetup.apply(loaded.log_level, phi=loaded.logging.phi)
+    return loaded
 
 
 def one_line_errors(func: Callable[P, R]) -> Callable[P, R]:

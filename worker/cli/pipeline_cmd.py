@@ -73,9 +73,14 @@ def analyze(
     """Run the whole pipeline offline (no network, no broker) and write analysis.json, sr.dcm,
     fhir-bundle.json, key images and the PDF report."""
     from worker.pipeline.offline import analyze_offline
+    from worker.pipeline.sources import SourceError
 
     effective = settings(config)
-    for folder in analyze_offline(effective, paths, out, progress=console):
+    try:
+        folders = analyze_offline(effective, paths, out, progress=console)
+    except SourceError as exc:  # an unreadable file or a hostile UID: one line, nothing written
+        raise CommandError(str(exc)) from None
+    for folder in folders:
         console.print(f"results in [bold]{folder}[/]", highlight=False)
 
 

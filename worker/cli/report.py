@@ -63,6 +63,7 @@ def report(
     from model.schema import StudyAnalysis
     from reporting import build_report_objects
     from worker.pipeline.results import write_results
+    from worker.pipeline.sources import SourceError, check_uids
 
     cfg = settings(config)
     try:
@@ -76,6 +77,11 @@ def report(
         previous = pydicom.dcmread(previous_sr) if previous_sr else None
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise CommandError(f"cannot read DICOM input: {exc}") from None
+    try:
+        for path, dataset in datasets.items():
+            check_uids(dataset, path)
+    except SourceError as exc:
+        raise CommandError(str(exc)) from None
     masks = _vessel_masks(vessel_mask or [], datasets)
     try:
         objects = build_report_objects(

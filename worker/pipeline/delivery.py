@@ -51,6 +51,7 @@ from worker.db import (
     StudyState,
     utcnow,
 )
+from worker.logsetup import remember_dataset
 from worker.pipeline.lease import Lease
 from worker.pipeline.results import WrittenResults, read_results, write_results
 
@@ -103,6 +104,8 @@ def ensure_results(settings: Settings, db: Database, study_instance_uid: str, re
         uids = [image.sop_instance_uid for image in analysis.images if image.sop_instance_uid]
         paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(uids))).all()
     sources = [pydicom.dcmread(path) for path in paths]
+    for source in sources:
+        remember_dataset(source)  # redacted from this process's log lines (worker/logsetup.py)
     masks = _read_masks(folder, uids)
     previous = read_results(results_folder(settings, study_instance_uid, revision - 1)) if revision > 1 else None
     previous_sr = pydicom.dcmread(previous.sr) if previous is not None else None

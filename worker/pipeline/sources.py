@@ -22,7 +22,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+from dicom_node.uids import is_valid_uid
 from model.schema import Laterality
+from reporting.sources import rgb_pixels
+from worker.logsetup import remember_dataset
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +83,15 @@ def is_analysable(dataset: Dataset) -> bool:
 
 
 def to_rgb8(dataset: Dataset) -> np.ndarray:
-    """Decode the first frame to RGB uint8 (YBR converted, 16-bit rescaled, monochrome stacked)."""
+    """Decode the first frame to RGB uint8 (:func:`reporting.sources.rgb_pixels`: YBR converted, MONOCHROME1
+    inverted against 2^BitsStored − 1, more than 8 bits rescaled, grey stacked)."""
     try:
-        pixels = dataset.pixel_array
+        pixels = rgb_pixels(dataset)
     except Exception as exc:  # pydicom raises many types for undecodable pixel data
         raise SourceError(f"pixel data cannot be decoded: {exc}") from exc
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    samples = int(dataset.get("SamplesPerPixel", 1))
-    if frames > 1:
-        pixels = pixels[0]
-    if samples == 1:
-        if str(dataset.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-            pixels = pixels.max() - pixels
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
-    if pixels.dtype != np.uint8:
-        bits = int(dataset.get("BitsStored", 16))
-        pixels = np.clip(pixels.astype(np.float64) * (255.0 / (2**bits - 1)), 0, 255).round().astype(np.uint8)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise SourceError(f"unexpected pixel array shape {pixels.shape}")
-    return np.ascontiguousarray(pixels)
+    return pixels
 
 
 def load_dicom(path: Path) -> SourceImage:
@@ -109,10 +102,24 @@ def load_dicom(path: Path) -> SourceImage:
         raise SourceError(f"{path}: not a readable DICOM file ({exc})") from exc
     if not is_analysable(dataset):
         raise SourceError(f"{path}: SOP class {dataset.get('SOPClassUID', '?')} is not a fundus photograph class")
+    check_uids(dataset, path)
+    remember_dataset(dataset)  # redacted from this process's log lines (worker/logsetup.py)
     try:
         return SourceImage(dataset=dataset, rgb=to_rgb8(dataset), path=path)
     except SourceError as exc:
         raise SourceError(f"{path}: {exc}") from exc
+
+
+IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def check_uids(dataset: Dataset, path: Path) -> None:
+    """:class:`SourceError` unless the file's Study, Series and SOP Instance UIDs are valid UIDs
+    (:func:`dicom_node.uids.is_valid_uid`): they become folder and file names and database keys."""
+    for keyword in IDENTIFYING_UIDS:
+        value = dataset.get(keyword)
+        if not is_valid_uid(value):
+            raise SourceError(f"{path}: {keyword} {value!r} is not a valid DICOM UID (PS3.5 §9.1)")
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:

@@ -5,7 +5,7 @@
 - ``retinalgpt.deliver_study(study_instance_uid, revision)`` (queue ``delivery``): build the result objects
   once and send them to every destination.
 - ``retinalgpt.answer_question(study_instance_uid, question, history)`` (queue ``inference``): a follow-up
-  question about a study answered by RetinalGPT, grounded in the study's stored results.
+  question about a study answered by RetinalGPT, grounded in the study's stored results (audited by the API).
 
 Each worker process opens its own database engine (engines must not cross a fork) and loads the model and the
 measurement pipeline once, on first use.
@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY
 from worker.config import Settings
-from worker.db import Analysis, AuditEvent, Database, Instance, Study
+from worker.db import Analysis, Database, Instance, Study
 from worker.pipeline.jobs import Pipeline, PipelineError
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,6 @@ def answer(
     turns = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)
              if history[i].get("role") == "user" and history[i + 1].get("role") == "assistant"]
     text = engine.ask(load_dicom(Path(path)).rgb, question, history=turns, context=study_context(analysis))
-    identity = engine.identity
-    with db.session() as session:
-        session.add(AuditEvent(actor="chat", action="chat.answered", study_instance_uid=study_instance_uid,
-                               detail={"question": question, "answer": text, "model": identity.version}))
+    identity = engine.identity  # audited once, by the API that asked (worker/api/chat.py)
     return {"answer": text, "model": {"name": identity.name, "version": identity.version,
                                       "device_uid": identity.device_uid}}

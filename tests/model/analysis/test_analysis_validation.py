@@ -117,6 +117,11 @@ def test_codras_disc_localisation(shared_fundus: Path) -> None:
     assert rate >= 0.98
 
 
+HEIMED_QUALITY_RHO = 0.087
+"""Spearman correlation of our quality score with HEI-MED's ELVD quality values, measured 2026-12-03."""
+RHO_MARGIN = 0.03
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_heimed_quality_and_disc(shared_fundus: Path) -> None:
@@ -141,7 +146,10 @@ def test_heimed_quality_and_disc(shared_fundus: Path) -> None:
     print(
         f"HEI-MED test: Spearman(quality score, ELVD) = {rho:.3f}; disc within ½ DD {disc_hits}/{len(rows)}"
     )
-    # measured 2026-11-23 (classical vessels): Spearman 0.09 — the score saturates on HEI-MED's mostly good
-    # images (median ELVD 0.94); its brightness (0.46) and vessel-fraction (0.38) metrics rank better
-    assert rho > 0.0
+    # measured 2026-11-23 (classical vessels): Spearman 0.09, and 0.087 on 2026-12-03 (56 test images) — the
+    # score saturates on HEI-MED's mostly good images (median ELVD 0.94); its brightness (0.46) and
+    # vessel-fraction (0.38) metrics rank better. The pipeline is deterministic: hold it to that level less a
+    # margin for platform arithmetic, so a regression toward no correlation fails (issue 19).
+    bar = HEIMED_QUALITY_RHO - RHO_MARGIN
+    assert rho >= bar, f"Spearman {rho:.3f} below {bar:.3f}"
     assert disc_hits / len(rows) >= 0.95
