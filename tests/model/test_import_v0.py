@@ -599,16 +599,18 @@ def _chat_answers(settings: Any, study_uid: str) -> list[tuple[str, str]]:
     try:
         with db.session() as session:
             events = session.scalars(
-                select(AuditEvent).where(AuditEvent.action == "chat.answered").order_by(AuditEvent.id)
+                select(AuditEvent).where(AuditEvent.action == "chat").order_by(AuditEvent.id)
             ).all()
             return [(e.detail["question"], e.detail["answer"]) for e in events if e.study_instance_uid == study_uid]
     finally:
         db.dispose()
 
 
-def test_chat_conversation_follows_run_retinalgpt(env: Path, released: Checkpoint, retina_rgb: np.ndarray) -> None:
+def test_chat_conversation_follows_run_retinalgpt(env: Path, released: Checkpoint, retina_rgb: np.ndarray,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Two questions in `retinalgpt chat` about a stored study: the second is a plain human turn after the cleaned
-    first answer, the image only in the first; the study's stored results stay out of the published prompt."""
+    first answer, the image only in the first; the study's stored results stay out of the published prompt. Each
+    exchange is audited once by the command (full text kept here, so the answers can be compared)."""
     from tests.dicom_node.dicom_fixtures import make_op, write_jpeg
     from worker.config import load_settings
     from worker.pipeline.sources import load_dicom
@@ -621,6 +623,7 @@ def test_chat_conversation_follows_run_retinalgpt(env: Path, released: Checkpoin
     dcm = make_op(jpeg, env / "op.dcm", study_uid=study_uid)
     _store_study(settings, dcm, study_uid)
 
+    monkeypatch.setenv("RETINALGPT_AUDIT__CHAT_TEXT", "full")
     code, out = run("chat", study_uid, "-q", QUESTION, "-q", FOLLOW_UP)
     assert code == 0, out
     ours = _chat_answers(settings, study_uid)

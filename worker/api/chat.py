@@ -6,7 +6,6 @@ patient) or their full text."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Literal
 
 from celery import Celery
@@ -14,10 +13,8 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from pydantic import BaseModel, Field
 
 from worker.celery_app import ANSWER_QUESTION
-from worker.db import AuditEvent, Database
-
-
-ChatText = Literal["full", "hash"]
+from worker.db import Database
+from worker.pipeline.chat_audit import ChatText, chat_event
 
 
 class ChatTurn(BaseModel):
@@ -72,21 +69,10 @@ def ask(celery: Celery, db: Database, study_uid: str, request: ChatRequest, *, a
     return answer
 
 
-def audited_text(text: str, chat_text: ChatText) -> str | dict[str, Any]:
-    """``text`` as the audit trail keeps it: verbatim, or its SHA-256 and length."""
-    if chat_text == "full":
-        return text
-    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "length": len(text)}
-
-
 def _audit(db: Database, actor: str, study_uid: str, request: ChatRequest, chat_text: ChatText, *,
            answer: ChatAnswer | None = None, error: str | None = None) -> None:
-    detail: dict[str, Any] = {"question": audited_text(request.question, chat_text),
-                              "history_turns": len(request.history)}
-    if answer is not None:
-        detail["answer"] = audited_text(answer.answer, chat_text)
-        detail["model"] = answer.model.model_dump() if answer.model else None
-    if error is not None:
-        detail["error"] = error
+    event = chat_event(actor, study_uid, request.question, len(request.history), chat_text,
+                       answer=answer.answer if answer is not None else None,
+                       model=answer.model.model_dump() if answer is not None and answer.model else None, error=error)
     with db.session() as session:
-        session.add(AuditEvent(actor=actor, action="chat", study_instance_uid=study_uid, detail=detail))
+        session.add(event)

@@ -286,7 +286,9 @@ def chat_command(
     from sqlalchemy.exc import SQLAlchemyError
 
     from worker.db import Database
+    from worker.pipeline.chat_audit import chat_event
     from worker.pipeline.jobs import PipelineError
+    from worker.pipeline.operations import operator
     from worker.pipeline.tasks import answer
     from worker.runtime import ModelUnavailable
 
@@ -299,14 +301,21 @@ def chat_command(
             text = next(questions, None) if questions is not None else _prompt()
             if not text:
                 break
+            chat_text = effective.audit.chat_text
             try:
                 reply = answer(effective, db, study_uid, text, history)
             except (PipelineError, ModelUnavailable, OSError) as exc:
+                with db.session() as session:
+                    session.add(chat_event(operator(), study_uid, text, len(history), chat_text,
+                                           error=f"{type(exc).__name__}: {exc}"))
                 raise _wrap(exc) from None
             except SQLAlchemyError as exc:
                 raise CommandError(
                     f"database error ({type(exc).__name__}); is the schema current? run `retinalgpt db upgrade`"
                 ) from None
+            with db.session() as session:
+                session.add(chat_event(operator(), study_uid, text, len(history), chat_text,
+                                       answer=reply["answer"], model=reply.get("model")))
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply["answer"]}]
             console.print(f"[bold cyan]RetinalGPT[/]: {reply['answer']}", highlight=False)
     finally:
