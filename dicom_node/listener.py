@@ -20,7 +20,6 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.completion import CompletionTracker
 from dicom_node.events import (
@@ -30,6 +29,7 @@ from dicom_node.events import (
     RejectedAssociation,
     RejectedInstance,
 )
+from dicom_node.guard import AdmissionParams, ConnectionGuard, GuardedAssociationServer
 from dicom_node.instance import InvalidInstance, file_header, identify, is_valid_uid
 from dicom_node.params import CompletionParams, DuplicatePolicy, ListenerParams, UnsupportedSopPolicy
 from dicom_node.sop import (
@@ -45,9 +45,11 @@ from dicom_node.tls import server_context
 
 log = logging.getLogger(__name__)
 
-# A-ASSOCIATE-RJ diagnostics (PS3.8 Table 9-21): result 1 = rejected-permanent, source 1 = service-user.
-_REJECT_PERMANENT, _SOURCE_SERVICE_USER = 0x01, 0x01
-_CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
+# A-ASSOCIATE-RJ diagnostics (PS3.8 Table 9-21): result 1 = rejected-permanent, 2 = rejected-transient;
+# source 1 = service-user, 3 = service-provider (presentation related function).
+_REJECT_PERMANENT, _REJECT_TRANSIENT, _SOURCE_SERVICE_USER, _SOURCE_PROVIDER_PRESENTATION = 0x01, 0x02, 0x01, 0x03
+_CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED, _LOCAL_LIMIT_EXCEEDED = 0x03, 0x07, 0x02
+_UNLIMITED = 2**30  # pynetdicom's own association count includes connections that never negotiated
 _LOCK_STRIPES = 64
 
 
@@ -90,7 +92,15 @@ class Listener:
         self.sink = sink
         self.store = InstanceStore(params.storage_root, fsync=params.fsync)
         self.tracker = CompletionTracker(completion, sink.study_stable)
-        self._server: ThreadedAssociationServer | None = None
+        self.guard = ConnectionGuard(AdmissionParams(
+            acse_timeout=params.acse_timeout,
+            network_timeout=params.network_timeout,
+            max_associations=params.max_associations,
+            max_connections_per_host=params.max_connections_per_host,
+            max_negotiating=params.max_negotiating_connections,
+            trusted_hosts=params.trusted_hosts,
+        ))
+        self._server: GuardedAssociationServer | None = None
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
         self._sop_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
@@ -119,6 +129,7 @@ class Listener:
         _quiet_pynetdicom_when_not_logged()
         ae = self._application_entity()
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_opened),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -126,13 +137,16 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         ssl_context = server_context(self.params.tls) if self.params.tls is not None else None
-        self._server = ae.start_server(
+        self._server = ae.make_server(
             (self.params.bind_address, self.params.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=ssl_context,
             contexts=self._supported_contexts(),
+            server_class=GuardedAssociationServer,
+            guard=self.guard,
         )
+        threading.Thread(target=self._server.serve_forever, name="dicom-accept", daemon=True).start()
+        self.guard.start()
         self.tracker.start()
         log.info(
             "DICOM node %s listening on %s:%d%s (%d storage SOP classes)",
@@ -144,6 +158,7 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.guard.stop()
         self.tracker.stop()
 
     def _application_entity(self) -> AE:
@@ -152,7 +167,7 @@ class Listener:
         ae.network_timeout = self.params.network_timeout
         ae.acse_timeout = self.params.acse_timeout
         ae.dimse_timeout = self.params.dimse_timeout
-        ae.maximum_associations = self.params.max_associations
+        ae.maximum_associations = _UNLIMITED  # slots are counted by the guard, for allow-listed associations only
         ae.require_called_aet = False  # checked in _on_requested, which logs and reports why
         return ae
 
@@ -161,18 +176,28 @@ class Listener:
         contexts += [_SupportedContext(uid, TRANSFER_SYNTAXES) for uid in sorted(self._accepted_classes)]
         return contexts
 
+    def _on_opened(self, event: Event) -> None:
+        self.guard.opened(event.address, event.assoc)
+
     def _on_requested(self, event: Event) -> None:
-        """Called-AE check and calling-AE allow-list, optionally bound to host (PS3.8 §9.3.4 diagnostics)."""
+        """Called-AE check, calling-AE allow-list optionally bound to host, then a free association slot
+        (PS3.8 §9.3.4 diagnostics)."""
         assoc = event.assoc
+        peer = assoc.requestor.address_info.as_tuple
+        self.guard.requested(peer)
         calling = assoc.requestor.primitive.calling_ae_title.strip()
         called = assoc.requestor.primitive.called_ae_title.strip()
         host = assoc.requestor.address
         reason, diagnostic = self._refusal(calling, called, host)
+        result, source = _REJECT_PERMANENT, _SOURCE_SERVICE_USER
         if reason is None:
-            return
+            if self.guard.take_slot(peer):
+                return
+            reason = f"all {self.params.max_associations} association slots are in use (max_associations)"
+            result, source, diagnostic = _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
         log.warning("association from %s@%s to %s rejected: %s", calling, host, called, reason)
         self._report(self.sink.association_rejected, RejectedAssociation(calling, called, host, reason))
-        assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
+        assoc.acse.send_reject(result, source, diagnostic)
         assoc.kill()
 
     def _refusal(self, calling: str, called: str, host: str) -> tuple[str | None, int]:
@@ -195,6 +220,7 @@ class Listener:
 
     def _on_closed(self, event: Event) -> None:
         assoc = event.assoc
+        self.guard.closed(event.address)
         self.tracker.association_closed(id(assoc))
         with self._stats_lock:
             stats = self._stats.pop(id(assoc), None)

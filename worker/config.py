@@ -81,6 +81,10 @@ class DicomSettings(_Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     max_associations: int = Field(default=16, ge=1)
+    max_connections_per_host: int = Field(default=8, ge=1, description="open connections from one host not "
+                                          "named in allowed_callers")
+    max_negotiating_connections: int = Field(default=32, ge=1, description="connections from hosts not named in "
+                                             "allowed_callers that have not sent their whole A-ASSOCIATE-RQ yet")
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @model_validator(mode="after")
