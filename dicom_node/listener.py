@@ -1,20 +1,25 @@
 """The storage SCP: C-ECHO and C-STORE (PS3.4 Annex A and B) with AE-title and TLS policy.
 
-Receive path per C-STORE (DESIGN step 1): the data set bytes arrive as sent (never decoded), their
-identifying attributes are read and checked (:mod:`dicom_node.instance`), the file is written to a temp
-file and fsynced, renamed into place, reported to the :class:`~dicom_node.events.IngestSink` (the database
-row), and only then is Success answered. Any failure answers a failure status and the association carries on.
+Receive path per C-STORE (DESIGN step 1): the data set bytes are written as they arrive, never decoded and
+never held in memory whole, to a temp file that starts with our File Meta Information
+(:mod:`dicom_node.receive`, at most ``max_instance_bytes``); the file is fsynced, its identifying attributes
+are read in place and checked (:mod:`dicom_node.instance`), it is renamed into place, reported to the
+:class:`~dicom_node.events.IngestSink` (the database row), and only then is Success answered. Any failure
+answers a failure status with an Error Comment and the association carries on. Connections are admitted by
+:mod:`dicom_node.guard`.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
@@ -30,8 +35,9 @@ from dicom_node.events import (
     RejectedInstance,
 )
 from dicom_node.guard import AdmissionParams, ConnectionGuard, GuardedAssociationServer
-from dicom_node.instance import InvalidInstance, file_header, identify, is_valid_uid
+from dicom_node.instance import Identified, InvalidInstance, file_header, identify, is_valid_uid
 from dicom_node.params import CompletionParams, DuplicatePolicy, ListenerParams, UnsupportedSopPolicy
+from dicom_node.receive import Spool, SpoolingDimse
 from dicom_node.sop import (
     ANALYSABLE_SOP_CLASSES,
     SR_SOP_CLASSES,
@@ -109,6 +115,10 @@ class Listener:
             self._accepted_classes = all_storage_sop_classes()
 
     @property
+    def _limit_text(self) -> str:
+        return f"{self.params.max_instance_bytes / (1 << 20):g} MiB"
+
+    @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("listener is not running")
@@ -177,7 +187,15 @@ class Listener:
         return contexts
 
     def _on_opened(self, event: Event) -> None:
-        self.guard.opened(event.address, event.assoc)
+        """A connection was accepted: the guard follows it, and its C-STORE data sets are spooled to disk."""
+        assoc = event.assoc
+        self.guard.opened(event.address, assoc)
+
+        def header_for(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+            return file_header(sop_class_uid, sop_instance_uid, transfer_syntax, assoc.requestor.ae_title.strip())
+
+        assoc.dimse = SpoolingDimse(assoc, folder=self.store.incoming, max_bytes=self.params.max_instance_bytes,
+                                    header_for=header_for)
 
     def _on_requested(self, event: Event) -> None:
         """Called-AE check, calling-AE allow-list optionally bound to host, then a free association slot
@@ -221,6 +239,8 @@ class Listener:
     def _on_closed(self, event: Event) -> None:
         assoc = event.assoc
         self.guard.closed(event.address)
+        if isinstance(assoc.dimse, SpoolingDimse):
+            assoc.dimse.discard_unfinished()
         self.tracker.association_closed(id(assoc))
         with self._stats_lock:
             stats = self._stats.pop(id(assoc), None)
@@ -242,7 +262,7 @@ class Listener:
         )
         self._report(self.sink.association_ended, summary)
 
-    def _on_store(self, event: Event) -> int:
+    def _on_store(self, event: Event) -> int | Dataset:
         assoc: Association = event.assoc
         stats = self._stats.get(id(assoc)) or _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
         request = event.request
@@ -250,7 +270,7 @@ class Listener:
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
         transfer_syntax = str(event.context.transfer_syntax)
 
-        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None) -> int:
+        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None) -> Dataset:
             stats.failed += 1
             log.warning(
                 "C-STORE %s from %s@%s refused with 0x%04X: %s",
@@ -261,24 +281,29 @@ class Listener:
                 sop_class_uid or None, sop_instance_uid or None, study_uid,
             )
             self._report(self.sink.instance_rejected, rejection)
-            return int(status)
+            return _status(status, reason)
 
         if sop_class_uid not in self._accepted_classes:
             return refuse(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class_uid} is not accepted")
         if not (is_valid_uid(sop_class_uid) and is_valid_uid(sop_instance_uid)):
             return refuse(StoreStatus.INVALID_IDENTIFIER, "the request's Affected SOP Class/Instance UID is not a UID")
-        dataset: bytes = request.DataSet.getvalue()
-        header = file_header(sop_class_uid, sop_instance_uid, transfer_syntax, stats.calling_ae_title)
+        spool = getattr(request, "_dataset_file", None)
+        if not isinstance(spool, Spool):
+            return refuse(StoreStatus.CANNOT_UNDERSTAND, "the C-STORE request carries no data set")
+        if spool.exceeded:
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"data set of {spool.size} bytes exceeds the "
+                                                                f"{self._limit_text} instance limit")
         try:
-            ident = identify(dataset, transfer_syntax, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
+            sha256 = spool.finish(fsync=self.params.fsync)
+        except OSError as exc:
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc}")
+        temp = spool.path
+        try:
+            ident = self._identify(spool, transfer_syntax, sop_class_uid, sop_instance_uid)
         except InvalidInstance as exc:
             return refuse(exc.status, exc.reason)
 
         final = self.store.path_for(ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid)
-        try:
-            temp, sha256 = self.store.write_temp(header, dataset)
-        except OSError as exc:
-            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc}", ident.study_instance_uid)
         instance = ReceivedInstance(
             sop_class_uid=ident.sop_class_uid,
             sop_instance_uid=ident.sop_instance_uid,
@@ -286,7 +311,7 @@ class Listener:
             series_instance_uid=ident.series_instance_uid,
             transfer_syntax_uid=transfer_syntax,
             path=final,
-            size=len(header) + len(dataset),
+            size=spool.header_length + spool.size,
             sha256=sha256,
             calling_ae_title=stats.calling_ae_title,
             peer_host=stats.peer_host,
@@ -331,6 +356,13 @@ class Listener:
         stats.studies.add(ident.study_instance_uid)
         return int(StoreStatus.SUCCESS)
 
+    def _identify(self, spool: Spool, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> Identified:
+        """Identify the received data set in place (memory-mapped, never read into memory whole)."""
+        with open(spool.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as received:
+            return identify(received, transfer_syntax, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                            offset=spool.header_length, max_inflated=self.params.max_instance_bytes,
+                            scratch=self.store.incoming)
+
     def _recorded(self, sop_instance_uid: str) -> bool:
         try:
             return bool(self.sink.instance_recorded(sop_instance_uid))
@@ -345,6 +377,14 @@ class Listener:
             method(payload)
         except Exception:
             log.exception("ingest sink failed in %s", getattr(method, "__name__", method))
+
+
+def _status(status: StoreStatus, reason: str) -> Dataset:
+    """A C-STORE response status with the reason as Error Comment (0000,0902; LO, at most 64 characters)."""
+    answer = Dataset()
+    answer.Status = int(status)
+    answer.ErrorComment = reason.encode("ascii", "replace").decode().replace("\\", "/")[:64]
+    return answer
 
 
 def _quiet_pynetdicom_when_not_logged() -> None:

@@ -61,6 +61,7 @@ class ListenerParams:
     max_associations: int = 16
     max_connections_per_host: int = 8
     max_negotiating_connections: int = 32
+    max_instance_bytes: int = 512 << 20
     tls: TlsParams | None = None
 
     @property

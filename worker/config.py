@@ -85,6 +85,8 @@ class DicomSettings(_Section):
                                           "named in allowed_callers")
     max_negotiating_connections: int = Field(default=32, ge=1, description="connections from hosts not named in "
                                              "allowed_callers that have not sent their whole A-ASSOCIATE-RQ yet")
+    max_instance_mb: float = Field(default=512.0, gt=0, le=4096, description="largest data set received or "
+                                   "inflated (MiB); larger ones are refused with 0xA700")
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @model_validator(mode="after")

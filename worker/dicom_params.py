@@ -43,6 +43,7 @@ def listener_params(settings: Settings) -> ListenerParams:
         max_associations=dicom.max_associations,
         max_connections_per_host=dicom.max_connections_per_host,
         max_negotiating_connections=dicom.max_negotiating_connections,
+        max_instance_bytes=int(dicom.max_instance_mb * (1 << 20)),
         tls=tls_params(dicom.tls),
     )
 
