@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from worker.celery_app import QUEUES
 from worker.db import Database, Delivery, DeliveryState, Instance, Job, JobState, Study, StudyState
 from worker.db.migrate import current_revision, head_revision
+from worker.db.session import READ_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class PipelineCollector(Collector):
         self.celery = celery
 
     def collect(self) -> Iterator[Metric]:
-        with self.db.session() as session:
+        with self.db.reading() as session:
             yield from self._database_metrics(session)
         up = GaugeMetricFamily("retinalgpt_broker_up", "1 when the broker answered this scrape")
         depth = GaugeMetricFamily("retinalgpt_queue_depth", "messages waiting in a Celery queue", labels=["queue"])
@@ -148,9 +149,9 @@ def readiness(db: Database, celery: Celery) -> dict[str, str]:
     """``{"database": "ok" | reason, "broker": "ok" | reason}``."""
     checks: dict[str, str] = {}
     try:
-        with db.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        at, head = current_revision(db.engine), head_revision()
+        with db.reading() as session:
+            session.execute(text("SELECT 1"))
+        at, head = current_revision(db.engine.execution_options(**{READ_ONLY: True})), head_revision()
         checks["database"] = "ok" if at == head else f"schema at {at or 'none'}, expected {head}: run `retinalgpt db upgrade`"
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure instead of raising
         checks["database"] = f"unreachable: {type(exc).__name__}"

@@ -76,7 +76,7 @@ def router() -> APIRouter:
     def get_worklist(request: Request, query: Annotated[WorklistQuery, Depends(worklist_query)],
                      ctx: Ctx, _: Reader) -> WorklistPage:
         """Studies with state and referral urgency; filters are AND-ed, repeated values OR-ed."""
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             total, items = worklist(session, query)
         page = WorklistPage(total=total, offset=query.offset, limit=query.limit, items=items)
         if query.offset + query.limit < total:
@@ -89,7 +89,7 @@ def router() -> APIRouter:
     def get_study(study_instance_uid: str, request: Request, ctx: Ctx,
                   _: Reader) -> dict[str, Any]:
         """The full record of one study: instances, current result, jobs, deliveries, audit trail."""
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             study = find_study(session, study_instance_uid)
             if study is None:
                 raise HTTPException(404, f"no study {study_instance_uid}")
@@ -100,7 +100,7 @@ def router() -> APIRouter:
     def get_image(study_instance_uid: str, sop_instance_uid: str, ctx: Ctx, _: Reader,
                   size: Annotated[int, Query(ge=64, le=4096, description="longest side in pixels")] = 1024) -> Response:
         """The instance's first frame as PNG (for display only; never a diagnostic rendering)."""
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             path = instance_path(session, study_instance_uid, sop_instance_uid)
         if path is None:
             raise HTTPException(404, f"study {study_instance_uid} has no instance {sop_instance_uid}")
@@ -123,7 +123,7 @@ def router() -> APIRouter:
             revision = pipeline.rerun(study_instance_uid, actor=principal.actor)
         except PipelineError as exc:
             raise HTTPException(404 if str(exc).startswith("no study") else 409, str(exc)) from None
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             study = find_study(session, study_instance_uid)
             state = study.state.value if study else "unknown"
         return RerunResult(study_instance_uid=study_instance_uid, revision=revision, state=state)
@@ -136,7 +136,7 @@ def router() -> APIRouter:
              principal: Reader) -> ChatAnswer:
         """Ask RetinalGPT a question about a study (with optional earlier turns); the answer is grounded by the
         inference worker in the study's stored results and the exchange is audited."""
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             study = find_study(session, study_instance_uid)
             if study is None:
                 raise HTTPException(404, f"no study {study_instance_uid}")
