@@ -123,6 +123,10 @@ class PipelineSettings(_Section):
     failed_retry_seconds: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="analysis attempts before a job is dead")
     sweep_seconds: float = Field(default=2.0, gt=0)
+    analysis_time_limit_seconds: float = Field(default=3600.0, gt=0, description="hard time limit of one analysis "
+                                               "attempt: its pool process is killed and the attempt failed")
+    delivery_time_limit_seconds: float = Field(default=900.0, gt=0, description="hard time limit of one delivery "
+                                               "task where it runs in a process pool")
 
     @model_validator(mode="after")
     def _heartbeat_shorter(self) -> PipelineSettings:

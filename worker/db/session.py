@@ -5,7 +5,7 @@ loss) and foreign keys on. Sessions from :meth:`Database.session` begin with ``B
 writers queue on the busy timeout instead of failing with "database is locked" when a read lock is upgraded.
 Sessions from :meth:`Database.reading` begin a deferred transaction (plain ``BEGIN``): in WAL mode a reader
 sees a snapshot and never takes the write lock, so API readers and metrics scrapes never stand in the way of
-the C-STORE path. A reading session must not write; it is rolled back when it ends.
+the C-STORE path. A reading session must not write; it is closed without commit when it ends.
 """
 
 from __future__ import annotations
@@ -75,12 +75,10 @@ class Database:
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
-        """A session for reads only: a deferred transaction (a snapshot, no write lock), rolled back at the end."""
+        """A session for reads only: a deferred transaction (a snapshot, no write lock). It is closed, never
+        committed, at the end (its transaction ends without writing); loaded objects stay readable."""
         with self.readers() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+            yield session
 
     def dispose(self) -> None:
         self.engine.dispose()

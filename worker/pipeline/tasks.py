@@ -17,13 +17,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 from sqlalchemy import select
 
 from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY
 from worker.config import Settings
 from worker.db import Analysis, AuditEvent, Database, Instance, Study
 from worker.pipeline.jobs import Pipeline, PipelineError
+from worker.pipeline.limits import analysis_options, chat_options, delivery_options, record_timeout
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,12 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     first registration of a name wins, so a second app (another configuration, a test) would run tasks bound
     to the first app's settings."""
 
-    @app.task(name=PROCESS_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True)
+    def analysis_timed_out(task: Task, exc: BaseException, task_id: str, args: tuple, kwargs: dict,
+                           einfo: object) -> None:
+        record_timeout(settings, _db(settings), kwargs.get("job_id", args[0] if args else -1), exc)
+
+    @app.task(name=PROCESS_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True,
+              on_failure=analysis_timed_out, **analysis_options(settings))
     def process_study(job_id: int) -> dict[str, Any]:
         from worker.pipeline.processing import run_job
 
@@ -56,13 +62,14 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         return {"status": outcome.status, "study": outcome.study_instance_uid, "revision": outcome.revision,
                 "detail": outcome.detail}
 
-    @app.task(name=DELIVER_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=DELIVER_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True,
+              **delivery_options(settings))
     def deliver_study(study_instance_uid: str, revision: int) -> str:
         from worker.pipeline.delivery import deliver_revision
 
         return deliver_revision(settings, _db(settings), study_instance_uid, revision).value
 
-    @app.task(name=ANSWER_QUESTION, shared=False)
+    @app.task(name=ANSWER_QUESTION, shared=False, **chat_options(settings))
     def answer_question(study_instance_uid: str, question: str, history: list[dict[str, str]] | None = None) -> dict:
         return answer(settings, _db(settings), study_instance_uid, question, history or [])
 
