@@ -78,10 +78,12 @@ def parse_queues(value: str) -> list[str]:
 
 def run_worker(settings: Settings, queues: Sequence[str], concurrency: int | None = None) -> None:
     """Run a Celery worker for ``queues`` in this process until it is told to stop."""
+    from worker.liveness import liveness_step
     from worker.pipeline.tasks import register_tasks
 
     app = make_celery(settings)
     register_tasks(app, settings)
+    app.steps["worker"].add(liveness_step(settings, queues))
     inference = INFERENCE_QUEUE in queues
     pool = "prefork" if inference else "threads"
     workers = concurrency or (1 if inference and DELIVERY_QUEUE not in queues else 2 if inference else 4)

@@ -1,6 +1,17 @@
 """The database: models, state machine, sessions and migrations."""
 
-from worker.db.models import Analysis, AuditEvent, Base, Delivery, Instance, Job, Series, Study, utcnow
+from worker.db.models import (
+    Analysis,
+    AuditEvent,
+    Base,
+    Delivery,
+    Instance,
+    Job,
+    Series,
+    Study,
+    WorkerHeartbeat,
+    utcnow,
+)
 from worker.db.session import Database, make_engine
 from worker.db.states import (
     STUDY_TRANSITIONS,
@@ -30,6 +41,7 @@ __all__ = [
     "Series",
     "Study",
     "StudyState",
+    "WorkerHeartbeat",
     "check_transition",
     "make_engine",
     "utcnow",
