@@ -8,6 +8,7 @@ from copy import deepcopy
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 
 from model.schema import ImageAnalysis, ModelIdentity, StudyAnalysis
 
@@ -98,13 +99,12 @@ def metadata(ds: Dataset) -> Dataset:
 
 def rgb_pixels(ds: Dataset) -> np.ndarray:
     """The first frame of ``ds`` as 8-bit RGB (rows × columns × 3): 16-bit data scaled, grey replicated.
-    pydicom already returns YBR (e.g. JPEG Baseline) colour data as RGB."""
-    pixels = ds.pixel_array
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
+    pydicom already returns YBR (e.g. JPEG Baseline) colour data as RGB. Only that frame is decoded and the
+    array is not kept on ``ds``, so building objects for a study holds one decoded image at a time."""
+    pixels = pixel_array(ds, index=0)  # only the first frame, and not cached on ``ds``
     if pixels.dtype != np.uint8:
         top = float(pixels.max()) or 1.0
-        pixels = np.clip(pixels.astype(np.float64) * (255.0 / top), 0, 255).astype(np.uint8)
+        pixels = np.clip(np.multiply(pixels, np.float32(255.0 / top), dtype=np.float32), 0, 255).astype(np.uint8)
     if pixels.ndim == 2:
         pixels = np.stack([pixels] * 3, axis=-1)
     return np.ascontiguousarray(pixels)

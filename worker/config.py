@@ -160,6 +160,16 @@ class AnalysisSettings(_Section):
     definitions: Literal["standard", "automorph"] = "standard"
     field_angle_degrees: float = Field(default=45.0, gt=0, le=200)
     working_size: int = Field(default=768, ge=256, le=2048)
+    max_image_pixels: int = Field(default=50_000_000, ge=1_000_000, le=1_000_000_000, description="images with "
+                                  "more pixels (Rows × Columns) are not decoded: a per-image 'too large' note")
+    decode_size: int = Field(default=4096, ge=256, le=16384, description="decoded frames are reduced at decode to "
+                             "at most this many pixels on their longer side")
+
+    @model_validator(mode="after")
+    def _decode_covers_working(self) -> AnalysisSettings:
+        if self.decode_size < self.working_size:
+            raise ValueError("analysis.decode_size must be >= analysis.working_size")
+        return self
 
 
 class ReportingSettings(_Section):

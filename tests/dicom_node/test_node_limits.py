@@ -1,8 +1,12 @@
 """Bounded reception (issue 18 item 12): data sets larger than the instance limit, received or inflated, are
-refused with 0xA700 and an Error Comment, nothing is kept, and the association carries on."""
+refused with 0xA700 and an Error Comment, nothing is kept, and the association carries on. Bounded sending
+(item 13): the sender streams files instead of reading a whole study into memory."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from io import BytesIO
 from pathlib import Path
 
@@ -84,3 +88,39 @@ def test_reception_aborted_midway_leaves_no_spool_file(start_listener, tmp_path)
     assoc.abort()
     wait_for(lambda: not list(incoming.glob("*.part")), 10, "the spool file to be removed", interval=0.05)
     assert not sink.stored and not sink.rejected
+
+
+SEND_AND_MEASURE = """
+import json, sys
+from pathlib import Path
+from dicom_node.params import PeerParams
+from dicom_node.sender import send_files
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))
+    return int(line.split()[1])
+
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the current RSS
+before = status("VmRSS:")
+result = send_files(PeerParams("RETINALGPT", "127.0.0.1", int(sys.argv[1]), calling_ae_title="CAMERA1"), sys.argv[2:])
+print(json.dumps({"ok": result.ok, "growth_kib": status("VmHWM:") - before}))
+"""
+
+
+def test_sender_streams_files_instead_of_reading_the_study_into_memory(start_listener, tmp_path: Path) -> None:
+    listener, sink = start_listener()
+    files = []
+    for n in range(3):  # 3 × 32 MiB of uncompressed pixels
+        rgb = np.full((3344, 3344, 3), 40 * n, dtype=np.uint8)
+        ds = ophthalmic_photograph(rgb, study_instance_uid=generate_uid(), series_instance_uid=generate_uid(),
+                                   patient_id="P1", patient_name="Big^Study")
+        files.append(tmp_path / f"{n}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+        del rgb, ds
+    run = subprocess.run([sys.executable, "-c", SEND_AND_MEASURE, str(listener.port), *map(str, files)],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    assert outcome["ok"] and len(sink.stored) == 3
+    # pynetdicom queues one instance's PDUs at a time: one 32 MiB file in memory, never the three of them
+    assert outcome["growth_kib"] * 1024 < 48 * MIB, f"the sender grew by {outcome['growth_kib'] // 1024} MiB"

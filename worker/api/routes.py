@@ -14,6 +14,7 @@ from worker.api.auth import Admin, Reader
 from worker.api.chat import ChatAnswer, ChatRequest, ChatUnavailable, ask
 from worker.api.context import ApiContext, Ctx
 from worker.api.images import render_png
+from worker.pipeline.sources import ImageTooLarge
 from worker.api.studies import (
     SORT_KEYS,
     Urgency,
@@ -105,9 +106,11 @@ def router() -> APIRouter:
         if path is None:
             raise HTTPException(404, f"study {study_instance_uid} has no instance {sop_instance_uid}")
         try:
-            png = render_png(Path(path), size)
+            png = render_png(Path(path), size, ctx.settings.analysis.max_image_pixels)
         except FileNotFoundError:
             raise HTTPException(410, "the stored file of this instance is gone") from None
+        except ImageTooLarge as exc:
+            raise HTTPException(422, f"the instance cannot be rendered: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - pydicom and pixel decoders raise many types for bad data
             raise HTTPException(422, f"the instance cannot be rendered: {type(exc).__name__}") from None
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

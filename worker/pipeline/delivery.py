@@ -42,6 +42,9 @@ from worker.pipeline.results import WrittenResults, read_results, write_results
 log = logging.getLogger(__name__)
 
 ACTOR = "delivery"
+SOURCE_DEFER_SIZE = "256 KB"
+"""Source elements larger than this (Pixel Data) stay on disk until a builder needs them: the SR and FHIR
+Bundle never do, a key image reads its own source's."""
 OPEN_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
 
 
@@ -84,7 +87,7 @@ def ensure_results(settings: Settings, db: Database, study_instance_uid: str, re
         analysis = StudyAnalysis.model_validate(row.result)
         uids = [image.sop_instance_uid for image in analysis.images if image.sop_instance_uid]
         paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(uids))).all()
-    sources = [pydicom.dcmread(path) for path in paths]
+    sources = [pydicom.dcmread(path, defer_size=SOURCE_DEFER_SIZE) for path in paths]  # Pixel Data read when used
     masks = _read_masks(folder, uids)
     previous = read_results(results_folder(settings, study_instance_uid, revision - 1)) if revision > 1 else None
     previous_sr = pydicom.dcmread(previous.sr) if previous is not None else None

@@ -131,13 +131,13 @@ def _analyse(settings: Settings, db: Database, study_uid: str, revision: int) ->
     import numpy as np
     from PIL import Image
 
-    from worker.pipeline.sources import SourceError, load_dicom
+    from worker.pipeline.sources import SourceError, decode_limits, load_dicom
     from worker.runtime import analyzer
 
     sources, skipped = [], []
     for path in _instance_paths(db, study_uid, revision):
         try:
-            sources.append(load_dicom(Path(path)))
+            sources.append(load_dicom(Path(path), decode_limits(settings)))
         except SourceError as exc:
             skipped.append(str(exc))
             log.warning("study %s: %s", study_uid, exc)

@@ -80,7 +80,7 @@ def answer(
     """Answer ``question`` about the study's first gradable image with the study's results as context."""
     from model.chat import study_context
     from model.schema import StudyAnalysis
-    from worker.pipeline.sources import load_dicom
+    from worker.pipeline.sources import decode_limits, load_dicom
     from worker.runtime import analyzer
 
     with db.session() as session:
@@ -100,7 +100,7 @@ def answer(
         raise PipelineError("RetinalGPT is not available on this worker; chat needs a model")
     turns = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)
              if history[i].get("role") == "user" and history[i + 1].get("role") == "assistant"]
-    text = engine.ask(load_dicom(Path(path)).rgb, question, history=turns, context=study_context(analysis))
+    text = engine.ask(load_dicom(Path(path), decode_limits(settings)).rgb, question, history=turns, context=study_context(analysis))
     identity = engine.identity
     with db.session() as session:
         session.add(AuditEvent(actor="chat", action="chat.answered", study_instance_uid=study_instance_uid,
