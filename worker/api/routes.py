@@ -14,7 +14,6 @@ from worker.api.auth import Admin, Reader
 from worker.api.chat import ChatAnswer, ChatRequest, ChatUnavailable, ask
 from worker.api.context import ApiContext, Ctx
 from worker.api.images import render_png
-from worker.pipeline.sources import ImageTooLarge
 from worker.api.studies import (
     SORT_KEYS,
     Urgency,
@@ -26,6 +25,7 @@ from worker.api.studies import (
     worklist,
 )
 from worker.db import StudyState
+from worker.pipeline.sources import ImageTooLarge
 
 SortKey = Literal[tuple(k for key in SORT_KEYS for k in (key, f"-{key}"))]  # type: ignore[valid-type]
 
