@@ -108,7 +108,7 @@ def test_fifty_c_stores_while_api_clients_read_continuously(tmp_path: Path, conf
                         failures.append(f"{path}: HTTP {status}")
 
         readers = [threading.Thread(target=read, args=(path,), daemon=True) for path in
-                   ("/api/worklist?limit=100", "/fhir/r4/ImagingStudy?_count=50", "/metrics", "/readyz")]
+                   ("/api/worklist?limit=100", "/fhir/r4/ImagingStudy?_count=50", "/metrics", "/readyz?scope=api")]
         for reader in readers:
             reader.start()
         try:
