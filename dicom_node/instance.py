@@ -7,15 +7,25 @@ the SOP class and instance of the request (PS3.7 §9.1.1), and that an image's P
 
 from __future__ import annotations
 
+import mmap
 import struct
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 from pydicom.charset import python_encoding
 from pydicom.filereader import data_element_generator
 from pydicom.tag import Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from dicom_node.sop import SR_SOP_CLASSES
@@ -35,6 +45,10 @@ _IDENTIFYING = (
 )
 _TAG_OF = {keyword: int(Tag(keyword)) for keyword in _IDENTIFYING}
 _IDENTIFYING_TAGS = frozenset(_TAG_OF.values())
+_DEFER_BYTES = 64 * 1024  # larger values are not read: none of the identifying attributes is that long
+_INFLATE_STEP = 1 << 20
+
+Buffer = bytes | bytearray | mmap.mmap
 
 
 class InvalidInstance(Exception):
@@ -98,26 +112,83 @@ def _short_element(element: int, vr: str, value: bytes, padding: bytes) -> bytes
     return struct.pack("<HH", 0x0002, element) + vr.encode() + struct.pack("<H", len(value)) + value
 
 
-def identify(dataset: bytes, transfer_syntax_uid: str, *, sop_class_uid: str, sop_instance_uid: str) -> Identified:
-    """Read and check the identifying attributes of ``dataset`` (encoded in ``transfer_syntax_uid``);
-    raise :class:`InvalidInstance` when it cannot be accepted.
+def identify(
+    dataset: Buffer,
+    transfer_syntax_uid: str,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    offset: int = 0,
+    max_inflated: int | None = None,
+    scratch: Path | None = None,
+) -> Identified:
+    """Read and check the identifying attributes of the data set in ``dataset[offset:]`` (encoded in
+    ``transfer_syntax_uid``; bytes or an ``mmap`` of the received file); raise :class:`InvalidInstance` when
+    it cannot be accepted.
 
     Only the top-level element headers up to Pixel Data are walked (pydicom's raw element generator) and
-    only the identifying values are decoded, so the cost does not grow with the image."""
+    only the identifying values are read, so the cost does not grow with the image. A Deflated Explicit VR
+    Little Endian data set (PS3.5 A.5) is inflated in bounded steps into a temp file in ``scratch``; one that
+    inflates past ``max_inflated`` bytes (a deflate bomb) is refused with 0xA700 before it can fill memory."""
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        with _inflated(dataset, offset, max_inflated, scratch) as body:
+            return _identify(body, 0, ExplicitVRLittleEndian, sop_class_uid, sop_instance_uid)
+    return _identify(dataset, offset, transfer_syntax_uid, sop_class_uid, sop_instance_uid)
+
+
+@contextmanager
+def _inflated(dataset: Buffer, offset: int, limit: int | None, scratch: Path | None) -> Iterator[Buffer]:
+    """The raw-deflated bytes of ``dataset[offset:]`` inflated into a temp file, mapped read-only."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    source = memoryview(dataset)
+    total = 0
+    with tempfile.TemporaryFile(dir=scratch) as out:
+        try:
+            for start in range(offset, len(source), _INFLATE_STEP):
+                pending = source[start : start + _INFLATE_STEP]
+                while pending and not inflater.eof:  # bytes after the end of the stream are padding
+                    chunk = inflater.decompress(pending, _INFLATE_STEP)
+                    pending = inflater.unconsumed_tail
+                    total += len(chunk)
+                    if limit is not None and total > limit:
+                        raise InvalidInstance(
+                            StoreStatus.OUT_OF_RESOURCES_STORAGE,
+                            f"deflated data set inflates past the {_mib(limit)} instance limit",
+                        )
+                    out.write(chunk)
+            out.write(inflater.flush())
+        except zlib.error as exc:
+            raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set: {exc}") from None
+        finally:
+            source.release()
+        out.flush()
+        if out.tell() == 0:
+            yield b""
+            return
+        with mmap.mmap(out.fileno(), 0, access=mmap.ACCESS_READ) as body:
+            yield body
+
+
+def _identify(body: Buffer, start: int, transfer_syntax_uid: str, sop_class_uid: str,
+              sop_instance_uid: str) -> Identified:
     implicit = transfer_syntax_uid == ImplicitVRLittleEndian
     little = transfer_syntax_uid != ExplicitVRBigEndian
-    body = dataset
+    size = len(body)
     try:
-        if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-            body = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset)
-        stream = BytesIO(body)
+        stream = body if isinstance(body, mmap.mmap) else BytesIO(body)
+        stream.seek(start)
         raw: dict[int, bytes] = {}
-        for element in data_element_generator(stream, implicit, little, stop_when=_at_pixel_data, defer_size=None):
-            if element.length != _UNDEFINED_LENGTH and len(element.value or b"") != element.length:
+        for element in data_element_generator(stream, implicit, little, stop_when=_at_pixel_data,
+                                              defer_size=_DEFER_BYTES):
+            if element.value is None and element.length not in (0, _UNDEFINED_LENGTH):
+                if element.value_tell + element.length > size:  # deferred: not read, so check it fits
+                    raise ValueError(f"element {element.tag} is cut short: {size - element.value_tell} of "
+                                     f"{element.length} bytes")
+            elif element.length != _UNDEFINED_LENGTH and len(element.value or b"") != element.length:
                 raise ValueError(f"element {element.tag} is cut short: {len(element.value or b'')} of "
                                  f"{element.length} bytes")
             if element.tag in _IDENTIFYING_TAGS:
-                raw[int(element.tag)] = element.value
+                raw[int(element.tag)] = element.value or b""
         stop = stream.tell()
         attributes = _decode(raw)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed input
@@ -163,6 +234,10 @@ def identify(dataset: bytes, transfer_syntax_uid: str, *, sop_class_uid: str, so
     )
 
 
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB"
+
+
 def _decode(raw: dict[int, bytes]) -> dict[str, str | None]:
     """Decode the identifying values: text in the data set's first Specific Character Set (PS3.5 §6.1.2.3,
     ISO-IR 6 when absent), with padding removed; ``None`` when absent or empty."""
@@ -180,19 +255,22 @@ def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
     return tag == _PIXEL_DATA_TAG
 
 
-def _check_pixel_data(dataset: bytes, offset: int, *, implicit: bool) -> None:
+def _check_pixel_data(dataset: Buffer, offset: int, *, implicit: bool) -> None:
     """Pixel Data (7FE0,0010) must be present where parsing stopped, and complete: its defined length fits
     in what was received, or its encapsulated fragments end with a Sequence Delimitation Item (PS3.5 A.4)."""
     if dataset[offset : offset + 4] != _PIXEL_DATA_LE:
         raise InvalidInstance(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS, "image data set has no Pixel Data")
-    if implicit:
-        (length,) = struct.unpack_from("<I", dataset, offset + 4)
-        start = offset + 8
-    elif dataset[offset + 4 : offset + 6] in _LONG_VRS:
-        (length,) = struct.unpack_from("<I", dataset, offset + 8)
-        start = offset + 12
-    else:
-        raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, "Pixel Data has an impossible value representation")
+    try:
+        if implicit:
+            (length,) = struct.unpack_from("<I", dataset, offset + 4)
+            start = offset + 8
+        elif dataset[offset + 4 : offset + 6] in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", dataset, offset + 8)
+            start = offset + 12
+        else:
+            raise InvalidInstance(StoreStatus.CANNOT_UNDERSTAND, "Pixel Data has an impossible value representation")
+    except struct.error:
+        raise InvalidInstance(StoreStatus.PIXEL_DATA_TRUNCATED, "Pixel Data is truncated in its header") from None
     if length == 0xFFFFFFFF:
         if dataset.rfind(_SEQUENCE_DELIMITER_LE, start) < 0:
             raise InvalidInstance(StoreStatus.PIXEL_DATA_TRUNCATED, "encapsulated Pixel Data is truncated")

@@ -1,18 +1,21 @@
 """The storage SCP: C-ECHO and C-STORE (PS3.4 Annex A and B) with AE-title and TLS policy.
 
-Receive path per C-STORE (DESIGN step 1): the data set bytes arrive as sent (never decoded), their
-identifying attributes are read and checked (:mod:`dicom_node.instance`), the file is written to a temp
-file and fsynced, the sink is asked how the instance relates to what is recorded (new, duplicate, or a UID
-conflict that would move data to another study or patient: refused with 0xC004), the file is renamed into
-place, reported to the :class:`~dicom_node.events.IngestSink` (the database row), and only then is Success
-answered. Any failure — a database error in the duplicate check included — answers a failure status and the
-association carries on. When an association ends, whether it was released (A-RELEASE) or cut off is passed to
+Receive path per C-STORE (DESIGN step 1): the data set bytes are written as they arrive, never decoded and
+never held in memory whole, to a temp file that starts with our File Meta Information
+(:mod:`dicom_node.receive`, at most ``max_instance_bytes``); the file is fsynced, its identifying attributes
+are read in place and checked (:mod:`dicom_node.instance`), the sink is asked how the instance relates to what
+is recorded (new, duplicate, or a UID conflict that would move data to another study or patient: refused with
+0xC004), the file is renamed into place, reported to the :class:`~dicom_node.events.IngestSink` (the database
+row), and only then is Success answered. Any failure — a database error in the duplicate check included —
+answers a failure status with an Error Comment and the association carries on. Connections are admitted by
+:mod:`dicom_node.guard`. When an association ends, whether it was released (A-RELEASE) or cut off is passed to
 the completion tracker: a cut-off sender does not end its studies.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 import time
 from collections.abc import Iterable
@@ -20,12 +23,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.completion import CompletionTracker
 from dicom_node.events import (
@@ -37,8 +40,10 @@ from dicom_node.events import (
     RejectedAssociation,
     RejectedInstance,
 )
+from dicom_node.guard import AdmissionParams, ConnectionGuard, GuardedAssociationServer
 from dicom_node.instance import Identified, InvalidInstance, file_header, identify, is_valid_uid
 from dicom_node.params import CompletionParams, DuplicatePolicy, ListenerParams, UnsupportedSopPolicy
+from dicom_node.receive import Spool, SpoolingDimse
 from dicom_node.sop import (
     ANALYSABLE_SOP_CLASSES,
     SR_SOP_CLASSES,
@@ -52,9 +57,11 @@ from dicom_node.tls import server_context
 
 log = logging.getLogger(__name__)
 
-# A-ASSOCIATE-RJ diagnostics (PS3.8 Table 9-21): result 1 = rejected-permanent, source 1 = service-user.
-_REJECT_PERMANENT, _SOURCE_SERVICE_USER = 0x01, 0x01
-_CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED = 0x03, 0x07
+# A-ASSOCIATE-RJ diagnostics (PS3.8 Table 9-21): result 1 = rejected-permanent, 2 = rejected-transient;
+# source 1 = service-user, 3 = service-provider (presentation related function).
+_REJECT_PERMANENT, _REJECT_TRANSIENT, _SOURCE_SERVICE_USER, _SOURCE_PROVIDER_PRESENTATION = 0x01, 0x02, 0x01, 0x03
+_CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED, _LOCAL_LIMIT_EXCEEDED = 0x03, 0x07, 0x02
+_UNLIMITED = 2**30  # pynetdicom's own association count includes connections that never negotiated
 _LOCK_STRIPES = 64
 _RELEASE_FLAG_WAIT = 2.0
 """Seconds to wait, when a connection closes, for pynetdicom's reactor thread to say whether the association
@@ -100,13 +107,25 @@ class Listener:
         self.sink = sink
         self.store = InstanceStore(params.storage_root, fsync=params.fsync)
         self.tracker = CompletionTracker(completion, sink.study_stable)
-        self._server: ThreadedAssociationServer | None = None
+        self.guard = ConnectionGuard(AdmissionParams(
+            acse_timeout=params.acse_timeout,
+            network_timeout=params.network_timeout,
+            max_associations=params.max_associations,
+            max_connections_per_host=params.max_connections_per_host,
+            max_negotiating=params.max_negotiating_connections,
+            trusted_hosts=params.trusted_hosts,
+        ))
+        self._server: GuardedAssociationServer | None = None
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
         self._sop_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._accepted_classes = set(ANALYSABLE_SOP_CLASSES) | set(SR_SOP_CLASSES)
         if params.unsupported_sop_classes is UnsupportedSopPolicy.STORE:
             self._accepted_classes = all_storage_sop_classes()
+
+    @property
+    def _limit_text(self) -> str:
+        return f"{self.params.max_instance_bytes / (1 << 20):g} MiB"
 
     @property
     def port(self) -> int:
@@ -128,6 +147,7 @@ class Listener:
         _quiet_pynetdicom_when_not_logged()
         ae = self._application_entity()
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_opened),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -135,13 +155,16 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         ssl_context = server_context(self.params.tls) if self.params.tls is not None else None
-        self._server = ae.start_server(
+        self._server = ae.make_server(
             (self.params.bind_address, self.params.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=ssl_context,
             contexts=self._supported_contexts(),
+            server_class=GuardedAssociationServer,
+            guard=self.guard,
         )
+        threading.Thread(target=self._server.serve_forever, name="dicom-accept", daemon=True).start()
+        self.guard.start()
         self.tracker.start()
         log.info(
             "DICOM node %s listening on %s:%d%s (%d storage SOP classes)",
@@ -153,6 +176,7 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.guard.stop()
         self.tracker.stop()
 
     def _application_entity(self) -> AE:
@@ -161,7 +185,7 @@ class Listener:
         ae.network_timeout = self.params.network_timeout
         ae.acse_timeout = self.params.acse_timeout
         ae.dimse_timeout = self.params.dimse_timeout
-        ae.maximum_associations = self.params.max_associations
+        ae.maximum_associations = _UNLIMITED  # slots are counted by the guard, for allow-listed associations only
         ae.require_called_aet = False  # checked in _on_requested, which logs and reports why
         return ae
 
@@ -170,18 +194,36 @@ class Listener:
         contexts += [_SupportedContext(uid, TRANSFER_SYNTAXES) for uid in sorted(self._accepted_classes)]
         return contexts
 
-    def _on_requested(self, event: Event) -> None:
-        """Called-AE check and calling-AE allow-list, optionally bound to host (PS3.8 §9.3.4 diagnostics)."""
+    def _on_opened(self, event: Event) -> None:
+        """A connection was accepted: the guard follows it, and its C-STORE data sets are spooled to disk."""
         assoc = event.assoc
+        self.guard.opened(event.address, assoc)
+
+        def header_for(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+            return file_header(sop_class_uid, sop_instance_uid, transfer_syntax, assoc.requestor.ae_title.strip())
+
+        assoc.dimse = SpoolingDimse(assoc, folder=self.store.incoming, max_bytes=self.params.max_instance_bytes,
+                                    header_for=header_for)
+
+    def _on_requested(self, event: Event) -> None:
+        """Called-AE check, calling-AE allow-list optionally bound to host, then a free association slot
+        (PS3.8 §9.3.4 diagnostics)."""
+        assoc = event.assoc
+        peer = assoc.requestor.address_info.as_tuple
+        self.guard.requested(peer)
         calling = assoc.requestor.primitive.calling_ae_title.strip()
         called = assoc.requestor.primitive.called_ae_title.strip()
         host = assoc.requestor.address
         reason, diagnostic = self._refusal(calling, called, host)
+        result, source = _REJECT_PERMANENT, _SOURCE_SERVICE_USER
         if reason is None:
-            return
+            if self.guard.take_slot(peer):
+                return
+            reason = f"all {self.params.max_associations} association slots are in use (max_associations)"
+            result, source, diagnostic = _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
         log.warning("association from %s@%s to %s rejected: %s", calling, host, called, reason)
         self._report(self.sink.association_rejected, RejectedAssociation(calling, called, host, reason))
-        assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, diagnostic)
+        assoc.acse.send_reject(result, source, diagnostic)
         assoc.kill()
 
     def _refusal(self, calling: str, called: str, host: str) -> tuple[str | None, int]:
@@ -204,6 +246,9 @@ class Listener:
 
     def _on_closed(self, event: Event) -> None:
         assoc = event.assoc
+        self.guard.closed(event.address)
+        if isinstance(assoc.dimse, SpoolingDimse):
+            assoc.dimse.discard_unfinished()
         with self._stats_lock:
             stats = self._stats.pop(id(assoc), None)
         if stats is None:
@@ -227,7 +272,7 @@ class Listener:
         )
         self._report(self.sink.association_ended, summary)
 
-    def _on_store(self, event: Event) -> int:
+    def _on_store(self, event: Event) -> int | Dataset:
         assoc: Association = event.assoc
         stats = self._stats.get(id(assoc)) or _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
         request = event.request
@@ -235,7 +280,7 @@ class Listener:
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
         transfer_syntax = str(event.context.transfer_syntax)
 
-        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None) -> int:
+        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None) -> Dataset:
             stats.failed += 1
             log.warning(
                 "C-STORE %s from %s@%s refused with 0x%04X: %s",
@@ -246,31 +291,36 @@ class Listener:
                 sop_class_uid or None, sop_instance_uid or None, study_uid,
             )
             self._report(self.sink.instance_rejected, rejection)
-            return int(status)
+            return _status(status, reason)
 
-        def conflict(instance: ReceivedInstance, reason: str) -> int:
+        def conflict(instance: ReceivedInstance, reason: str) -> Dataset:
             stats.failed += 1
             log.error("C-STORE %s from %s@%s refused with 0x%04X (UID conflict): %s", instance.sop_instance_uid,
                       stats.calling_ae_title, stats.peer_host, StoreStatus.UID_CONFLICT, reason)
             self._sink_call(self.sink.uid_conflict, instance, reason)
-            return int(StoreStatus.UID_CONFLICT)
+            return _status(StoreStatus.UID_CONFLICT, reason)
 
         if sop_class_uid not in self._accepted_classes:
             return refuse(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class_uid} is not accepted")
         if not (is_valid_uid(sop_class_uid) and is_valid_uid(sop_instance_uid)):
             return refuse(StoreStatus.INVALID_IDENTIFIER, "the request's Affected SOP Class/Instance UID is not a UID")
-        dataset: bytes = request.DataSet.getvalue()
-        header = file_header(sop_class_uid, sop_instance_uid, transfer_syntax, stats.calling_ae_title)
+        spool = getattr(request, "_dataset_file", None)
+        if not isinstance(spool, Spool):
+            return refuse(StoreStatus.CANNOT_UNDERSTAND, "the C-STORE request carries no data set")
+        if spool.exceeded:
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"data set of {spool.size} bytes exceeds the "
+                                                                f"{self._limit_text} instance limit")
         try:
-            ident = identify(dataset, transfer_syntax, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
+            sha256 = spool.finish(fsync=self.params.fsync)
+        except OSError as exc:
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc}")
+        temp = spool.path
+        try:
+            ident = self._identify(spool, transfer_syntax, sop_class_uid, sop_instance_uid)
         except InvalidInstance as exc:
             return refuse(exc.status, exc.reason)
 
         final = self.store.path_for(ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid)
-        try:
-            temp, sha256 = self.store.write_temp(header, dataset)
-        except OSError as exc:
-            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc}", ident.study_instance_uid)
         not_analysed = self._not_analysed_reason(ident)
         instance = ReceivedInstance(
             sop_class_uid=ident.sop_class_uid,
@@ -279,7 +329,7 @@ class Listener:
             series_instance_uid=ident.series_instance_uid,
             transfer_syntax_uid=transfer_syntax,
             path=final,
-            size=len(header) + len(dataset),
+            size=spool.header_length + spool.size,
             sha256=sha256,
             calling_ae_title=stats.calling_ae_title,
             peer_host=stats.peer_host,
@@ -353,6 +403,13 @@ class Listener:
             return "burned-in annotation"
         return None
 
+    def _identify(self, spool: Spool, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> Identified:
+        """Identify the received data set in place (memory-mapped, never read into memory whole)."""
+        with open(spool.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as received:
+            return identify(received, transfer_syntax, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                            offset=spool.header_length, max_inflated=self.params.max_instance_bytes,
+                            scratch=self.store.incoming)
+
     def _report(self, method: Any, payload: Any) -> None:
         """Tell the sink something that must never stop the node."""
         self._sink_call(method, payload)
@@ -372,6 +429,14 @@ def _released(assoc: Association) -> bool:
     while not (assoc.is_released or assoc.is_aborted) and time.monotonic() < deadline:
         time.sleep(0.005)
     return bool(assoc.is_released)
+
+
+def _status(status: StoreStatus, reason: str) -> Dataset:
+    """A C-STORE response status with the reason as Error Comment (0000,0902; LO, at most 64 characters)."""
+    answer = Dataset()
+    answer.Status = int(status)
+    answer.ErrorComment = reason.encode("ascii", "replace").decode().replace("\\", "/")[:64]
+    return answer
 
 
 def _quiet_pynetdicom_when_not_logged() -> None:

@@ -60,7 +60,15 @@ class ListenerParams:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     max_associations: int = 16
+    max_connections_per_host: int = 8
+    max_negotiating_connections: int = 32
+    max_instance_bytes: int = 512 << 20
     tls: TlsParams | None = None
+
+    @property
+    def trusted_hosts(self) -> frozenset[str]:
+        """Hosts named in an allow-list rule: exempt from the per-host and negotiation connection limits."""
+        return frozenset(rule.host for rule in self.allowed_callers if rule.host)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 
@@ -120,34 +120,49 @@ def echo(peer: PeerParams) -> EchoResult:
 
 
 def send_files(peer: PeerParams, paths: Iterable[Path | str]) -> SendResult:
-    """Send DICOM files (PS3.10) on one association, each answered separately."""
-    datasets: list[tuple[str, Dataset | None, str]] = []
+    """Send DICOM files (PS3.10) on one association, each answered separately.
+
+    Only the headers are read to negotiate; each file is then sent on its own, streamed from disk in PDU-sized
+    chunks when the peer accepted its transfer syntax (pynetdicom ``STORE_SEND_CHUNKED_DATASET``), else read
+    and converted just before it is sent. A study is never held in memory whole."""
+    items: list[_Item] = []
     for path in paths:
         try:
-            datasets.append((str(path), dcmread(path), ""))
+            items.append(_Item(str(path), dcmread(path, stop_before_pixels=True), "", Path(path)))
         except Exception as exc:  # noqa: BLE001 - unreadable input is a permanent failure of that file only
-            datasets.append((str(path), None, f"cannot read {path}: {exc}"))
-    return _send(peer, datasets)
+            items.append(_Item(str(path), None, f"cannot read {path}: {exc}"))
+    return _send(peer, items)
 
 
 def send_datasets(peer: PeerParams, datasets: Sequence[Dataset]) -> SendResult:
     """Send in-memory data sets (each must carry ``file_meta.TransferSyntaxUID``) on one association."""
-    return _send(peer, [(f"dataset {ds.get('SOPInstanceUID', '?')}", ds, "") for ds in datasets])
+    return _send(peer, [_Item(f"dataset {ds.get('SOPInstanceUID', '?')}", ds, "") for ds in datasets])
 
 
-def _send(peer: PeerParams, items: list[tuple[str, Dataset | None, str]]) -> SendResult:
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One thing to send: ``dataset`` is the whole data set, or only its header when ``path`` is the file."""
+
+    source: str
+    dataset: Dataset | None
+    error: str
+    path: Path | None = None
+
+
+def _send(peer: PeerParams, items: list[_Item]) -> SendResult:
     results: list[InstanceResult] = []
-    sendable: list[tuple[str, Dataset]] = []
-    for source, ds, error in items:
+    sendable: list[_Item] = []
+    for item in items:
+        ds = item.dataset
         if ds is None or "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-            results.append(InstanceResult(None, None, source, None, error or "no SOP Class/Instance UID",
+            results.append(InstanceResult(None, None, item.source, None, item.error or "no SOP Class/Instance UID",
                                           Failure.PERMANENT))
         else:
-            sendable.append((source, ds))
+            sendable.append(item)
     if not sendable:
         return SendResult(_describe(peer), results)
     ae = _application_entity(peer)
-    contexts = _contexts([ds for _, ds in sendable])
+    contexts = _contexts([item.dataset for item in sendable])
     if len(contexts) > _MAX_CONTEXTS:
         message = f"{len(contexts)} presentation contexts needed, at most {_MAX_CONTEXTS} allowed: send in batches"
         return SendResult(_describe(peer), results, message, Failure.PERMANENT)
@@ -156,38 +171,53 @@ def _send(peer: PeerParams, items: list[tuple[str, Dataset | None, str]]) -> Sen
     if assoc is None:
         return SendResult(_describe(peer), results, error, failure)
     try:
-        for source, ds in sendable:
-            results.append(_store(assoc, source, ds))
+        for item in sendable:
+            results.append(_store(assoc, item))
             if not assoc.is_established:
                 break
     finally:
         _release(assoc)
     sent = {r.source for r in results}
-    for source, ds in sendable:
-        if source not in sent:
-            results.append(InstanceResult(str(ds.SOPInstanceUID), str(ds.SOPClassUID), source, None,
+    for item in sendable:
+        if item.source not in sent:
+            ds = item.dataset
+            results.append(InstanceResult(str(ds.SOPInstanceUID), str(ds.SOPClassUID), item.source, None,
                                           "association ended before this instance was sent", Failure.TRANSIENT))
     return SendResult(_describe(peer), results)
 
 
-def _store(assoc: Association, source: str, ds: Dataset) -> InstanceResult:
+def _store(assoc: Association, item: _Item) -> InstanceResult:
+    ds, source = item.dataset, item.source
     sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
     syntax = UID(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
     accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
     if not accepted:
         return InstanceResult(sop_instance, sop_class, source, None,
                               f"peer accepted no presentation context for SOP class {sop_class}", Failure.PERMANENT)
-    if syntax is None or all(cx.transfer_syntax[0] != syntax for cx in accepted):
-        target = UID(accepted[0].transfer_syntax[0])
-        try:
-            if syntax is not None and syntax.is_compressed:
-                ds.decompress(generate_instance_uid=False)  # a transfer syntax change keeps the instance
-            ds.file_meta.TransferSyntaxUID = target
-        except Exception as exc:  # noqa: BLE001 - any decoder error makes this file unsendable here
-            return InstanceResult(sop_instance, sop_class, source, None,
-                                  f"cannot convert to {target.name}: {exc}", Failure.PERMANENT)
+    as_is = syntax is not None and any(cx.transfer_syntax[0] == syntax for cx in accepted)
+    payload: Dataset | Path
+    if item.path is not None and as_is:
+        _config.STORE_SEND_CHUNKED_DATASET = True  # affects only sends of a path: streamed from the file
+        payload = item.path
+    else:
+        if item.path is not None:
+            try:
+                ds = dcmread(item.path)
+            except Exception as exc:  # noqa: BLE001 - the file changed or vanished since its header was read
+                return InstanceResult(sop_instance, sop_class, source, None, f"cannot read {item.path}: {exc}",
+                                      Failure.PERMANENT)
+        if not as_is:
+            target = UID(accepted[0].transfer_syntax[0])
+            try:
+                if syntax is not None and syntax.is_compressed:
+                    ds.decompress(generate_instance_uid=False)  # a transfer syntax change keeps the instance
+                ds.file_meta.TransferSyntaxUID = target
+            except Exception as exc:  # noqa: BLE001 - any decoder error makes this file unsendable here
+                return InstanceResult(sop_instance, sop_class, source, None,
+                                      f"cannot convert to {target.name}: {exc}", Failure.PERMANENT)
+        payload = ds
     try:
-        response = assoc.send_c_store(ds)
+        response = assoc.send_c_store(payload)
     except Exception as exc:  # noqa: BLE001 - pynetdicom raises ValueError/AttributeError/… on bad data sets
         return InstanceResult(sop_instance, sop_class, source, None, f"C-STORE failed: {exc}", Failure.PERMANENT)
     if "Status" not in response:

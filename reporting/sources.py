@@ -8,6 +8,7 @@ from copy import deepcopy
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 
 from model.schema import ImageAnalysis, ModelIdentity, StudyAnalysis
 
@@ -97,22 +98,30 @@ def metadata(ds: Dataset) -> Dataset:
 
 
 def rgb_pixels(ds: Dataset) -> np.ndarray:
-    """The first frame of ``ds`` as 8-bit RGB (rows × columns × 3), as analysed and as shown.
+    """The first frame of ``ds`` as 8-bit RGB (rows × columns × 3), as analysed and as shown (:func:`frame_rgb8`).
+    Only that frame is decoded and the array is not kept on ``ds``, so building objects for a study holds one
+    decoded image at a time."""
+    return frame_rgb8(pixel_array(ds, index=0), ds)  # only the first frame, and not cached on ``ds``
 
-    pydicom already returns YBR (e.g. JPEG Baseline) colour data as RGB. Grey data is replicated to three
-    channels; MONOCHROME1 (minimum is white) is inverted against the largest value the stored bits can hold,
-    2^BitsStored − 1 (PS3.3 C.7.6.3.1.2), not against the image's own maximum, so an image's grey levels do
-    not depend on its brightest pixel. More than 8 stored bits are scaled by the same 2^BitsStored − 1."""
-    pixels = ds.pixel_array
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
+
+def frame_rgb8(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """One decoded frame of ``ds`` as 8-bit RGB (rows × columns × 3).
+
+    pydicom and the decoders already return YBR (e.g. JPEG Baseline) colour data as RGB. Grey data is replicated to
+    three channels; MONOCHROME1 (minimum is white) is inverted against the largest value the stored bits can hold,
+    2^BitsStored − 1 (PS3.3 C.7.6.3.1.2), not against the image's own maximum, so an image's grey levels do not
+    depend on its brightest pixel. More than 8 stored bits are scaled by the same 2^BitsStored − 1 (in float32)."""
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if pixels.ndim == (3 if samples == 1 else 4):
+        pixels = pixels[0]  # a decoder that returned every frame
     top = 2 ** int(ds.get("BitsStored", 8 * pixels.dtype.itemsize)) - 1
-    if pixels.ndim == 2:
-        if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-            pixels = top - pixels.astype(np.int64)
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.ndim == 2 and str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        pixels = top - pixels.astype(np.int64)
     if pixels.dtype != np.uint8:
-        pixels = np.clip(pixels.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        scaled = np.multiply(pixels, np.float32(255.0 / top), dtype=np.float32)
+        pixels = np.clip(scaled, 0, 255, out=scaled).round(out=scaled).astype(np.uint8)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
     return np.ascontiguousarray(pixels)
 
 

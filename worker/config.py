@@ -83,6 +83,12 @@ class DicomSettings(_Section):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     max_associations: int = Field(default=16, ge=1)
+    max_connections_per_host: int = Field(default=8, ge=1, description="open connections from one host not "
+                                          "named in allowed_callers")
+    max_negotiating_connections: int = Field(default=32, ge=1, description="connections from hosts not named in "
+                                             "allowed_callers that have not sent their whole A-ASSOCIATE-RQ yet")
+    max_instance_mb: float = Field(default=512.0, gt=0, le=4096, description="largest data set received or "
+                                   "inflated (MiB); larger ones are refused with 0xA700")
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @model_validator(mode="after")
@@ -119,6 +125,10 @@ class PipelineSettings(_Section):
     failed_retry_seconds: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="analysis attempts before a job is dead")
     sweep_seconds: float = Field(default=2.0, gt=0)
+    analysis_time_limit_seconds: float = Field(default=3600.0, gt=0, description="hard time limit of one analysis "
+                                               "attempt: its pool process is killed and the attempt failed")
+    delivery_time_limit_seconds: float = Field(default=900.0, gt=0, description="hard time limit of one delivery "
+                                               "task where it runs in a process pool")
 
     @model_validator(mode="after")
     def _heartbeat_shorter(self) -> PipelineSettings:
@@ -152,6 +162,16 @@ class AnalysisSettings(_Section):
     definitions: Literal["standard", "automorph"] = "standard"
     field_angle_degrees: float = Field(default=45.0, gt=0, le=200)
     working_size: int = Field(default=768, ge=256, le=2048)
+    max_image_pixels: int = Field(default=50_000_000, ge=1_000_000, le=1_000_000_000, description="images with "
+                                  "more pixels (Rows × Columns) are not decoded: a per-image 'too large' note")
+    decode_size: int = Field(default=4096, ge=256, le=16384, description="decoded frames are reduced at decode to "
+                             "at most this many pixels on their longer side")
+
+    @model_validator(mode="after")
+    def _decode_covers_working(self) -> AnalysisSettings:
+        if self.decode_size < self.working_size:
+            raise ValueError("analysis.decode_size must be >= analysis.working_size")
+        return self
 
 
 class ReportingSettings(_Section):

@@ -42,6 +42,9 @@ def listener_params(settings: Settings) -> ListenerParams:
         acse_timeout=dicom.acse_timeout,
         dimse_timeout=dicom.dimse_timeout,
         max_associations=dicom.max_associations,
+        max_connections_per_host=dicom.max_connections_per_host,
+        max_negotiating_connections=dicom.max_negotiating_connections,
+        max_instance_bytes=int(dicom.max_instance_mb * (1 << 20)),
         tls=tls_params(dicom.tls),
     )
 

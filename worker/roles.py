@@ -4,9 +4,10 @@
   queued for inference) and the bookkeeper that re-queues work a dead worker or a lost message left behind.
 - **worker**: a Celery worker for the ``inference`` and/or ``delivery`` queues. Inference runs in a prefork
   pool (one model per process, prefetch 1), delivery in a thread pool (it waits on the network).
-- **up**: every role as a child process of one supervisor, for the embedded default. SIGINT/SIGTERM stop the
-  children in order and wait for them; children die with the supervisor (``PR_SET_PDEATHSIG``) so nothing is
-  orphaned even if the supervisor is killed.
+- **up**: every role as a child process of one supervisor, for the embedded default. A child that exits is
+  restarted with backoff; one that keeps failing right after its start ends ``up`` with status 1.
+  SIGINT/SIGTERM stop the children in order and wait for them; children die with the supervisor
+  (``PR_SET_PDEATHSIG``) so nothing is orphaned even if the supervisor is killed.
 """
 
 from __future__ import annotations
@@ -78,10 +79,12 @@ def parse_queues(value: str) -> list[str]:
 
 def run_worker(settings: Settings, queues: Sequence[str], concurrency: int | None = None) -> None:
     """Run a Celery worker for ``queues`` in this process until it is told to stop."""
+    from worker.liveness import liveness_step
     from worker.pipeline.tasks import register_tasks
 
     app = make_celery(settings)
     register_tasks(app, settings)
+    app.steps["worker"].add(liveness_step(settings, queues))
     inference = INFERENCE_QUEUE in queues
     pool = "prefork" if inference else "threads"
     workers = concurrency or (1 if inference and DELIVERY_QUEUE not in queues else 2 if inference else 4)
@@ -106,51 +109,88 @@ def _die_with_parent() -> None:
 
 @dataclass
 class Child:
+    """One supervised role: its command and its current process (None while it waits to be restarted)."""
+
     name: str
-    process: subprocess.Popen
+    args: list[str]
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    quick_exits: int = 0
+    restart_at: float | None = None
 
 
 class Supervisor:
-    """Runs role commands as children; stops them on SIGINT/SIGTERM or when one of them exits."""
+    """Runs role commands as children and keeps them running (``retinalgpt up``).
 
-    def __init__(self, config: Path | None, roles: Sequence[tuple[str, list[str]]]) -> None:
+    A child that exits (killed, crashed, or a worker that stopped because its pool stalled) is restarted after
+    a backoff: ``backoff`` seconds, doubled for each further exit within ``stable_after`` seconds of its start,
+    at most ``max_backoff``; every exit and restart is logged. A child that exits more than ``give_up_after``
+    times in a row, each time within ``stable_after`` seconds of starting (a configuration error, a port in
+    use: restarting cannot help), makes the supervisor stop every child and end with status 1, so that systemd,
+    Docker or Kubernetes take over. SIGINT/SIGTERM stop every child in reverse order and end with status 0."""
+
+    def __init__(self, config: Path | None, roles: Sequence[tuple[str, list[str]]], *, backoff: float = 1.0,
+                 max_backoff: float = 60.0, stable_after: float = 60.0, give_up_after: int = 5) -> None:
         self.config = config
-        self.roles = roles
-        self.children: list[Child] = []
+        self.children = [Child(name, list(args)) for name, args in roles]
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.stable_after, self.give_up_after = stable_after, give_up_after
         self._stop = threading.Event()
 
     def _command(self, args: list[str]) -> list[str]:
         command = [sys.executable, "-c", "from worker.cli.app import main; main()", *args]
         return command + (["--config", str(self.config)] if self.config else [])
 
+    def _spawn(self, child: Child) -> None:
+        child.process = subprocess.Popen(self._command(child.args), preexec_fn=_die_with_parent)  # noqa: PLW1509
+        child.started_at, child.restart_at = time.monotonic(), None
+        log.info("started %s (pid %d)", child.name, child.process.pid)
+
     def start(self) -> None:
-        for name, args in self.roles:
-            process = subprocess.Popen(self._command(args), preexec_fn=_die_with_parent)  # noqa: PLW1509
-            self.children.append(Child(name, process))
-            log.info("started %s (pid %d)", name, process.pid)
+        for child in self.children:
+            self._spawn(child)
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
     def wait(self) -> int:
-        """Block until asked to stop or a child exits; then stop every child. Returns the exit status."""
+        """Supervise until asked to stop (status 0) or a child keeps failing (status 1); then stop every child."""
         status = 0
-        while not self._stop.wait(0.5):
-            exited = [c for c in self.children if c.process.poll() is not None]
-            if exited:
-                for child in exited:
-                    log.error("%s exited with status %s; stopping everything", child.name, child.process.returncode)
-                status = 1
-                break
+        while not self._stop.wait(0.5) and status == 0:
+            now = time.monotonic()
+            for child in self.children:
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        self._spawn(child)
+                elif child.process is not None and child.process.poll() is not None:
+                    status = self._exited(child, now)
+                    if status:
+                        break
         self.stop()
         return status
 
+    def _exited(self, child: Child, now: float) -> int:
+        assert child.process is not None
+        code, pid = child.process.returncode, child.process.pid
+        child.quick_exits = child.quick_exits + 1 if now - child.started_at < self.stable_after else 1
+        if child.quick_exits > self.give_up_after:
+            log.error("%s (pid %d) exited with status %s, %d times in a row within %.0f s of starting; "
+                      "stopping everything", child.name, pid, code, child.quick_exits, self.stable_after)
+            return 1
+        delay = min(self.backoff * 2 ** (child.quick_exits - 1), self.max_backoff)
+        log.error("%s (pid %d) exited with status %s; restarting it in %g s", child.name, pid, code, delay)
+        child.process, child.restart_at = None, now + delay
+        return 0
+
     def stop(self, timeout: float = 30.0) -> None:
-        for child in reversed(self.children):
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
+        running = [c.process for c in self.children if c.process is not None]
+        for process in reversed(running):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for child in self.children:
+            if child.process is None:
+                continue
             try:
                 child.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -27,6 +27,9 @@ def test_no_server_errors(deployment: Deployment) -> None:
                   suppress_health_check=list(HealthCheck))
         def no_server_error(case: schemathesis.Case) -> None:
             response = case.call(headers={"Authorization": f"Bearer {READ_TOKEN}"}, timeout=30)
+            if case.operation.path == "/readyz" and response.status_code == 503:
+                assert response.json()["inference_workers"].startswith("no inference worker")  # none runs here
+                return
             calls.append(response.status_code)
             case.validate_response(response, checks=[not_a_server_error])
 

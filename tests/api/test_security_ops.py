@@ -38,8 +38,13 @@ def test_no_token_is_refused(deployment: Deployment, path: str) -> None:
 
 def test_public_endpoints(deployment: Deployment) -> None:
     assert httpx.get(f"{deployment.base_url}/healthz").json() == {"status": "ok"}
-    ready = httpx.get(f"{deployment.base_url}/readyz")
+    ready = httpx.get(f"{deployment.base_url}/readyz", params={"scope": "api"})
     assert ready.status_code == 200 and ready.json() == {"status": "ready", "database": "ok", "broker": "ok"}
+    pipeline = httpx.get(f"{deployment.base_url}/readyz")  # no worker runs in this deployment
+    assert pipeline.status_code == 503 and pipeline.json() == {
+        "status": "not ready", "database": "ok", "broker": "ok",
+        "inference_workers": "no inference worker is running (no heartbeat)",
+        "delivery_workers": "no delivery worker is running (no heartbeat)"}
     assert httpx.get(f"{deployment.fhir}/metadata").status_code == 200
     schema = httpx.get(f"{deployment.base_url}/openapi.json").json()
     assert "/api/studies/{study_instance_uid}/chat" in schema["paths"] and "/fhir/r4/DiagnosticReport" in schema["paths"]

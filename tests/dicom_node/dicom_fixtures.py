@@ -183,3 +183,50 @@ class MemorySink:
     def study_stable(self, study_uid):
         with self.lock:
             self.stable.append(study_uid)
+
+
+def deflate_bomb(path: Path, inflated_bytes: int) -> Path:
+    """A valid Deflated Explicit VR Little Endian OP instance (PS3.5 A.5) whose Pixel Data is
+    ``inflated_bytes`` zeros: about a thousandth of that on the wire, all of it once inflated."""
+    import struct
+    import zlib
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    side = int((inflated_bytes // 3) ** 0.5)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "BOMB"
+    ds.Modality = "OP"
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    head = DicomBytesIO()
+    head.is_implicit_VR, head.is_little_endian = False, True
+    write_dataset(head, ds)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = [deflater.compress(head.getvalue() + b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", inflated_bytes))]
+    zeros = bytes(1 << 24)
+    left = inflated_bytes
+    while left:
+        step = min(left, len(zeros))
+        body.append(deflater.compress(zeros[:step]))
+        left -= step
+    body.append(deflater.flush())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    with open(path, "wb") as out:
+        out.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(out, meta)
+        out.writelines(body)
+    return path

@@ -613,7 +613,7 @@ def test_chat_conversation_follows_run_retinalgpt(env: Path, released: Checkpoin
     exchange is audited once by the command (full text kept here, so the answers can be compared)."""
     from tests.dicom_node.dicom_fixtures import make_op, write_jpeg
     from worker.config import load_settings
-    from worker.pipeline.sources import load_dicom
+    from worker.pipeline.sources import decode_limits, load_dicom
 
     cli_import(released)
     assert run("db", "upgrade")[0] == 0
@@ -629,7 +629,7 @@ def test_chat_conversation_follows_run_retinalgpt(env: Path, released: Checkpoin
     ours = _chat_answers(settings, study_uid)
 
     engine = active_engine()
-    reference = Reference(released, engine.pixel_values([load_dicom(dcm).rgb]).float())
+    reference = Reference(released, engine.pixel_values([load_dicom(dcm, decode_limits(settings)).rgb]).float())
     first, second = reference.ask(QUESTION), reference.ask(FOLLOW_UP)
     assert [q for q, _ in ours] == [QUESTION, FOLLOW_UP]
     assert_same_answer(ours[0][1], first)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -61,9 +61,12 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["operations"], responses={503: {"description": "a dependency is not ready"}})
-    def readyz(ctx: Ctx) -> JSONResponse:
-        """Readiness: database reachable and migrated, broker reachable."""
-        checks = readiness(ctx.db, ctx.celery)
+    def readyz(ctx: Ctx, scope: Literal["pipeline", "api"] = "pipeline") -> JSONResponse:
+        """Readiness. ``pipeline`` (default): database reachable and migrated, broker reachable, and an inference
+        and a delivery worker consuming (worker heartbeats); a missing one is named with its last problem.
+        ``api``: only what this API process needs (database and broker), for a load balancer's probe."""
+        stale_after = ctx.settings.pipeline.stale_after_seconds if scope == "pipeline" else None
+        checks = readiness(ctx.db, ctx.celery, stale_after=stale_after)
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503)
 

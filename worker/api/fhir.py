@@ -184,7 +184,7 @@ def router() -> APIRouter:
 
 def _read_endpoint(rtype: str) -> Callable[..., Response]:
     def read(resource_id: str, ctx: Ctx, _: Reader) -> Response:
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             row = current(session, rtype, resource_id)
         if row is None:
             return outcome_response(404, f"{rtype}/{resource_id} is not known")
@@ -199,7 +199,7 @@ def _vread_endpoint(rtype: str) -> Callable[..., Response]:
               _: Reader) -> Response:
         if not (version_id.isascii() and version_id.isdigit()) or len(version_id) > 9:
             return outcome_response(404, f"{rtype}/{resource_id} has no version {version_id}")
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             row = version(session, rtype, resource_id, int(version_id))
         if row is None:
             return outcome_response(404, f"{rtype}/{resource_id} has no version {version_id}")
@@ -218,7 +218,7 @@ def _search_endpoint(rtype: str) -> Callable[..., Response]:
             parsed = parse_search(rtype, params, base)
         except SearchError as exc:
             return outcome_response(400, str(exc))
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             result = search(session, parsed)
         kept = [(k, v) for k, v in params if k not in {"_offset", "_count", "_format"}]
 

@@ -1,7 +1,8 @@
 """Health, readiness and Prometheus metrics.
 
 ``/healthz`` answers while the process serves requests; ``/readyz`` checks that the database is reachable and at
-the newest migration and that the broker accepts a connection. ``/metrics`` (Prometheus text format 0.0.4) is
+the newest migration, that the broker accepts a connection and that a worker consumes each queue (worker
+heartbeats, :mod:`worker.liveness`); ``/readyz?scope=api`` leaves the workers out. ``/metrics`` (Prometheus text format 0.0.4) is
 computed from the database at scrape time, so every API replica reports the same cluster-wide figures:
 instances received, studies by state, broker queue depth, job and delivery durations (histograms over all
 finished jobs and delivered objects) and failures, dead jobs and deliveries by reason, instances refused (UID
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 from worker.celery_app import QUEUES
 from worker.db import AuditEvent, Database, Delivery, DeliveryState, Instance, Job, JobState, Study, StudyState
 from worker.db.migrate import current_revision, head_revision
+from worker.db.session import READ_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class PipelineCollector(Collector):
         self.celery = celery
 
     def collect(self) -> Iterator[Metric]:
-        with self.db.session() as session:
+        with self.db.reading() as session:
             yield from self._database_metrics(session)
         up = GaugeMetricFamily("retinalgpt_broker_up", "1 when the broker answered this scrape")
         depth = GaugeMetricFamily("retinalgpt_queue_depth", "messages waiting in a Celery queue", labels=["queue"])
@@ -168,13 +170,15 @@ class HttpMetrics:
         self.latency.labels(route).observe(time.perf_counter() - started)
 
 
-def readiness(db: Database, celery: Celery) -> dict[str, str]:
-    """``{"database": "ok" | reason, "broker": "ok" | reason}``."""
+def readiness(db: Database, celery: Celery, *, stale_after: float | None = None) -> dict[str, str]:
+    """``{"database": "ok" | reason, "broker": "ok" | reason, "inference_workers": …, "delivery_workers": …}``.
+    The worker checks (from the workers' heartbeats, fresher than ``stale_after`` seconds) are left out when
+    ``stale_after`` is None: what this API process itself needs to serve requests."""
     checks: dict[str, str] = {}
     try:
-        with db.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        at, head = current_revision(db.engine), head_revision()
+        with db.reading() as session:
+            session.execute(text("SELECT 1"))
+        at, head = current_revision(db.engine.execution_options(**{READ_ONLY: True})), head_revision()
         checks["database"] = "ok" if at == head else f"schema at {at or 'none'}, expected {head}: run `retinalgpt db upgrade`"
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure instead of raising
         checks["database"] = f"unreachable: {type(exc).__name__}"
@@ -184,4 +188,12 @@ def readiness(db: Database, celery: Celery) -> dict[str, str]:
         checks["broker"] = "ok"
     except Exception as exc:  # noqa: BLE001 - readiness reports any failure instead of raising
         checks["broker"] = f"unreachable: {type(exc).__name__}"
+    if stale_after is not None:
+        from worker.liveness import queue_readiness
+
+        try:
+            with db.reading() as session:
+                checks.update(queue_readiness(session, QUEUES, stale_after))
+        except Exception as exc:  # noqa: BLE001 - readiness reports any failure instead of raising
+            checks.update({f"{queue}_workers": f"unknown: {type(exc).__name__}" for queue in QUEUES})
     return checks

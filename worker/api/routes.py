@@ -26,6 +26,7 @@ from worker.api.studies import (
     worklist,
 )
 from worker.db import StudyState
+from worker.pipeline.sources import ImageTooLarge
 
 SortKey = Literal[tuple(k for key in SORT_KEYS for k in (key, f"-{key}"))]  # type: ignore[valid-type]
 
@@ -77,7 +78,7 @@ def router() -> APIRouter:
     def get_worklist(request: Request, query: Annotated[WorklistQuery, Depends(worklist_query)],
                      ctx: Ctx, _: Reader) -> WorklistPage:
         """Studies with state and referral urgency; filters are AND-ed, repeated values OR-ed."""
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             total, items = worklist(session, query)
         page = WorklistPage(total=total, offset=query.offset, limit=query.limit, items=items)
         if query.offset + query.limit < total:
@@ -90,7 +91,7 @@ def router() -> APIRouter:
     def get_study(study_instance_uid: UidPath, request: Request, ctx: Ctx,
                   _: Reader) -> dict[str, Any]:
         """The full record of one study: instances, current result, jobs, deliveries, audit trail."""
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             study = find_study(session, study_instance_uid)
             if study is None:
                 raise HTTPException(404, f"no study {study_instance_uid}")
@@ -101,14 +102,16 @@ def router() -> APIRouter:
     def get_image(study_instance_uid: UidPath, sop_instance_uid: UidPath, ctx: Ctx, _: Reader,
                   size: Annotated[int, Query(ge=64, le=4096, description="longest side in pixels")] = 1024) -> Response:
         """The instance's first frame as PNG (for display only; never a diagnostic rendering)."""
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             path = instance_path(session, study_instance_uid, sop_instance_uid)
         if path is None:
             raise HTTPException(404, f"study {study_instance_uid} has no instance {sop_instance_uid}")
         try:
-            png = render_png(Path(path), size)
+            png = render_png(Path(path), size, ctx.settings.analysis.max_image_pixels)
         except FileNotFoundError:
             raise HTTPException(410, "the stored file of this instance is gone") from None
+        except ImageTooLarge as exc:
+            raise HTTPException(422, f"the instance cannot be rendered: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - pydicom and pixel decoders raise many types for bad data
             raise HTTPException(422, f"the instance cannot be rendered: {type(exc).__name__}") from None
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
@@ -124,7 +127,7 @@ def router() -> APIRouter:
             revision = pipeline.rerun(study_instance_uid, actor=principal.actor)
         except PipelineError as exc:
             raise HTTPException(404 if str(exc).startswith("no study") else 409, str(exc)) from None
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             study = find_study(session, study_instance_uid)
             state = study.state.value if study else "unknown"
         return RerunResult(study_instance_uid=study_instance_uid, revision=revision, state=state)
@@ -137,7 +140,7 @@ def router() -> APIRouter:
              principal: Reader) -> ChatAnswer:
         """Ask RetinalGPT a question about a study (with optional earlier turns); the answer is grounded by the
         inference worker in the study's stored results and the exchange is audited."""
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             study = find_study(session, study_instance_uid)
             if study is None:
                 raise HTTPException(404, f"no study {study_instance_uid}")

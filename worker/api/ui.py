@@ -137,7 +137,7 @@ def router() -> APIRouter:
     @ui.get("/", response_class=HTMLResponse, dependencies=[Depends(without_empty_filters)])
     def worklist_page(request: Request, query: Annotated[WorklistQuery, Depends(worklist_query)],
                       ctx: Ctx, principal: Reader) -> Response:
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             total, items = worklist(session, query)
         kept = [(k, v) for k, v in request.query_params.multi_items() if k != "offset"]
         pages = {}
@@ -152,7 +152,7 @@ def router() -> APIRouter:
     @ui.get("/studies/{study_instance_uid}", response_class=HTMLResponse)
     def study_page(study_instance_uid: UidPath, request: Request, ctx: Ctx,
                    principal: Reader) -> Response:
-        with ctx.db.session() as session:
+        with ctx.db.reading() as session:
             study = find_study(session, study_instance_uid)
             if study is None:
                 raise HTTPException(404, f"no study {study_instance_uid}")

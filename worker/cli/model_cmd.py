@@ -229,8 +229,8 @@ def _engine(effective: Settings) -> Any:
         raise _wrap(exc) from None
 
 
-def _read_image(path: Path) -> Any:
-    """RGB uint8 pixels of a DICOM file or a plain image."""
+def _read_image(path: Path, effective: Settings) -> Any:
+    """RGB uint8 pixels of a DICOM file (within the analysis decode limits) or a plain image."""
     import numpy as np
     import pydicom
     from PIL import Image, UnidentifiedImageError
@@ -238,10 +238,10 @@ def _read_image(path: Path) -> Any:
     if not path.is_file():
         raise CommandError(f"{path} does not exist")
     if pydicom.misc.is_dicom(path):
-        from worker.pipeline.sources import SourceError, load_dicom
+        from worker.pipeline.sources import SourceError, decode_limits, load_dicom
 
         try:
-            return load_dicom(path).rgb
+            return load_dicom(path, decode_limits(effective)).rgb
         except SourceError as exc:
             raise _wrap(exc) from None
     try:
@@ -262,7 +262,7 @@ def ask_command(
     from model.engine import EngineError
 
     effective = settings(config)
-    pixels = _read_image(image)
+    pixels = _read_image(image, effective)
     engine = _engine(effective)
     try:
         answer = engine.ask(pixels, question)

@@ -37,7 +37,7 @@ def list_command(
     """List studies, most recently active first."""
     db = _database(config)
     try:
-        with db.session() as session:
+        with db.reading() as session:
             rows = list_studies(session, state=state, limit=limit)
     finally:
         db.dispose()
@@ -65,7 +65,7 @@ def show_command(
     present findings, the conditions the model was not trained on ("not assessed") and the disagreement flags."""
     db = _database(config)
     try:
-        with db.session() as session:
+        with db.reading() as session:
             study = get_study(session, study_uid)
             if study is None:
                 raise CommandError(f"no study {study_uid}")

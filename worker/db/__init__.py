@@ -10,6 +10,7 @@ from worker.db.models import (
     ResultObject,
     Series,
     Study,
+    WorkerHeartbeat,
     utcnow,
 )
 from worker.db.session import Database, make_engine
@@ -44,6 +45,7 @@ __all__ = [
     "Series",
     "Study",
     "StudyState",
+    "WorkerHeartbeat",
     "check_transition",
     "make_engine",
     "utcnow",

@@ -241,3 +241,20 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64), index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class WorkerHeartbeat(Base):
+    """A running Celery worker (its main process) and whether it is consuming its queues; refreshed every
+    ``pipeline.heartbeat_seconds`` and removed when the worker stops (read by ``/readyz``)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), unique=True)
+    queues: Mapped[str] = mapped_column(String(64))
+    pid: Mapped[int] = mapped_column(Integer)
+    processes: Mapped[int] = mapped_column(Integer)
+    consuming: Mapped[bool] = mapped_column(Boolean)
+    problem: Mapped[str | None] = mapped_column(String(500))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

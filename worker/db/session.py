@@ -1,8 +1,11 @@
 """Engine and session helpers.
 
 SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` (a committed row survives power
-loss), foreign keys on, and ``BEGIN IMMEDIATE`` transactions so concurrent writers queue on the busy
-timeout instead of failing with "database is locked" on lock upgrade.
+loss) and foreign keys on. Sessions from :meth:`Database.session` begin with ``BEGIN IMMEDIATE`` so concurrent
+writers queue on the busy timeout instead of failing with "database is locked" when a read lock is upgraded.
+Sessions from :meth:`Database.reading` begin a deferred transaction (plain ``BEGIN``): in WAL mode a reader
+sees a snapshot and never takes the write lock, so API readers and metrics scrapes never stand in the way of
+the C-STORE path. A reading session must not write; it is closed without commit when it ends.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_ONLY = "retinalgpt_read_only"
+"""Execution option of the connections :meth:`Database.reading` uses: their transactions are deferred."""
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -43,7 +48,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if connection.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -55,6 +60,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url, echo=echo)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.readers = sessionmaker(self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False,
+                                    autoflush=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -65,6 +72,13 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only: a deferred transaction (a snapshot, no write lock). It is closed, never
+        committed, at the end (its transaction ends without writing); loaded objects stay readable."""
+        with self.readers() as session:
+            yield session
 
     def dispose(self) -> None:
         self.engine.dispose()

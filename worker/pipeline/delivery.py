@@ -61,6 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACTOR = "delivery"
+SOURCE_DEFER_SIZE = "256 KB"
+"""Source elements larger than this (Pixel Data) stay on disk until a builder needs them: the SR and FHIR
+Bundle never do, a key image reads its own source's."""
 OPEN_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
 
 
@@ -103,7 +106,7 @@ def ensure_results(settings: Settings, db: Database, study_instance_uid: str, re
         analysis = StudyAnalysis.model_validate(row.result)
         uids = [image.sop_instance_uid for image in analysis.images if image.sop_instance_uid]
         paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(uids))).all()
-    sources = [pydicom.dcmread(path) for path in paths]
+    sources = [pydicom.dcmread(path, defer_size=SOURCE_DEFER_SIZE) for path in paths]  # Pixel Data read when used
     for source in sources:
         remember_dataset(source)  # redacted from this process's log lines (worker/logsetup.py)
     masks = _read_masks(folder, uids)

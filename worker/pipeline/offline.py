@@ -13,7 +13,7 @@ from rich.console import Console
 
 from worker.config import Settings
 from worker.pipeline.results import write_results
-from worker.pipeline.sources import SourceImage, load_sources
+from worker.pipeline.sources import SourceImage, decode_limits, load_sources
 
 
 def analyze_offline(settings: Settings, paths: list[Path], out: Path, progress: Console | None = None) -> list[Path]:
@@ -22,7 +22,7 @@ def analyze_offline(settings: Settings, paths: list[Path], out: Path, progress: 
     from worker.reporting_params import report_options
     from worker.runtime import build_analyzer
 
-    sources = load_sources(paths)
+    sources = load_sources(paths, decode_limits(settings))
     studies: dict[str, list[SourceImage]] = defaultdict(list)
     for source in sources:
         studies[str(source.dataset.StudyInstanceUID)].append(source)

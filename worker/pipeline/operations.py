@@ -29,7 +29,7 @@ def list_jobs(settings: Settings, *, state: str | None = None, limit: int = 100)
     db = Database(settings.database.url)
     rows: list[dict[str, Any]] = []
     try:
-        with db.session() as session:
+        with db.reading() as session:
             jobs = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
             deliveries = select(Delivery, Study.study_instance_uid).join(Study, Study.id == Delivery.study_id)
             if state:

@@ -134,7 +134,7 @@ def _analyse(settings: Settings, db: Database, study_uid: str, revision: int) ->
     import numpy as np
     from PIL import Image
 
-    from worker.pipeline.sources import SourceError, load_dicom
+    from worker.pipeline.sources import SourceError, decode_limits, load_dicom
     from worker.runtime import analyzer
 
     paths = _instance_paths(db, study_uid, revision)
@@ -143,7 +143,7 @@ def _analyse(settings: Settings, db: Database, study_uid: str, revision: int) ->
     sources, skipped = [], []
     for path in paths:
         try:
-            sources.append(load_dicom(Path(path)))
+            sources.append(load_dicom(Path(path), decode_limits(settings)))
         except SourceError as exc:
             skipped.append(str(exc))
             log.warning("study %s: %s", study_uid, exc)

@@ -14,17 +14,28 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import get_frame
+from pydicom.pixels import convert_color_space, pixel_array
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    generate_uid,
+)
 
 from dicom_node.uids import is_valid_uid
 from model.schema import Laterality
-from reporting.sources import rgb_pixels
+from reporting.sources import frame_rgb8, rgb_pixels
+from worker.config import Settings
 from worker.logsetup import remember_dataset
 
 log = logging.getLogger(__name__)
@@ -41,6 +52,8 @@ ANALYSABLE_SOP_CLASSES = frozenset(
     {OP_8BIT, OP_16BIT, WIDE_FIELD_OP, WIDE_FIELD_OP_3D, VL_PHOTOGRAPHIC, SECONDARY_CAPTURE, MULTIFRAME_TRUE_COLOUR_SC}
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+_DCT_SCALABLE = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
+_DEFER_SIZE = "256 KB"
 
 
 class SourceError(ValueError):
@@ -55,6 +68,15 @@ class SourceImage:
     rgb: np.ndarray
     path: Path | None = None
     from_plain_file: bool = False
+    original_size: tuple[int, int] | None = None
+    """(rows, columns) of the stored image when ``rgb`` was reduced at decode; None when ``rgb`` is full size."""
+
+    @property
+    def scale(self) -> float:
+        """Decoded size over stored size (1.0 unless the image was reduced at decode)."""
+        if self.original_size is None:
+            return 1.0
+        return max(self.rgb.shape[:2]) / max(self.original_size)
 
     @property
     def sop_instance_uid(self) -> str:
@@ -71,11 +93,12 @@ class SourceImage:
 
     @property
     def pixel_spacing_um(self) -> float | None:
+        """µm per pixel of ``rgb`` (Pixel Spacing of the stored image, divided by :attr:`scale`)."""
         spacing = self.dataset.get("PixelSpacing")
         if not spacing:
             return None
         row_mm, col_mm = (float(v) for v in spacing)
-        return 1000.0 * (row_mm + col_mm) / 2.0 if row_mm > 0 and col_mm > 0 else None
+        return 1000.0 * (row_mm + col_mm) / 2.0 / self.scale if row_mm > 0 and col_mm > 0 else None
 
 
 def is_analysable(dataset: Dataset) -> bool:
@@ -94,10 +117,87 @@ def to_rgb8(dataset: Dataset) -> np.ndarray:
     return pixels
 
 
-def load_dicom(path: Path) -> SourceImage:
-    """Read and decode one DICOM file; :class:`SourceError` when it is not an analysable photograph."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """How much of an image is decoded: at most ``max_pixels`` (Rows × Columns of the frame) are accepted at all,
+    and the decoded frame is reduced at decode to at most ``max_side`` pixels on its longer side."""
+
+    max_pixels: int
+    max_side: int
+
+
+def decode_limits(settings: Settings) -> DecodeLimits:
+    """``analysis.max_image_pixels`` and ``analysis.decode_size`` as decode limits."""
+    return DecodeLimits(settings.analysis.max_image_pixels, settings.analysis.decode_size)
+
+
+class ImageTooLarge(SourceError):
+    """The image has more pixels than the configured limit; it is not decoded at all."""
+
+
+def check_size(dataset: Dataset, max_pixels: int) -> tuple[int, int]:
+    """(rows, columns) of the image; :class:`ImageTooLarge` when Rows × Columns exceeds ``max_pixels``."""
+    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    if rows * columns > max_pixels:
+        raise ImageTooLarge(
+            f"image too large: {columns} × {rows} = {rows * columns / 1e6:.1f} megapixels, more than the "
+            f"{max_pixels / 1e6:g} megapixels analysis.max_image_pixels allows; not analysed"
+        )
+    return rows, columns
+
+
+def decode_first_frame(path: Path, dataset: Dataset, max_side: int) -> np.ndarray:
+    """The first frame of the instance at ``path`` (``dataset``: its metadata, Pixel Data deferred) as RGB
+    uint8, reduced at decode to at most ``max_side`` pixels on its longer side.
+
+    Only the first frame is read and decoded (``pydicom.pixels.pixel_array(..., index=0)``). JPEG Baseline
+    frames are decoded directly at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (Pillow ``draft``), so a
+    large JPEG never exists in memory at full size; other encodings are decoded at full size and reduced by
+    an integer box filter."""
+    syntax = str(dataset.file_meta.get("TransferSyntaxUID", ""))
     try:
-        dataset = pydicom.dcmread(path)
+        if syntax in _DCT_SCALABLE and int(dataset.get("BitsAllocated", 8)) == 8:
+            rgb = _decode_jpeg_reduced(dataset, max_side)
+        else:
+            rgb = frame_rgb8(pixel_array(path, index=0), dataset)
+    except SourceError:
+        raise
+    except Exception as exc:  # pydicom and the decoders raise many types for undecodable pixel data
+        raise SourceError(f"pixel data cannot be decoded: {exc}") from exc
+    factor = -(-max(rgb.shape[:2]) // max_side)
+    if factor > 1:
+        rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
+    return np.ascontiguousarray(rgb)
+
+
+def _decode_jpeg_reduced(dataset: Dataset, max_side: int) -> np.ndarray:
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    frame = get_frame(dataset.PixelData, 0, number_of_frames=frames)
+    samples = int(dataset.get("SamplesPerPixel", 1))
+    photometric = str(dataset.get("PhotometricInterpretation", ""))
+    with Image.open(BytesIO(frame), formats=("JPEG",)) as image:
+        scale = max(image.size) / max_side
+        target = (max(1, int(image.size[0] / scale)), max(1, int(image.size[1] / scale))) if scale > 1 else image.size
+        if samples == 1:
+            image.draft("L", target)
+            return frame_rgb8(np.asarray(image), dataset)
+        if "adobe_transform" in image.info:  # the JPEG says how its colours are stored: Pillow converts
+            image.draft("RGB", target)
+            return np.asarray(image.convert("RGB"))
+        image.draft("YCbCr", target)  # as pydicom: no colour transformation by the decoder
+        pixels = np.asarray(image)
+    if photometric.startswith("YBR"):
+        pixels = convert_color_space(pixels, "YBR_FULL", "RGB")
+    return pixels
+
+
+def load_dicom(path: Path, limits: DecodeLimits) -> SourceImage:
+    """Read one DICOM file and decode its first frame within ``limits``; :class:`SourceError` when it is not an
+    analysable photograph, :class:`ImageTooLarge` (before any decoding) when it has too many pixels.
+
+    The data set is read with Pixel Data deferred: it stays on disk unless a report builder asks for it."""
+    try:
+        dataset = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
     except Exception as exc:
         raise SourceError(f"{path}: not a readable DICOM file ({exc})") from exc
     if not is_analysable(dataset):
@@ -105,9 +205,11 @@ def load_dicom(path: Path) -> SourceImage:
     check_uids(dataset, path)
     remember_dataset(dataset)  # redacted from this process's log lines (worker/logsetup.py)
     try:
-        return SourceImage(dataset=dataset, rgb=to_rgb8(dataset), path=path)
+        rows, columns = check_size(dataset, limits.max_pixels)
+        rgb = decode_first_frame(path, dataset, limits.max_side)
     except SourceError as exc:
-        raise SourceError(f"{path}: {exc}") from exc
+        raise type(exc)(f"{path}: {exc}") from exc
+    return SourceImage(dataset=dataset, rgb=rgb, path=path, original_size=(rows, columns))
 
 
 IDENTIFYING_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
@@ -210,11 +312,19 @@ def ophthalmic_photograph(
     return ds
 
 
-def load_plain_image(path: Path, *, study_instance_uid: str, series_instance_uid: str, number: int) -> SourceImage:
-    """Wrap a plain image file into an OP instance of a synthetic study (laterality unknown)."""
+def load_plain_image(path: Path, *, study_instance_uid: str, series_instance_uid: str, number: int,
+                     max_pixels: int) -> SourceImage:
+    """Wrap a plain image file into an OP instance of a synthetic study (laterality unknown); an image with more
+    than ``max_pixels`` pixels is refused before it is decoded."""
     try:
         with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise ImageTooLarge(f"{path}: image too large: {img.width} × {img.height} = "
+                                    f"{img.width * img.height / 1e6:.1f} megapixels, more than the "
+                                    f"{max_pixels / 1e6:g} megapixels analysis.max_image_pixels allows")
             rgb = np.asarray(img.convert("RGB"))
+    except ImageTooLarge:
+        raise
     except Exception as exc:
         raise SourceError(f"{path}: not a readable image ({exc})") from exc
     dataset = ophthalmic_photograph(
@@ -229,7 +339,7 @@ def load_plain_image(path: Path, *, study_instance_uid: str, series_instance_uid
     return SourceImage(dataset=dataset, rgb=rgb, path=path, from_plain_file=True)
 
 
-def load_sources(paths: list[Path]) -> list[SourceImage]:
+def load_sources(paths: list[Path], limits: DecodeLimits) -> list[SourceImage]:
     """Load every file (folders are walked): DICOM files and plain images. Plain images become one synthetic
     study; DICOM files keep their own. Raises :class:`SourceError` naming the first bad file."""
     files: list[Path] = []
@@ -247,8 +357,9 @@ def load_sources(paths: list[Path]) -> list[SourceImage]:
     for number, path in enumerate(files, start=1):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             sources.append(
-                load_plain_image(path, study_instance_uid=study_uid, series_instance_uid=series_uid, number=number)
+                load_plain_image(path, study_instance_uid=study_uid, series_instance_uid=series_uid, number=number,
+                                 max_pixels=limits.max_pixels)
             )
         else:
-            sources.append(load_dicom(path))
+            sources.append(load_dicom(path, limits))
     return sources

@@ -65,7 +65,7 @@ class StudyAnalyzer:
                 image = measured.image
                 image.series_instance_uid = source.series_instance_uid
                 images.append(image)
-                masks[source.sop_instance_uid] = measured.vessels
+                masks[source.sop_instance_uid] = _to_stored_size(source, image, measured.vessels)
         notes: list[str] = []
         if self.engine is not None:
             self._run_model(sources, images)
@@ -104,3 +104,18 @@ class StudyAnalyzer:
         results = self.engine.analyze([sources[i].rgb for i in chosen])
         for index, result in zip(chosen, results, strict=True):
             images[index] = result.merge_into(images[index])
+
+
+def _to_stored_size(source: SourceImage, image: ImageAnalysis, vessels: np.ndarray) -> np.ndarray:
+    """An image reduced at decode was measured at its decoded size: report it at the stored size (width,
+    height, µm per stored pixel; landmarks and lesions are already normalised) and bring its vessel mask to
+    the stored Rows × Columns, which the SEG requires."""
+    if source.original_size is None or source.original_size == source.rgb.shape[:2]:
+        return vessels
+    from PIL import Image
+
+    rows, columns = source.original_size
+    image.height, image.width = rows, columns
+    if image.pixel_spacing_um is not None:
+        image.pixel_spacing_um *= source.scale
+    return np.asarray(Image.fromarray(vessels.astype(np.uint8) * 255).resize((columns, rows), Image.Resampling.NEAREST)) > 0

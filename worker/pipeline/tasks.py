@@ -18,13 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 from sqlalchemy import select
 
 from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY
 from worker.config import Settings
 from worker.db import Analysis, Database, Instance, Study
 from worker.pipeline.jobs import Pipeline, PipelineError
+from worker.pipeline.limits import analysis_options, chat_options, delivery_options, record_timeout
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,12 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     first registration of a name wins, so a second app (another configuration, a test) would run tasks bound
     to the first app's settings."""
 
-    @app.task(name=PROCESS_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True)
+    def analysis_timed_out(task: Task, exc: BaseException, task_id: str, args: tuple, kwargs: dict,
+                           einfo: object) -> None:
+        record_timeout(settings, _db(settings), kwargs.get("job_id", args[0] if args else -1), exc)
+
+    @app.task(name=PROCESS_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True,
+              on_failure=analysis_timed_out, **analysis_options(settings))
     def process_study(job_id: int) -> dict[str, Any]:
         from worker.pipeline.processing import run_job
 
@@ -61,13 +67,14 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         return {"status": outcome.status, "study": outcome.study_instance_uid, "revision": outcome.revision,
                 "detail": outcome.detail}
 
-    @app.task(name=DELIVER_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=DELIVER_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True,
+              **delivery_options(settings))
     def deliver_study(study_instance_uid: str, revision: int) -> str:
         from worker.pipeline.delivery import deliver_revision
 
         return deliver_revision(settings, _db(settings), study_instance_uid, revision).value
 
-    @app.task(name=ANSWER_QUESTION, shared=False)
+    @app.task(name=ANSWER_QUESTION, shared=False, **chat_options(settings))
     def answer_question(study_instance_uid: str, question: str, history: list[dict[str, str]] | None = None) -> dict:
         return answer(settings, _db(settings), study_instance_uid, question, history or [])
 
@@ -78,7 +85,7 @@ def answer(
     """Answer ``question`` about the study's first gradable image with the study's results as context."""
     from model.chat import study_context
     from model.schema import StudyAnalysis
-    from worker.pipeline.sources import load_dicom
+    from worker.pipeline.sources import decode_limits, load_dicom
     from worker.runtime import analyzer
 
     with db.session() as session:
@@ -98,7 +105,8 @@ def answer(
         raise PipelineError("RetinalGPT is not available on this worker; chat needs a model")
     turns = [(history[i]["content"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)
              if history[i].get("role") == "user" and history[i + 1].get("role") == "assistant"]
-    text = engine.ask(load_dicom(Path(path)).rgb, question, history=turns, context=study_context(analysis))
-    identity = engine.identity  # audited once, by the API that asked (worker/api/chat.py)
+    text = engine.ask(load_dicom(Path(path), decode_limits(settings)).rgb, question, history=turns,
+                      context=study_context(analysis))
+    identity = engine.identity  # audited once, by the entry point that asked (worker/pipeline/chat_audit.py)
     return {"answer": text, "model": {"name": identity.name, "version": identity.version,
                                       "device_uid": identity.device_uid}}
