@@ -192,6 +192,8 @@ def test_chat_is_answered_by_the_default_model_grounded_in_the_study(tmp_path: P
     settings = settings_for(tmp_path)
     settings.analysis.vessel_method = "classical"
     settings.model.enabled = True  # the API fixtures switch the model off; here the default model answers
+    settings.api.chat_timeout_seconds = 120.0  # the first question loads torch, transformers and the model (≈ 20 s
+    # on a loaded 2-core machine): the product default, not the fixtures' short one
     upgrade(settings.database.url)
     db = Database(settings.database.url)
     populate(db, settings.storage.path, retina_rgb, SPECS[:1])
