@@ -344,7 +344,7 @@ class Trainer:
             history_file.write_text(json.dumps(history, indent=2) + "\n")
             torch.save(tower.state_dict(), saved)
         train_tokens = torch.stack([views.tokens(views.train[v]) for v in range(options.views)])
-        del views.train
+        del views  # the frozen front's outputs (gigabytes) are not needed any more
         assessment = self.assessment_stage(model, tokenizer, metadata, train, train_tokens)
         metadata.assessment = assessment
         if config.assessment.calibrate:
