@@ -30,8 +30,9 @@ OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 
 
 def _study(db: Database, missing: Path) -> str:
-    """A study whose only image file is gone: its analysis ends at once (dead, 'no analysable image'), which
-    is all this drill needs to see that a worker consumes."""
+    """A study whose only image file is gone: its one attempt fails at once (a missing file is retried, and
+    the drill allows one attempt, so the job is dead), which is all this drill needs to see that a worker
+    consumes."""
     uid = generate_uid()
     with db.session() as session:
         study = Study(study_instance_uid=uid, state=StudyState.COMPLETE)
@@ -57,7 +58,7 @@ def test_killed_idle_pool_process_worker_exits_for_restart_and_readiness_follows
     config = tmp_path / "config.toml"
     config.write_text(
         f'home = "{tmp_path / "home"}"\n'
-        "[pipeline]\nheartbeat_seconds = 1\nstale_after_seconds = 6\nrequeue_after_seconds = 5\nsweep_seconds = 1\n"
+        "[pipeline]\nmax_attempts = 1\nheartbeat_seconds = 1\nstale_after_seconds = 6\nrequeue_after_seconds = 5\nsweep_seconds = 1\n"
         f"[model]\nenabled = false\n[api]\nport = {api_port}\n"
     )
     settings = load_settings(config)
