@@ -65,13 +65,15 @@ def _image_line(index: int, image: ImageAnalysis) -> str:
 
 
 def study_context(analysis: StudyAnalysis) -> str:
-    """The stored results of a study as a short text for the system message."""
-    lines = [f"Stored results of study {analysis.study_instance_uid} (revision {analysis.revision}):"]
-    lines += [_image_line(i, image) for i, image in enumerate(analysis.images, start=1)]
+    """The stored results of a study as a short text for the system message: the study-level lines (referral,
+    impression) first, then one line per image, so that a prompt too long for the model loses image detail
+    from the end before it loses the referral (:meth:`~model.engine.RetinalGPTEngine.ask` drops context lines
+    from the end)."""
+    lines = [f"Stored results of study {analysis.study_instance_uid} (revision {analysis.revision}); answer "
+             "consistently with them.", f"Referral: {analysis.referral.value}."]
     if analysis.impression:
         lines.append(f"Impression: {analysis.impression}")
-    lines.append(f"Referral: {analysis.referral.value}.")
-    lines.append("Answer consistently with these results.")
+    lines += [_image_line(i, image) for i, image in enumerate(analysis.images, start=1)]
     return "\n".join(lines)
 
 

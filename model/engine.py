@@ -73,6 +73,10 @@ class EngineError(RuntimeError):
     """The engine cannot run as configured (device, quantisation, inputs)."""
 
 
+class PromptTooLong(EngineError):
+    """A question that does not fit the model's context even without history and study context."""
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs. ``batch_size`` counts images (each brings one row per task); ``force_new_tokens``
@@ -851,20 +855,30 @@ class RetinalGPTEngine:
         context: str | None = None,
     ) -> str:
         """Answer a free question about ``image``; ``history`` holds earlier (question, answer) turns and
-        ``context`` is added to the system message (e.g. the study's stored results)."""
+        ``context`` is added to the system message (e.g. the study's stored results).
+
+        A prompt longer than the model's context less ``max_new_tokens`` is shortened: the oldest exchanges go
+        first, then the context's lines from its end (a context puts what matters most first); a question that
+        does not fit on its own is refused (:class:`PromptTooLong`)."""
         if not question_text.strip():
             raise EngineError("the question is empty")
         turns = list(history or ())
+        lines = context.splitlines() if context else []
         limit = int(self.model.config.text_config.max_position_embeddings) - self.options.max_new_tokens
         while True:
-            ids = self.encode(self.template.prompt(question_text.strip(), history=turns, context=context))
+            text = "\n".join(lines) or None
+            ids = self.encode(self.template.prompt(question_text.strip(), history=turns, context=text))
             if len(ids) <= limit:
                 break
-            if not turns:
-                raise EngineError(
-                    f"the prompt has {len(ids)} tokens; the model takes {limit} before its answer"
+            if turns:
+                turns = turns[1:]
+            elif lines:
+                lines = lines[:-1]
+            else:
+                raise PromptTooLong(
+                    f"the question needs {len(ids)} tokens with the image; the model takes {limit} before its "
+                    "answer: ask a shorter question"
                 )
-            turns = turns[1:]  # forget the oldest exchange first
         return self._generate([ids], self.image_features([image]))[0]
 
 

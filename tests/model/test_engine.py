@@ -120,6 +120,28 @@ def test_ask_with_history_and_context(engine: RetinalGPTEngine, retina_rgb: np.n
         engine.analyze([np.zeros((10, 10, 3), dtype=np.float32)])
 
 
+def test_too_long_prompt_loses_history_then_context_from_the_end(engine: RetinalGPTEngine,
+                                                                   retina_rgb: np.ndarray) -> None:
+    """A study with many images writes a context longer than the model's window: the oldest exchange goes,
+    then context lines from the end (the study-level lines come first); a question that cannot fit alone is
+    refused with :class:`PromptTooLong`, never a model error."""
+    from model.engine import PromptTooLong
+
+    limit = engine.model.config.text_config.max_position_embeddings - engine.options.max_new_tokens
+    context = "\n".join(["Referral: urgent."] + [f"Image {i}: diabetic retinopathy grade 2 (p=0.81), "
+                                                  "glaucoma (p=0.12), cataract (p=0.05)." for i in range(60)])
+    history = [("What is this?", "A fundus photograph.")]
+    assert len(engine.encode(engine.template.prompt("Refer?", history=history, context=context))) > limit
+    answer = engine.ask(retina_rgb, "Refer?", history=history, context=context)
+    kept = context.splitlines()
+    while len(engine.encode(engine.template.prompt("Refer?", context="\n".join(kept)))) > limit:
+        kept = kept[:-1]
+    assert len(kept) > 1 and kept[0] == "Referral: urgent."
+    assert answer == engine.ask(retina_rgb, "Refer?", context="\n".join(kept))
+    with pytest.raises(PromptTooLong, match="ask a shorter question"):
+        engine.ask(retina_rgb, "Refer? " * limit)
+
+
 def _hand_made(tiny: tuple[Any, Any, Any]) -> RetinalGPTEngine:
     """A tiny model whose layers write nothing to the residual stream (o_proj = down_proj = 0), so its next-token
     distribution depends only on the current token: a bigram model we can set by hand. All digit tokens share one
