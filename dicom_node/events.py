@@ -83,6 +83,8 @@ class RejectedInstance:
     sop_class_uid: str | None
     sop_instance_uid: str | None
     study_instance_uid: str | None = None
+    no_space: bool = False
+    """Refused (0xA700) because the storage file system is short of space or a write to it failed."""
 
 
 @dataclass(frozen=True, slots=True)

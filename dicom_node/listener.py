@@ -119,6 +119,7 @@ class Listener:
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
         self._sop_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._low_space = False
         self._accepted_classes = set(ANALYSABLE_SOP_CLASSES) | set(SR_SOP_CLASSES)
         if params.unsupported_sop_classes is UnsupportedSopPolicy.STORE:
             self._accepted_classes = all_storage_sop_classes()
@@ -203,7 +204,31 @@ class Listener:
             return file_header(sop_class_uid, sop_instance_uid, transfer_syntax, assoc.requestor.ae_title.strip())
 
         assoc.dimse = SpoolingDimse(assoc, folder=self.store.incoming, max_bytes=self.params.max_instance_bytes,
-                                    header_for=header_for)
+                                    header_for=header_for, refusal_for=self.space_refusal)
+
+    def space_refusal(self) -> str | None:
+        """Why nothing may be written now (free space on the storage file system under ``min_free_bytes``),
+        or None. Asked when each C-STORE request's command arrives, before a byte of its data set is written;
+        entering and leaving the low-space state is logged once each."""
+        if self.params.min_free_bytes <= 0:
+            return None
+        try:
+            free = self.store.free_bytes()
+        except OSError as exc:
+            reason = f"cannot read the free space of the storage folder: {exc.strerror or exc}"
+        else:
+            if free >= self.params.min_free_bytes:
+                if self._low_space:
+                    self._low_space = False
+                    log.warning("storage has %.3g GB free again (at least %.3g GB): receiving instances again",
+                                free / 1e9, self.params.min_free_bytes / 1e9)
+                return None
+            reason = (f"storage low: {free / 1e9:.3g} GB free, under the "
+                      f"{self.params.min_free_bytes / 1e9:g} GB minimum")
+        if not self._low_space:
+            self._low_space = True
+            log.error("%s: every C-STORE is answered 0xA700 (Out of Resources) until space is freed", reason)
+        return reason
 
     def _on_requested(self, event: Event) -> None:
         """Called-AE check, calling-AE allow-list optionally bound to host, then a free association slot
@@ -280,7 +305,7 @@ class Listener:
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
         transfer_syntax = str(event.context.transfer_syntax)
 
-        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None) -> Dataset:
+        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None, *, no_space: bool = False) -> Dataset:
             stats.failed += 1
             log.warning(
                 "C-STORE %s from %s@%s refused with 0x%04X: %s",
@@ -288,7 +313,7 @@ class Listener:
             )
             rejection = RejectedInstance(
                 int(status), reason, stats.calling_ae_title, stats.peer_host,
-                sop_class_uid or None, sop_instance_uid or None, study_uid,
+                sop_class_uid or None, sop_instance_uid or None, study_uid, no_space=no_space,
             )
             self._report(self.sink.instance_rejected, rejection)
             return _status(status, reason)
@@ -307,13 +332,17 @@ class Listener:
         spool = getattr(request, "_dataset_file", None)
         if not isinstance(spool, Spool):
             return refuse(StoreStatus.CANNOT_UNDERSTAND, "the C-STORE request carries no data set")
+        if spool.refusal is not None:
+            spool.discard()
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, spool.refusal, no_space=True)
         if spool.exceeded:
+            spool.discard()
             return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"data set of {spool.size} bytes exceeds the "
                                                                 f"{self._limit_text} instance limit")
         try:
             sha256 = spool.finish(fsync=self.params.fsync)
         except OSError as exc:
-            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc}")
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc.strerror or exc}", no_space=True)
         temp = spool.path
         try:
             ident = self._identify(spool, transfer_syntax, sop_class_uid, sop_instance_uid)
@@ -375,7 +404,8 @@ class Listener:
                 self.store.commit(temp, final)
             except OSError as exc:
                 self.store.discard(temp)
-                return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot store: {exc}", ident.study_instance_uid)
+                return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot store: {exc.strerror or exc}",
+                              ident.study_instance_uid, no_space=True)
             self.tracker.instance_received(ident.study_instance_uid, id(assoc))
             try:
                 self.sink.instance_stored(instance, replaced=duplicate)

@@ -99,8 +99,22 @@ class DicomSettings(_Section):
 
 
 class StorageSettings(_Section):
+    """Where received instances live, how long their originals are kept, and the free space the node keeps."""
+
     path: Path = Path("studies")
     fsync: bool = True
+    retain_days: float | None = Field(default=None, gt=0, description="originals of a delivered study whose last "
+                                      "instance arrived longer ago than this are deleted (results and database rows "
+                                      "kept, the study marked purged); unset: kept for ever")
+    min_free_gb: float = Field(default=1.0, ge=0, description="below this much free space (GB, 10^9 bytes) on the "
+                               "storage folder's file system the node answers C-STORE with 0xA700 before writing "
+                               "anything; 0 turns the check off")
+    retention_sweep_seconds: float = Field(default=600.0, gt=0, description="how often the bookkeeper looks for "
+                                           "originals past retain_days")
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_gb * 1e9)
 
 
 class DatabaseSettings(_Section):

@@ -161,8 +161,10 @@ class IngestService:
                                sha256=instance.sha256, reason=reason))
 
     def instance_rejected(self, rejection: RejectedInstance) -> None:
+        """Audited as ``instance.rejected``, or ``instance.no_space`` when the storage was short of space."""
+        action = "instance.no_space" if rejection.no_space else "instance.rejected"
         with self.db.session() as session:
-            session.add(_audit(rejection.calling_ae_title, rejection.peer_host, "instance.rejected",
+            session.add(_audit(rejection.calling_ae_title, rejection.peer_host, action,
                                rejection.study_instance_uid, status=f"0x{rejection.status:04X}",
                                reason=rejection.reason, sop_class_uid=rejection.sop_class_uid,
                                sop_instance_uid=rejection.sop_instance_uid))
@@ -371,7 +373,7 @@ instance names another Patient ID)."""
 _INSTANCE_COLUMNS = (
     "study_id", "series_id", "sop_class_uid", "transfer_syntax_uid", "instance_number", "laterality", "path",
     "size_bytes", "sha256", "calling_ae_title", "peer_host", "received_at", "revision", "analysable",
-    "not_analysed_reason",
+    "not_analysed_reason", "purged_at",
 )
 
 
@@ -410,6 +412,7 @@ def _upsert_instance(conn: Connection, instance: ReceivedInstance, study_id: int
         "revision": revision,
         "analysable": instance.analysable,
         "not_analysed_reason": instance.not_analysed_reason,
+        "purged_at": None,  # an instance received again after its file was purged has its file again
     }).first()
     if upserted is None:
         raise InstanceConflict(f"SOP Instance UID {instance.sop_instance_uid} is recorded in another study or series")

@@ -22,6 +22,7 @@ from worker.db import (
     Database,
     Delivery,
     DeliveryState,
+    Instance,
     Job,
     JobKind,
     JobState,
@@ -128,6 +129,12 @@ class Pipeline:
             study = study_by_uid(session, study_instance_uid, lock=True)
             if study.state in (StudyState.RECEIVING, StudyState.COMPLETE):
                 raise PipelineError(f"study {study_instance_uid} is still {study.state}; nothing to rerun yet")
+            if study.purged_at is not None and not session.scalars(select(Instance.id).where(
+                    Instance.study_id == study.id, Instance.analysable.is_(True),
+                    Instance.purged_at.is_(None))).first():
+                raise PipelineError(
+                    f"the originals of study {study_instance_uid} were deleted on {study.purged_at:%Y-%m-%d} "
+                    "(storage.retain_days); send them again (e.g. from the PACS) before re-running it")
             study.revision += 1
             study.state = StudyState.COMPLETE
             session.execute(update(Analysis).where(Analysis.study_id == study.id).values(superseded=True))
