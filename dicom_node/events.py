@@ -45,6 +45,8 @@ class ReceivedInstance:
     image_type: tuple[str, ...] = ()
     burned_in_annotation: str | None = None
     manufacturer: str | None = None
+    called_ae_title: str = ""
+    """The AE title the sender called (ours: others are rejected at association)."""
 
 
 class PlacementKind(StrEnum):

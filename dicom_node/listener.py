@@ -92,6 +92,7 @@ class _SupportedContext(PresentationContext):
 class _AssociationStats:
     calling_ae_title: str
     peer_host: str
+    called_ae_title: str = ""
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
@@ -264,7 +265,8 @@ class Listener:
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc
         with self._stats_lock:
-            self._stats[id(assoc)] = _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+            self._stats[id(assoc)] = _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address,
+                                                       _called(assoc))
 
     def _on_echo(self, event: Event) -> int:
         return 0x0000
@@ -299,13 +301,15 @@ class Listener:
 
     def _on_store(self, event: Event) -> int | Dataset:
         assoc: Association = event.assoc
-        stats = self._stats.get(id(assoc)) or _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+        stats = self._stats.get(id(assoc)) or _AssociationStats(
+            assoc.requestor.ae_title.strip(), assoc.requestor.address, _called(assoc))
         request = event.request
         sop_class_uid = str(request.AffectedSOPClassUID)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
         transfer_syntax = str(event.context.transfer_syntax)
 
-        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None, *, no_space: bool = False) -> Dataset:
+        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None, *,
+                   no_space: bool = False) -> Dataset:
             stats.failed += 1
             log.warning(
                 "C-STORE %s from %s@%s refused with 0x%04X: %s",
@@ -362,6 +366,7 @@ class Listener:
             sha256=sha256,
             calling_ae_title=stats.calling_ae_title,
             peer_host=stats.peer_host,
+            called_ae_title=stats.called_ae_title or self.params.ae_title,
             received_at=datetime.now(UTC),
             analysable=not_analysed is None,
             not_analysed_reason=not_analysed,
@@ -450,6 +455,12 @@ class Listener:
             method(*args)
         except Exception:
             log.exception("ingest sink failed in %s", getattr(method, "__name__", method))
+
+
+def _called(assoc: Association) -> str:
+    """The called AE title the requestor asked for (A-ASSOCIATE-RQ)."""
+    primitive = assoc.requestor.primitive
+    return primitive.called_ae_title.strip() if primitive is not None else ""
 
 
 def _released(assoc: Association) -> bool:

@@ -13,6 +13,12 @@ study is a *UID conflict*, refused and audited (``instance.uid_conflict``); the 
 Our own result objects (SR, key images, PDF, SEG) sent back by a PACS are recognised by their SOP Instance UID
 or Series Instance UID (recorded in ``result_objects`` when they were built) or by our Manufacturer: they are
 stored, never analysed, and — like every instance that is not analysed — never open a revision.
+
+Every other instance is routed (:mod:`worker.routing`, the ``[[rules]]`` of the configuration): the deciding
+rule and its decision are recorded on the instance row (``route``), ``analyse = false`` files it as not analysed.
+When the study completes, the decisions of its instances are combined on the study row (``route``: forward
+destinations, priority) and audited (``study.routed``); a study with no analysable image ends ``not_applicable``
+(audit ``study.not_analysed``), is not queued and gets no SR.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
@@ -40,7 +46,7 @@ from dicom_node.events import (
     RejectedInstance,
 )
 from dicom_node.listener import Listener
-from worker.config import Settings
+from worker.config import Rule, Settings
 from worker.db import (
     Analysis,
     AuditEvent,
@@ -55,6 +61,7 @@ from worker.db import (
 )
 from worker.dicom_params import completion_params, listener_params
 from worker.logsetup import phi_enabled, remember_patient
+from worker.routing import DEFAULT, RouteInput, header_reader, route, study_route
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +75,9 @@ class IngestService:
     """Records received instances and study completion (thread-safe; one short transaction per call)."""
 
     def __init__(self, db: Database, on_complete: CompletionCallback | Iterable[CompletionCallback] | None = None,
-                 *, own_manufacturer: str | None = None):
+                 *, own_manufacturer: str | None = None, rules: Sequence[Rule] = ()):
         self.db = db
+        self.rules = tuple(rules)
         self.own_manufacturer = (own_manufacturer or "").strip().casefold() or None
         if on_complete is None:
             self._callbacks: list[CompletionCallback] = []
@@ -123,12 +131,14 @@ class IngestService:
             try:
                 with self.db.engine.begin() as conn:
                     own = self._own_result(conn, instance)
-                    recorded = instance
+                    recorded, route = instance, None
                     if own is not None:
                         recorded = dataclasses.replace(instance, analysable=False, not_analysed_reason=own)
+                    else:
+                        recorded, route = self._routed(instance)
                     study_id, revision = self._receiving_study(conn, recorded)
                     series_id = self._series_id(conn, recorded, study_id)
-                    _upsert_instance(conn, recorded, study_id, series_id, revision)
+                    _upsert_instance(conn, recorded, study_id, series_id, revision, route)
                     if replaced:
                         conn.execute(insert(AuditEvent).values(_audit_values(
                             instance.calling_ae_title, instance.peer_host, "instance.replaced",
@@ -146,6 +156,32 @@ class IngestService:
                 if attempt == 2:  # a concurrent association created the same study or series first
                     raise
                 self._series_ids.pop(instance.series_instance_uid, None)
+
+    def _routed(self, instance: ReceivedInstance) -> tuple[ReceivedInstance, dict]:
+        """Apply the routing rules: the instance as it is recorded (not analysed when the deciding rule says
+        ``analyse = false``) and the decision to record with it."""
+        if not self.rules:
+            decision = DEFAULT
+        else:
+            read = header_reader(instance.path)
+
+            def attribute(keyword: str) -> str | None:
+                try:
+                    return read(keyword)
+                except Exception as exc:  # noqa: BLE001 - identified already; an unreadable header is "absent"
+                    log.warning("routing: cannot read %s of %s: %s", keyword, instance.sop_instance_uid, exc)
+                    return None
+
+            decision, _ = route(self.rules, RouteInput(
+                calling_ae=instance.calling_ae_title, called_ae=instance.called_ae_title,
+                peer_host=instance.peer_host, modality=instance.modality, sop_class_uid=instance.sop_class_uid,
+                attribute=attribute))
+        recorded = instance
+        if not decision.analyse and instance.analysable:
+            recorded = dataclasses.replace(instance, analysable=False,
+                                           not_analysed_reason=f"rule {decision.rule}: analyse = false")
+        return recorded, {"rule": decision.rule, "analyse": decision.analyse, "forward": list(decision.forward),
+                          "priority": decision.priority.value}
 
     def duplicate_ignored(self, instance: ReceivedInstance) -> None:
         with self.db.session() as session:
@@ -210,14 +246,27 @@ class IngestService:
                 Instance.study_id == study.id, Instance.revision == revision))
             analysable = session.scalar(select(func.count()).select_from(Instance).where(
                 Instance.study_id == study.id, Instance.revision <= revision, Instance.analysable.is_(True)))
+            routes = session.scalars(select(Instance.route).where(
+                Instance.study_id == study.id, Instance.revision <= revision, Instance.route.is_not(None))
+                .order_by(Instance.id)).all()
+            study.route = study_route(routes)
             session.add(AuditEvent(actor=ACTOR, action="study.complete", study_instance_uid=study_instance_uid,
                                    detail={"revision": revision, "instances": count, "analysable": analysable}))
+            if self.rules:
+                session.add(AuditEvent(actor=ACTOR, action="study.routed", study_instance_uid=study_instance_uid,
+                                       detail={"revision": revision, **study.route}))
             if not analysable:
+                check_transition(study.state, StudyState.NOT_APPLICABLE)
+                study.state = StudyState.NOT_APPLICABLE
+                reasons = sorted(set(session.scalars(select(Instance.not_analysed_reason).where(
+                    Instance.study_id == study.id, Instance.revision <= revision)).all()) - {None})
                 session.add(AuditEvent(actor=ACTOR, action="study.not_analysed", study_instance_uid=study_instance_uid,
-                                       detail={"revision": revision, "reason": "no analysable image"}))
+                                       detail={"revision": revision, "reason": "no analysable image",
+                                               "state": StudyState.NOT_APPLICABLE.value,
+                                               "instances_not_analysed": reasons}))
             patient = f" of patient {study.patient_id} ({study.patient_name})" if phi_enabled() else ""
-        log.info("study %s revision %d complete (%d instances, %d analysable)%s", study_instance_uid, revision, count,
-                 analysable, patient)
+        log.info("study %s revision %d complete (%d instances, %d analysable%s)%s", study_instance_uid, revision, count,
+                 analysable, "; not applicable: nothing to analyse" if not analysable else "", patient)
         if not analysable:
             return
         with self._callbacks_lock:
@@ -373,7 +422,7 @@ instance names another Patient ID)."""
 _INSTANCE_COLUMNS = (
     "study_id", "series_id", "sop_class_uid", "transfer_syntax_uid", "instance_number", "laterality", "path",
     "size_bytes", "sha256", "calling_ae_title", "peer_host", "received_at", "revision", "analysable",
-    "not_analysed_reason", "purged_at",
+    "not_analysed_reason", "purged_at", "route",
 )
 
 
@@ -394,7 +443,7 @@ def _upsert_statement(dialect: str):
 
 
 def _upsert_instance(conn: Connection, instance: ReceivedInstance, study_id: int, series_id: int,
-                     revision: int) -> None:
+                     revision: int, route: dict | None = None) -> None:
     upserted = conn.execute(_upsert_statement(conn.dialect.name), {
         "sop_instance_uid": instance.sop_instance_uid,
         "study_id": study_id,
@@ -413,6 +462,7 @@ def _upsert_instance(conn: Connection, instance: ReceivedInstance, study_id: int
         "analysable": instance.analysable,
         "not_analysed_reason": instance.not_analysed_reason,
         "purged_at": None,  # an instance received again after its file was purged has its file again
+        "route": route,
     }).first()
     if upserted is None:
         raise InstanceConflict(f"SOP Instance UID {instance.sop_instance_uid} is recorded in another study or series")
@@ -453,7 +503,7 @@ def start_node(
 ) -> RunningNode:
     """Start the DICOM listener of ``settings`` recording into its database (already migrated)."""
     db = db or Database(settings.database.url, echo=settings.database.echo)
-    service = IngestService(db, on_complete, own_manufacturer=settings.reporting.manufacturer)
+    service = IngestService(db, on_complete, own_manufacturer=settings.reporting.manufacturer, rules=settings.rules)
     listener = Listener(listener_params(settings), completion_params(settings), service)
     listener.start()
     return RunningNode(listener, service, db)

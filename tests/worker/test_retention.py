@@ -161,7 +161,8 @@ def test_retention_purges_only_delivered_studies_older_than_retain_days(node_rol
         pipeline.db.dispose()
 
     again = storescu(role.port, [files["old_delivered"]], extra=["-d"])  # the folder the node made is gone
-    assert re.findall(r"Status\s*:\s*0x([0-9A-F]{4})", again.stdout + again.stderr, re.I) == ["0000"], again.stdout[-2000:]
+    statuses = re.findall(r"Status\s*:\s*0x([0-9A-F]{4})", again.stdout + again.stderr, re.I)
+    assert statuses == ["0000"], again.stdout[-2000:]
     assert stored["old_delivered"].exists()
     with db.reading() as session:
         instance = session.scalars(select(Instance).where(Instance.path == str(stored["old_delivered"]))).one()

@@ -95,6 +95,9 @@ class Study(Base):
     purged_at: Mapped[datetime | None] = mapped_column()
     """When the retention sweep deleted the study's originals (``storage.retain_days``); its results and rows
     stay. A late instance still opens a new revision, analysed with the originals that are kept."""
+    route: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The routing decisions of its instances combined when it completed (``worker.routing.study_route``):
+    ``{"rules": [...], "forward": [destination, ...], "priority": "normal" | "urgent"}``."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
@@ -141,6 +144,9 @@ class Instance(Base):
     not_analysed_reason: Mapped[str | None] = mapped_column(String(128))
     purged_at: Mapped[datetime | None] = mapped_column()
     """When its file was deleted by the retention sweep (the row stays); None while the file is kept."""
+    route: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The routing rule that decided for it and what it decided (``{"rule", "analyse", "forward", "priority"}``);
+    None for our own result objects."""
 
     study: Mapped[Study] = relationship(back_populates="instances")
     series: Mapped[Series] = relationship(back_populates="instances")

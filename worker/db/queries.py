@@ -70,6 +70,7 @@ def study_detail(study: Study) -> dict[str, Any]:
         created_at=study.created_at.isoformat(),
         receiving_since=study.receiving_since.isoformat(),
         originals_purged_at=study.purged_at.isoformat() if study.purged_at else None,
+        route=study.route,
         series=[
             {
                 "series_instance_uid": s.series_instance_uid,
@@ -93,6 +94,7 @@ def study_detail(study: Study) -> dict[str, Any]:
                         "peer_host": i.peer_host,
                         "received_at": i.received_at.isoformat(),
                         "purged_at": i.purged_at.isoformat() if i.purged_at else None,
+                        "route": i.route,
                     }
                     for i in s.instances
                 ],

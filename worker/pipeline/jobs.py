@@ -129,6 +129,8 @@ class Pipeline:
             study = study_by_uid(session, study_instance_uid, lock=True)
             if study.state in (StudyState.RECEIVING, StudyState.COMPLETE):
                 raise PipelineError(f"study {study_instance_uid} is still {study.state}; nothing to rerun yet")
+            if study.state == StudyState.NOT_APPLICABLE:
+                raise PipelineError(f"study {study_instance_uid} is not_applicable: it has no analysable image")
             if study.purged_at is not None and not session.scalars(select(Instance.id).where(
                     Instance.study_id == study.id, Instance.analysable.is_(True),
                     Instance.purged_at.is_(None))).first():
