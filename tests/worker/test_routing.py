@@ -25,6 +25,8 @@ from sqlalchemy import select
 
 from tests.dicom_node.dicom_fixtures import storescu
 from tests.support.roles import retinalgpt, wait_for
+from tests.support.services import redis_database
+from worker.celery_app import make_celery
 from worker.config import ConfigError, Rule, ValueMatch, load_settings
 from worker.db import AuditEvent, Instance, Job, Study, StudyState
 from worker.db.migrate import upgrade
@@ -243,3 +245,41 @@ def test_match_operators():
     assert route([first, catch_all], given)[0].rule == "first"  # first match wins
     decision, tried = route([first, catch_all], RouteInput("C", "N", None, "XC", "1.2"))
     assert (decision.rule, decision.priority.value, [t.matched for t in tried]) == ("all", "urgent", [False, True])
+
+
+def test_urgent_study_overtakes_normal_ones_in_the_inference_queue_on_redis(tmp_path, free_tcp_port, op_file):
+    """Real Redis broker, no inference worker: two normal studies are queued, then an urgent one; the first
+    message an inference worker would take is the urgent study's."""
+    with redis_database() as broker:
+        config = write_config(tmp_path, free_tcp_port, f'[broker]\nurl = "{broker}"\n' + RULES)
+        settings = load_settings(config)
+        upgrade(settings.database.url)
+        role = start_node_role(settings)
+        try:
+            for name in ("first", "second"):
+                assert storescu(role.port, [op_file(f"{name}.dcm", patient_id=name.upper())]).returncode == 0
+            urgent = with_attributes(op_file("er.dcm", patient_id="ER"), tmp_path / "er_named.dcm",
+                                     InstitutionName="Emergency Eye Clinic")
+            db = role.running.db
+
+            def queued() -> int:
+                with db.reading() as session:
+                    return len(session.scalars(select(Study).where(Study.state == StudyState.QUEUED)).all())
+
+            wait_for(lambda: queued() == 2, 30, "the two normal studies queued")
+            assert storescu(role.port, [urgent], calling="CAMERA2").returncode == 0
+            wait_for(lambda: queued() == 3, 30, "the urgent study queued")
+            with db.reading() as session:
+                patient_of_job = {j.id: j.study.patient_id for j in session.scalars(select(Job))}
+            app = make_celery(settings)
+            order = []
+            with app.connection_for_read() as connection:
+                queue = connection.SimpleQueue("inference")
+                for _ in range(3):
+                    message = queue.get(timeout=10)
+                    order.append(patient_of_job[message.payload[1]["job_id"]])
+                    message.ack()
+                queue.close()
+            assert order == ["ER", "FIRST", "SECOND"]
+        finally:
+            role.stop()

@@ -14,7 +14,7 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from worker.celery_app import DELIVER_STUDY, PROCESS_STUDY
+from worker.celery_app import DELIVER_STUDY, PROCESS_STUDY, analysis_priority
 from worker.config import Settings
 from worker.db import (
     Analysis,
@@ -116,7 +116,13 @@ class Pipeline:
         return job_id
 
     def send_job(self, job_id: int) -> None:
-        result = self.celery.send_task(PROCESS_STUDY, kwargs={"job_id": job_id})
+        """Send the analysis task of a job, with the priority its study was routed with (``route``)."""
+        with self.db.reading() as session:
+            route = session.scalar(select(Study.route).join(Job, Job.study_id == Study.id).where(Job.id == job_id))
+        urgent = bool(route) and route.get("priority") == "urgent"
+        priority = analysis_priority(self.settings.broker.url, urgent)
+        options = {} if priority is None else {"priority": priority}
+        result = self.celery.send_task(PROCESS_STUDY, kwargs={"job_id": job_id}, **options)
         with self.db.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=result.id, updated_at=utcnow()))
 
