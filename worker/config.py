@@ -229,6 +229,8 @@ class Destination(_Section):
     timeout: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=8, ge=1)
     backoff_seconds: float = Field(default=5.0, ge=0)
+    originals_first: bool = Field(default=True, description="a study's results go to this destination only once "
+                                  "the originals forwarded to it (routing rules) are delivered")
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> Destination:

@@ -51,6 +51,9 @@ from worker.db import (
     Analysis,
     AuditEvent,
     Database,
+    Delivery,
+    DeliveryObject,
+    DeliveryState,
     Instance,
     ResultObject,
     Series,
@@ -75,9 +78,13 @@ class IngestService:
     """Records received instances and study completion (thread-safe; one short transaction per call)."""
 
     def __init__(self, db: Database, on_complete: CompletionCallback | Iterable[CompletionCallback] | None = None,
-                 *, own_manufacturer: str | None = None, rules: Sequence[Rule] = ()):
+                 *, own_manufacturer: str | None = None, rules: Sequence[Rule] = (),
+                 on_forward: CompletionCallback | None = None):
         self.db = db
         self.rules = tuple(rules)
+        self.on_forward = on_forward
+        """Called as ``on_forward(study_instance_uid, revision)`` after a completed revision's originals were
+        queued for forwarding (their delivery rows committed): the pipeline sends the delivery task."""
         self.own_manufacturer = (own_manufacturer or "").strip().casefold() or None
         if on_complete is None:
             self._callbacks: list[CompletionCallback] = []
@@ -255,6 +262,7 @@ class IngestService:
             if self.rules:
                 session.add(AuditEvent(actor=ACTOR, action="study.routed", study_instance_uid=study_instance_uid,
                                        detail={"revision": revision, **study.route}))
+            forwarding = _queue_originals(session, study, revision, study.route["forward"])
             if not analysable:
                 check_transition(study.state, StudyState.NOT_APPLICABLE)
                 study.state = StudyState.NOT_APPLICABLE
@@ -267,6 +275,11 @@ class IngestService:
             patient = f" of patient {study.patient_id} ({study.patient_name})" if phi_enabled() else ""
         log.info("study %s revision %d complete (%d instances, %d analysable%s)%s", study_instance_uid, revision, count,
                  analysable, "; not applicable: nothing to analyse" if not analysable else "", patient)
+        if forwarding and self.on_forward is not None:
+            try:
+                self.on_forward(study_instance_uid, revision)
+            except Exception:  # noqa: BLE001 - the rows are pending: the bookkeeper sends them
+                log.exception("cannot queue the forwarding of study %s; the bookkeeper will", study_instance_uid)
         if not analysable:
             return
         with self._callbacks_lock:
@@ -371,6 +384,23 @@ class IngestService:
         if cached[1] != study_id:
             raise InstanceConflict(f"series {uid} is recorded under another study than {instance.study_instance_uid}")
         return cached[0]
+
+
+def _queue_originals(session, study: Study, revision: int, destinations: Sequence[str]) -> int:  # noqa: ANN001
+    """In the completion transaction (the outbox): a pending ``originals`` delivery row of this revision for
+    each destination the routing rules forward it to. Returns how many were created."""
+    existing = set(session.scalars(select(Delivery.destination).where(
+        Delivery.study_id == study.id, Delivery.revision == revision,
+        Delivery.object_kind == DeliveryObject.ORIGINALS)))
+    now = utcnow()
+    created = 0
+    for name in destinations:
+        if name not in existing:
+            session.add(Delivery(study_id=study.id, revision=revision, destination=name,
+                                 object_kind=DeliveryObject.ORIGINALS, state=DeliveryState.PENDING,
+                                 next_attempt_at=now, created_at=now, updated_at=now))
+            created += 1
+    return created
 
 
 def _other_patient(recorded: str | None, received: str | None) -> bool:
@@ -500,10 +530,12 @@ def start_node(
     on_complete: CompletionCallback | Iterable[CompletionCallback] | None = None,
     *,
     db: Database | None = None,
+    on_forward: CompletionCallback | None = None,
 ) -> RunningNode:
     """Start the DICOM listener of ``settings`` recording into its database (already migrated)."""
     db = db or Database(settings.database.url, echo=settings.database.echo)
-    service = IngestService(db, on_complete, own_manufacturer=settings.reporting.manufacturer, rules=settings.rules)
+    service = IngestService(db, on_complete, own_manufacturer=settings.reporting.manufacturer, rules=settings.rules,
+                            on_forward=on_forward)
     listener = Listener(listener_params(settings), completion_params(settings), service)
     listener.start()
     return RunningNode(listener, service, db)

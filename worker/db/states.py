@@ -72,6 +72,8 @@ class FailureReason(StrEnum):
     DESTINATION_REMOVED = "destination_removed"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     SUPERSEDED = "superseded"
+    ORIGINALS_FAILED = "originals_failed"
+    """A result for a destination that gets the originals first, whose originals delivery is dead."""
 
 
 class DeliveryObject(StrEnum):
@@ -82,6 +84,8 @@ class DeliveryObject(StrEnum):
     PDF = "pdf"
     SEG = "seg"
     FHIR = "fhir"
+    ORIGINALS = "originals"
+    """The received instances of a study revision, forwarded unchanged to a DICOM destination (routing rules)."""
 
 
 S = StudyState

@@ -21,6 +21,7 @@ from worker.db import (
     AuditEvent,
     Database,
     Delivery,
+    DeliveryObject,
     DeliveryState,
     Instance,
     Job,
@@ -158,12 +159,16 @@ class Pipeline:
             study = study_by_uid(session, study_instance_uid, lock=True)
             has_analysis = session.scalars(select(Analysis.id).where(
                 Analysis.study_id == study.id, Analysis.revision == study.revision)).first()
-            if has_analysis is None:
+            originals = session.scalars(select(Delivery.id).where(
+                Delivery.study_id == study.id, Delivery.revision == study.revision,
+                Delivery.object_kind == DeliveryObject.ORIGINALS)).first()
+            if has_analysis is None and originals is None:
                 raise PipelineError(f"study {study_instance_uid} revision {study.revision} has no results to send")
             session.execute(update(Delivery).where(Delivery.study_id == study.id, Delivery.revision == study.revision)
                             .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow(),
                                     last_error=None, failure=None))
-            move(study, StudyState.DELIVERING)
+            if has_analysis is not None:
+                move(study, StudyState.DELIVERING)  # else only its forwarded originals are sent again
             session.add(AuditEvent(actor=actor, action="study.resend", study_instance_uid=study_instance_uid,
                                    detail={"revision": study.revision}))
             revision = study.revision
