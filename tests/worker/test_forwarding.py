@@ -240,3 +240,41 @@ def test_the_originals_reach_a_destination_before_the_results(tmp_path, retina_r
         assert_byte_equal(paths, {sop: data for sop, data in orthanc_files(pacs, study_uid).items()
                                   if sop in {str(dcmread(p).SOPInstanceUID) for p in paths}}, tmp_path)
     db.dispose()
+
+
+def test_results_are_dead_lettered_when_the_originals_are_and_jobs_retry_sends_both_again(tmp_path, retina_rgb):
+    from sqlalchemy import update
+
+    from worker.db.migrate import upgrade
+    from worker.db.states import FailureReason
+    from worker.pipeline.delivery import deliver_revision
+    from worker.pipeline.jobs import Pipeline
+
+    pacs_port = free_port()
+    config = write_config(tmp_path, free_port(), pacs_port)
+    config.write_text(config.read_text() + "[reporting]\nkey_image = false\npdf = false\n")
+    settings = load_settings(config)
+    upgrade(settings.database.url)
+    db = Database(settings.database.url)
+    study_uid, paths = analysed_study(settings, db, tmp_path, retina_rgb)
+    with db.session() as session:
+        session.execute(update(Delivery).values(state=DeliveryState.DEAD, failure=FailureReason.ATTEMPTS_EXHAUSTED))
+    assert deliver_revision(settings, db, study_uid, 1) == StudyState.FAILED
+    with db.reading() as session:
+        sr = session.scalars(select(Delivery).where(Delivery.object_kind == DeliveryObject.SR)).one()
+    assert (sr.state, sr.failure, sr.attempts) == (DeliveryState.DEAD, FailureReason.ORIGINALS_FAILED, 0)
+
+    class Sent:
+        def __init__(self) -> None:
+            self.tasks = []
+
+        def send_task(self, name, kwargs):
+            self.tasks.append((name, kwargs))
+
+    celery = Sent()
+    assert Pipeline(settings, db, celery).resend(study_uid, actor="test") == 1  # what `jobs retry` does
+    assert celery.tasks == [("retinalgpt.deliver_study", {"study_instance_uid": study_uid, "revision": 1})]
+    with Orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:
+        assert deliver_revision(settings, db, study_uid, 1) == StudyState.DELIVERED
+        assert pacs.get("/statistics")["CountInstances"] == 3
+    db.dispose()
