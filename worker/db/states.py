@@ -78,6 +78,7 @@ class DeliveryObject(StrEnum):
     PDF = "pdf"
     SEG = "seg"
     FHIR = "fhir"
+    HL7 = "hl7"
 
 
 S = StudyState

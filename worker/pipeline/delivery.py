@@ -167,6 +167,8 @@ def expected_kinds(settings: Settings, destination: Destination) -> list[Deliver
         return [DeliveryObject.FHIR]
     if destination.kind == "folder":
         return [DeliveryObject.SR]  # the whole folder of result objects is one delivery
+    if destination.kind == "hl7v2":
+        return [DeliveryObject.HL7]  # one ORU^R01 per revision
     reporting = settings.reporting
     wanted = {DeliveryObject.KEY_IMAGE: reporting.key_image, DeliveryObject.PDF: reporting.pdf,
               DeliveryObject.SEG: reporting.segmentation}
@@ -198,8 +200,13 @@ def _has_objects(destination: Destination, kind: DeliveryObject, written: Writte
 def _send(settings: Settings, destination: Destination, kind: DeliveryObject, written: WrittenResults) -> SendOutcome:
     if destination.kind == "dicom":
         return _send_dicom(settings, destination, written.dicom_objects[kind.value])
+
     if destination.kind == "fhir":
         return _send_fhir(destination, written.bundle)
+    if destination.kind == "hl7v2":
+        from worker.pipeline.hl7_delivery import send_hl7
+
+        return send_hl7(destination, written)
     return _copy_folder(destination, written)
 
 
