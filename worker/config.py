@@ -221,11 +221,11 @@ class Hl7Settings(_Section):
 
 
 class Destination(_Section):
-    """Where results go: a DICOM peer (C-STORE), a FHIR server (transaction), an HL7 v2 receiver (ORU^R01 over
-    MLLP), or a folder."""
+    """Where results go: a DICOM peer (C-STORE), a DICOMweb origin server (STOW-RS), a FHIR server
+    (transaction), an HL7 v2 receiver (ORU^R01 over MLLP), or a folder."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["dicom", "fhir", "folder", "hl7v2"]
+    kind: Literal["dicom", "dicomweb", "fhir", "folder", "hl7v2"]
     ae_title: AETitle | None = None
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -235,13 +235,14 @@ class Destination(_Section):
     path: Path | None = None
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     timeout: float = Field(default=30.0, gt=0)
-    connect_timeout: float = Field(default=10.0, gt=0, description="hl7v2: seconds to open the connection")
+    connect_timeout: float = Field(default=10.0, gt=0, description="hl7v2, dicomweb: seconds to open the "
+                                   "connection")
     max_attempts: int = Field(default=8, ge=1)
     backoff_seconds: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> Destination:
-        needed = {"dicom": ("ae_title", "host", "port"), "fhir": ("url",),
+        needed = {"dicom": ("ae_title", "host", "port"), "dicomweb": ("url",), "fhir": ("url",),
                   "folder": ("path",), "hl7v2": ("host", "port")}[self.kind]
         missing = [f for f in needed if getattr(self, f) is None]
         if missing:

@@ -65,6 +65,8 @@ SOURCE_DEFER_SIZE = "256 KB"
 """Source elements larger than this (Pixel Data) stay on disk until a builder needs them: the SR and FHIR
 Bundle never do, a key image reads its own source's."""
 OPEN_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
+DICOM_KINDS = ("dicom", "dicomweb")
+"""Destinations that receive the DICOM result objects, one delivery row per object kind."""
 
 
 @dataclass(frozen=True)
@@ -194,13 +196,16 @@ def create_outbox(session: Session, settings: Settings, study: Study, revision: 
 
 def _has_objects(destination: Destination, kind: DeliveryObject, written: WrittenResults) -> bool:
     """Whether the built results have anything of ``kind`` to send to ``destination``."""
-    return destination.kind != "dicom" or bool(written.dicom_objects.get(kind.value))
+    return destination.kind not in DICOM_KINDS or bool(written.dicom_objects.get(kind.value))
 
 
 def _send(settings: Settings, destination: Destination, kind: DeliveryObject, written: WrittenResults) -> SendOutcome:
     if destination.kind == "dicom":
         return _send_dicom(settings, destination, written.dicom_objects[kind.value])
+    if destination.kind == "dicomweb":
+        from worker.pipeline.dicomweb_delivery import send_stow
 
+        return send_stow(destination, written.dicom_objects[kind.value])
     if destination.kind == "fhir":
         return _send_fhir(destination, written.bundle)
     if destination.kind == "hl7v2":
