@@ -4,6 +4,7 @@ answers each with an ACK built by hl7apy (or stays silent), as an interface engi
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections import deque
 
@@ -37,10 +38,12 @@ def build_ack(received: str, code: str, text: str = "") -> str:
 
 class MllpReceiver:
     """``with MllpReceiver() as rx:`` listens on ``rx.port``; ``rx.answers`` is a queue of ACK codes (``AA``,
-    ``AE``, ``AR``) or :data:`SILENT` used one per message, then ``rx.default``; ``rx.received`` the messages."""
+    ``AE``, ``AR``) or :data:`SILENT` used one per message, then ``rx.default``; ``rx.received`` the messages.
+    With ``tls`` (a server SSL context) it speaks MLLP over TLS only."""
 
-    def __init__(self, default: str = "AA") -> None:
+    def __init__(self, default: str = "AA", tls: ssl.SSLContext | None = None) -> None:
         self.default = default
+        self.tls = tls
         self.answers: deque[str] = deque()
         self.received: list[str] = []
         self.port = 0
@@ -60,13 +63,14 @@ class MllpReceiver:
                     continue
                 writer.write(START + build_ack(message, answer, f"test receiver says {answer}").encode() + END)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
         finally:
             writer.close()
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=64 << 20)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=64 << 20,
+                                                  ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def __enter__(self) -> MllpReceiver:

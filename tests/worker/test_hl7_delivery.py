@@ -5,6 +5,7 @@ a new revision is sent as a correction (C). Real SQLite database, real result ob
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from reporting.hl7 import parse, unescape
 from worker.db import DeliveryObject, DeliveryState, FailureReason, StudyState
 from tests.conftest import free_port
+from tests.dicom_node.dicom_fixtures import make_certificates
 from tests.support.mllp import SILENT, MllpReceiver
 from tests.worker.delivery_world import World
 
@@ -26,11 +28,12 @@ def receiver():
 
 @pytest.fixture
 def world_factory(tmp_path: Path, retina_rgb: np.ndarray):
-    def make(port: int, **hl7: object) -> World:
+    def make(port: int, tls: str = "", **hl7: object) -> World:
         options = "".join(f"{key} = {json.dumps(value)}\n" for key, value in hl7.items())
         return World(tmp_path, retina_rgb,
                      f'name = "ehr"\nkind = "hl7v2"\nhost = "127.0.0.1"\nport = {port}\n'
                      "timeout = 1.0\nconnect_timeout = 1.0\nbackoff_seconds = 10\nmax_attempts = 3\n"
+                     f"{tls}"
                      f'[destinations.hl7]\nsending_facility = "EYECLINIC"\nreceiving_application = "EHR"\n{options}')
 
     return make
@@ -124,3 +127,33 @@ def test_a_new_revision_is_sent_as_a_correction(receiver, world_factory) -> None
     impression = [g.obx for g in _order(second).oru_r01_observation if g.obx.obx_3.to_er7().startswith("121073^")]
     assert unescape(impression[0].obx_5.to_er7()) == "revision 2"
     assert _order(second).obr.obr_3.to_er7() == "ACC-7"  # the same order, corrected
+
+
+def test_mllp_over_tls_verifies_the_receiver_and_presents_our_certificate(world_factory, tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs.ca))
+    server.load_cert_chain(str(certs.server_cert), str(certs.server_key))
+    server.verify_mode = ssl.CERT_REQUIRED  # the receiver only talks to clients with a certificate of its CA
+    with MllpReceiver(tls=server) as receiver:
+        tls = (f'tls = {{ enabled = true, certificate = "{certs.client_cert}", private_key = "{certs.client_key}", '
+               f'ca_certificates = "{certs.ca}" }}\n')
+        world = world_factory(receiver.port, tls=tls)
+        assert world.deliver() == StudyState.DELIVERED
+        (message,) = receiver.received
+        assert parse(message).msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+
+
+def test_mllp_over_tls_refuses_a_receiver_it_cannot_verify(world_factory, tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path)
+    (tmp_path / "other").mkdir()
+    other = make_certificates(tmp_path / "other")  # a CA that did not sign the receiver's certificate
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(str(certs.server_cert), str(certs.server_key))
+    with MllpReceiver(tls=server) as receiver:
+        tls = (f'tls = {{ enabled = true, certificate = "{certs.client_cert}", private_key = "{certs.client_key}", '
+               f'ca_certificates = "{other.ca}" }}\n')
+        world = world_factory(receiver.port, tls=tls)
+        assert world.deliver() == StudyState.DELIVERING
+        (row,) = world.rows()
+        assert row.state == DeliveryState.RETRYING and "CERTIFICATE_VERIFY_FAILED" in row.last_error
+        assert receiver.received == []
