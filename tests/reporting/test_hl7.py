@@ -9,7 +9,7 @@ import base64
 import pytest
 from pydicom.dataset import Dataset
 
-from reporting import ReportOptions, codes
+from reporting import ReportOptions, codes, summary
 from reporting.hl7 import Hl7BuildError, OruOptions, build_oru, parse, parse_ack, unescape
 from reporting.sr.sop import build_sr
 from tests.reporting.reporting_fixtures import make_analysis
@@ -183,3 +183,16 @@ def test_ack_is_read_with_its_code_control_id_and_text(sources):
     assert (ack.code, ack.control_id, ack.accepted, ack.rejected) == ("AE", "C8", False, False)
     assert "PID-3 unknown | check" in ack.text
     assert parse_ack(build_ack(message, "AR")).rejected and parse_ack(build_ack(message, "AA")).accepted
+
+
+def test_measurement_only_analysis_says_the_model_did_not_run(sources):
+    analysis = make_analysis(sources, with_model=False)
+    message = build_oru(analysis, sources[0], OruOptions(control_id="C9"))
+    msg = parse(message)
+    msg.validate()
+    order = msg.oru_r01_patient_result.oru_r01_order_observation
+    notes = [unescape(nte.nte_3.to_er7()) for nte in order.children if nte.name == "NTE"]
+    assert summary.NO_MODEL in notes
+    obx = _observations(message)
+    assert not [o for o in obx if _component(o.obx_3, 0) == "4855003"]  # no finding invented
+    assert [o for o in obx if _component(o.obx_3, 0) == "VCDR"]  # the measured values are still sent
