@@ -122,6 +122,7 @@ DATA_ABSENT_NOT_PERFORMED = {
 """FHIR R4 ``dataAbsentReason`` of a condition not assessed: "the observation procedure was not performed"."""
 GRADE = private("GRADE", "Severity grade")
 PROBABILITY = Code("122157", "DCM", "Probability")
+LATERALITY = Code("272741003", "SCT", "Laterality")
 PRESENT = Code("52101004", "SCT", "Present")
 ABSENT = Code("272519000", "SCT", "Absent")
 ICDR_GRADES = (
@@ -147,6 +148,12 @@ def grade_code(condition: Condition, grade: int) -> Code:
         stem, name = GRADE_VALUE_STEMS[condition]
         return private(f"{stem}-{grade}", f"{name} {grade}")
     return PRESENT if grade else ABSENT
+
+
+def probability_code(condition: Condition) -> Code:
+    """The concept name of the probability of ``condition`` (SR TID 1501 NUM, HL7 v2 OBX-3)."""
+    name = CONDITIONS[condition]
+    return private(f"P-{condition.value}", f"Probability of {name.meaning.lower()}")
 
 
 # --- FHIR (LOINC) ----------------------------------------------------------------------------------------

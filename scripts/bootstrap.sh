@@ -11,11 +11,12 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[bootstrap] %s\n' "$*"; }
 
-apt_packages=(dcmtk dicom3tools orthanc chromium nodejs npm)
+apt_packages=(dcmtk dicom3tools orthanc orthanc-dicomweb chromium nodejs npm)
 missing=()
 command -v /usr/bin/storescu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
 if ((${#missing[@]})); then

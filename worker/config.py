@@ -214,11 +214,32 @@ class FhirAuth(_Section):
     ca_certificates: Path | None = None
 
 
+HL7_ID = Annotated[str, Field(max_length=180, pattern=r"^[^|^~\\&\r\n]*$")]
+"""An HD namespace value (MSH-3..6): no HL7 delimiter, no line break."""
+
+
+class Hl7Settings(_Section):
+    """The ORU^R01 message of an ``hl7v2`` destination (reporting.hl7.OruOptions; HL7 v2.5.1 Ch. 2 and 7)."""
+
+    sending_application: HL7_ID = "RETINALGPT"
+    sending_facility: HL7_ID = ""
+    receiving_application: HL7_ID = ""
+    receiving_facility: HL7_ID = ""
+    processing_id: Literal["P", "T", "D"] = Field(default="P", description="MSH-11: production, training, debug")
+    result_status: Literal["P", "F"] = Field(default="F", description="OBR-25 / OBX-11 of revision 1; later "
+                                             "revisions are sent as corrections (C)")
+    patient_class: str = Field(default="U", pattern=r"^[A-Z]$", description="PV1-2 (HL7 table 0004)")
+    assigning_authority: HL7_ID = Field(default="", description="PID-3.4 when the study has no Issuer of "
+                                        "Patient ID")
+    include_pdf: bool = Field(default=False, description="send the PDF report as an ED OBX")
+
+
 class Destination(_Section):
-    """Where results go: a DICOM peer (C-STORE), a FHIR server (transaction), or a folder."""
+    """Where results go: a DICOM peer (C-STORE), a DICOMweb origin server (STOW-RS), a FHIR server
+    (transaction), an HL7 v2 receiver (ORU^R01 over MLLP), or a folder."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["dicom", "fhir", "folder"]
+    kind: Literal["dicom", "dicomweb", "fhir", "folder", "hl7v2"]
     ae_title: AETitle | None = None
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -226,7 +247,10 @@ class Destination(_Section):
     url: str | None = None
     auth: FhirAuth = Field(default_factory=FhirAuth)
     path: Path | None = None
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     timeout: float = Field(default=30.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0, description="hl7v2, dicomweb: seconds to open the "
+                                   "connection")
     max_attempts: int = Field(default=8, ge=1)
     backoff_seconds: float = Field(default=5.0, ge=0)
     originals_first: bool = Field(default=True, description="a study's results go to this destination only once "
@@ -234,7 +258,8 @@ class Destination(_Section):
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> Destination:
-        needed = {"dicom": ("ae_title", "host", "port"), "fhir": ("url",), "folder": ("path",)}[self.kind]
+        needed = {"dicom": ("ae_title", "host", "port"), "dicomweb": ("url",), "fhir": ("url",),
+                  "folder": ("path",), "hl7v2": ("host", "port")}[self.kind]
         missing = [f for f in needed if getattr(self, f) is None]
         if missing:
             raise ValueError(f"destination {self.name!r} of kind {self.kind} needs {', '.join(missing)}")

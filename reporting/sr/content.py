@@ -105,7 +105,7 @@ class ImageGroups:
                     hd.sr.QualitativeEvaluation(condition, codes.grade_code(finding.condition, grade))
                 )
             if finding.probability is not None:
-                name = codes.private(f"P-{condition.value}", f"Probability of {condition.meaning.lower()}")
+                name = codes.probability_code(finding.condition)
                 measurements.append(self._number(name, finding.probability, "1", finding.source))
         evaluations += [
             hd.sr.QualitativeEvaluation(codes.CONDITIONS[condition], codes.NOT_ASSESSED)

@@ -15,6 +15,7 @@ from tests.support.net import free_port
 from tests.support.services import service_missing
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class Orthanc:
@@ -22,7 +23,8 @@ class Orthanc:
 
     def __init__(self, folder: Path, *, ae_title: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None,
                  check_called_aet: bool = True, dicom_port: int | None = None,
-                 known_callers_only: bool = False) -> None:
+                 known_callers_only: bool = False, dicomweb: bool = False,
+                 users: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.ae_title = ae_title
         self.dicom_port = dicom_port or free_port()
@@ -31,10 +33,18 @@ class Orthanc:
         self.modalities = modalities or {}
         self.check_called_aet = check_called_aet
         self.known_callers_only = known_callers_only
+        self.dicomweb = dicomweb
+        self.users = users or {}
+        self.auth = next(iter(self.users.items())) if self.users else None
         self.process: subprocess.Popen | None = None
 
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the DICOMweb plugin (STOW-RS, QIDO-RS, WADO-RS)."""
+        return f"{self.url}/dicom-web"
+
     def config(self) -> dict[str, Any]:
-        return {
+        config = {
             "Name": f"test-{self.ae_title}",
             "StorageDirectory": str(self.folder / "storage"),
             "IndexDirectory": str(self.folder / "storage"),
@@ -46,7 +56,8 @@ class Orthanc:
             "DicomAlwaysAllowEcho": not self.known_callers_only,
             "DicomCheckModalityHost": False,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "HttpServerEnabled": True,
             "DicomModalities": self.modalities,
             "Plugins": [],
@@ -54,6 +65,14 @@ class Orthanc:
             "HttpTimeout": 30,
             "DicomScuTimeout": 30,
         }
+        if self.dicomweb:
+            if not Path(DICOMWEB_PLUGIN).exists():
+                service_missing("Orthanc's DICOMweb plugin is not installed (scripts/bootstrap.sh installs "
+                                "orthanc-dicomweb)")
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
+                                  "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
+        return config
 
     def start(self) -> Orthanc:
         if not Path(ORTHANC).exists():
@@ -68,7 +87,7 @@ class Orthanc:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/system", timeout=1, auth=self.auth).status_code == 200:
                     return self
             except httpx.TransportError:
                 time.sleep(0.2)
@@ -90,13 +109,13 @@ class Orthanc:
         self.stop()
 
     def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.url}{path}", timeout=30)
+        response = httpx.get(f"{self.url}{path}", timeout=30, auth=self.auth)
         response.raise_for_status()
         return response.json()
 
     def post(self, path: str, body: Any) -> Any:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        response = httpx.post(f"{self.url}{path}", content=content, timeout=120)
+        response = httpx.post(f"{self.url}{path}", content=content, timeout=120, auth=self.auth)
         response.raise_for_status()
         return response.json()
 

@@ -84,6 +84,7 @@ class DeliveryObject(StrEnum):
     PDF = "pdf"
     SEG = "seg"
     FHIR = "fhir"
+    HL7 = "hl7"
     ORIGINALS = "originals"
     """The received instances of a study revision, forwarded unchanged to a DICOM destination (routing rules)."""
 

@@ -73,6 +73,8 @@ SOURCE_DEFER_SIZE = "256 KB"
 """Source elements larger than this (Pixel Data) stay on disk until a builder needs them: the SR and FHIR
 Bundle never do, a key image reads its own source's."""
 OPEN_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
+DICOM_KINDS = ("dicom", "dicomweb")
+"""Destinations that receive the DICOM result objects, one delivery row per object kind."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ def expected_kinds(settings: Settings, destination: Destination) -> list[Deliver
         return [DeliveryObject.FHIR]
     if destination.kind == "folder":
         return [DeliveryObject.SR]  # the whole folder of result objects is one delivery
+    if destination.kind == "hl7v2":
+        return [DeliveryObject.HL7]  # one ORU^R01 per revision
     reporting = settings.reporting
     wanted = {DeliveryObject.KEY_IMAGE: reporting.key_image, DeliveryObject.PDF: reporting.pdf,
               DeliveryObject.SEG: reporting.segmentation}
@@ -200,14 +204,22 @@ def create_outbox(session: Session, settings: Settings, study: Study, revision: 
 
 def _has_objects(destination: Destination, kind: DeliveryObject, written: WrittenResults) -> bool:
     """Whether the built results have anything of ``kind`` to send to ``destination``."""
-    return destination.kind != "dicom" or bool(written.dicom_objects.get(kind.value))
+    return destination.kind not in DICOM_KINDS or bool(written.dicom_objects.get(kind.value))
 
 
 def _send(settings: Settings, destination: Destination, kind: DeliveryObject, written: WrittenResults) -> SendOutcome:
     if destination.kind == "dicom":
         return _send_dicom(settings, destination, written.dicom_objects[kind.value])
+    if destination.kind == "dicomweb":
+        from worker.pipeline.dicomweb_delivery import send_stow
+
+        return send_stow(destination, written.dicom_objects[kind.value])
     if destination.kind == "fhir":
         return _send_fhir(destination, written.bundle)
+    if destination.kind == "hl7v2":
+        from worker.pipeline.hl7_delivery import send_hl7
+
+        return send_hl7(destination, written)
     return _copy_folder(destination, written)
 
 

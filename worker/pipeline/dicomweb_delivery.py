@@ -1,0 +1,168 @@
+"""DICOMweb destination: result objects sent by STOW-RS (PS3.18 §10.5, Store Transaction) with dicomweb-client.
+
+One request per delivery row (the SR, the key images, the PDF or the SEGs of a revision), posted to
+``{url}/studies/{Study Instance UID}`` so that the origin server refuses any instance of another study
+(PS3.18 §10.5.1: the instances must belong to the study of the target resource). dicomweb-client writes the
+``multipart/related; type="application/dicom"`` body; its own retrying is switched off, because the delivery
+queue (:mod:`worker.pipeline.delivery`) owns retries, backoff, dead-letter and idempotence exactly as for DIMSE:
+
+* HTTP 200 with an empty Failed SOP Sequence (0008,1198): delivered. The instances keep the UIDs written once
+  for the revision, so a repeat sends the same instances and the archive files them once;
+* connection errors, timeouts, 408, 429 and 5xx: transient, retried with backoff;
+* any other 4xx (401 bad credentials, 404 wrong base URL, 409 every instance refused…): permanent, dead at once;
+* a 200 / 202 answer that lists failed instances: each failure is recorded with its Failure Reason (0008,1197);
+  the row is retried when every reason is transient (0xA7xx out of resources, 0x0110 processing failure,
+  0x021x), dead when one is not (0x0122 SOP class not supported, 0xA9xx, 0xCxxx). The 409 answer's list is
+  recorded the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.status import is_transient_failure
+from worker.config import Destination
+
+if TYPE_CHECKING:
+    import requests
+
+    from worker.pipeline.delivery import SendOutcome
+
+TRANSIENT_HTTP = {408, 425, 429}
+FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorized",
+    0xA700: "out of resources",
+    0xA900: "data set does not match SOP class",
+    0xC000: "cannot understand",
+    0xC122: "referenced Transfer Syntax not supported",
+}
+"""Failure Reason (0008,1197) meanings (PS3.18 Table 10.5.3-1 / PS3.4 Annex GG.4)."""
+
+
+@dataclass(frozen=True)
+class StowResult:
+    """What one STOW-RS request did: HTTP status (None without an answer), stored and failed instances with
+    their reasons, and whether a failure is permanent."""
+
+    status: int | None
+    stored: list[str]
+    failed: list[tuple[str, int | None]]
+    detail: str
+    permanent: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and self.status < 300 and not self.failed
+
+
+def reason_text(code: int | None) -> str:
+    if code is None:
+        return "no reason given"
+    meaning = FAILURE_REASONS.get(code) or FAILURE_REASONS.get(code & 0xFF00, "failure")
+    return f"0x{code:04X} {meaning}"
+
+
+def session_for(destination: Destination) -> requests.Session:
+    """A requests session with the destination's authentication: bearer token, HTTP basic, or mutual TLS;
+    ``auth.ca_certificates`` verifies the server (default: the system store)."""
+    import requests
+
+    session = requests.Session()
+    auth = destination.auth
+    if auth.kind == "bearer" and auth.token is not None:
+        session.headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
+    elif auth.kind == "basic" and auth.username is not None:
+        session.auth = (auth.username, auth.password.get_secret_value() if auth.password else "")
+    elif auth.kind == "mtls" and auth.client_certificate is not None:
+        session.cert = (str(auth.client_certificate), str(auth.client_key)) if auth.client_key else str(
+            auth.client_certificate)
+    if auth.ca_certificates is not None:
+        session.verify = str(auth.ca_certificates)
+    return session
+
+
+def _failures(response: Dataset) -> list[tuple[str, int | None]]:
+    return [(str(item.get("ReferencedSOPInstanceUID", "?")),
+             int(item.FailureReason) if item.get("FailureReason") is not None else None)
+            for item in response.get("FailedSOPSequence", [])]
+
+
+def _body(response: requests.Response) -> Dataset | None:
+    """The STOW response data set in an error answer (DICOM JSON), when the server sent one."""
+    try:
+        data = json.loads(response.content or b"null")
+    except ValueError:
+        return None
+    if isinstance(data, list) and data:
+        data = data[0]
+    if not isinstance(data, dict):
+        return None
+    try:
+        return Dataset.from_json(data)
+    except Exception:  # noqa: BLE001 -- an unreadable body only loses the per-instance detail
+        return None
+
+
+def _describe(failed: list[tuple[str, int | None]]) -> str:
+    return "; ".join(f"{uid}: {reason_text(code)}" for uid, code in failed)
+
+
+def store(destination: Destination, study_instance_uid: str, datasets: Sequence[Dataset]) -> StowResult:
+    """POST ``datasets`` to ``{url}/studies/{study_instance_uid}`` once and classify the answer."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    assert destination.url is not None
+    client = DICOMwebClient(destination.url.rstrip("/"), session=session_for(destination),
+                            timeout=(destination.connect_timeout, destination.timeout))
+    client.set_http_retry_params(retry=False)
+    try:
+        response = client.store_instances(list(datasets), study_instance_uid=study_instance_uid)
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        body = _body(exc.response) if exc.response is not None else None
+        failed = _failures(body) if body is not None else []
+        text = f"HTTP {status}" + (f": {_describe(failed)}" if failed else _reason(exc.response))
+        permanent = status is not None and 400 <= status < 500 and status not in TRANSIENT_HTTP
+        return StowResult(status, [], failed, text, permanent)
+    except requests.RequestException as exc:
+        return StowResult(None, [], [], f"{type(exc).__name__}: {exc}", False)
+    failed = _failures(response)
+    stored = [str(item.get("ReferencedSOPInstanceUID", "")) for item in response.get("ReferencedSOPSequence", [])]
+    if not failed:
+        return StowResult(200, stored, [], "", False)
+    permanent = any(code is None or not is_transient_failure(code) for _, code in failed)
+    return StowResult(200, stored, failed, f"{len(failed)} instance(s) refused: {_describe(failed)}", permanent)
+
+
+def _reason(response: requests.Response | None) -> str:
+    if response is None:
+        return ""
+    text = (response.text or "").strip().replace("\n", " ")
+    return f": {text[:200]}" if text and text not in {"{}", "{ }"} else (f" {response.reason}" if response.reason
+                                                                       else "")
+
+
+def send_stow(destination: Destination, paths: list[Path]) -> SendOutcome:
+    """One delivery attempt of the files of one object kind; the outcome for the delivery queue."""
+    from worker.pipeline.delivery import SendOutcome
+
+    datasets = [pydicom.dcmread(path) for path in paths]
+    studies = {str(ds.StudyInstanceUID) for ds in datasets}
+    if len(studies) != 1:
+        return SendOutcome(ok=False, permanent=True, detail=f"result objects of {len(studies)} studies in one send")
+    study = studies.pop()
+    result = store(destination, study, datasets)
+    if result.ok:
+        return SendOutcome(ok=True, detail=f"{len(result.stored)} instance(s) stored by STOW-RS",
+                           remote_id=f"{destination.url}/studies/{study}"[:255])
+    return SendOutcome(ok=False, permanent=result.permanent, detail=result.detail[:2000])
