@@ -133,6 +133,8 @@ def study_route(decisions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     forward: list[str] = []
     urgent = False
     for decision in decisions:
+        if not decision:  # our own result objects are not routed (their route may read back as JSON null)
+            continue
         if decision["rule"] not in rules:
             rules.append(decision["rule"])
         forward += [name for name in decision.get("forward", ()) if name not in forward]

@@ -283,3 +283,11 @@ def test_urgent_study_overtakes_normal_ones_in_the_inference_queue_on_redis(tmp_
             assert order == ["ER", "FIRST", "SECOND"]
         finally:
             role.stop()
+
+
+def test_study_route_skips_instances_without_a_decision():
+    from worker.routing import study_route
+
+    decisions = [None, {"rule": "a", "forward": ["pacs"], "priority": "normal"},
+                 {"rule": "b", "forward": ["pacs", "vna"], "priority": "urgent"}]
+    assert study_route(decisions) == {"rules": ["a", "b"], "forward": ["pacs", "vna"], "priority": "urgent"}
