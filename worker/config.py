@@ -365,6 +365,31 @@ class AuditSettings(_Section):
         "their SHA-256 and length (a question may name the patient)")
 
 
+class MonitoringSettings(_Section):
+    """Model monitoring (worker/monitoring.py): per model version distributions over a bounded window of the most
+    recent stored analyses, and the drift check against the model's evaluation distribution."""
+
+    enabled: bool = Field(default=True, description="expose the per model version metrics and the drift check")
+    window_analyses: int = Field(default=500, ge=10, le=100_000, description="most recent analyses per model "
+                                 "version in the window")
+    window_days: float = Field(default=30.0, gt=0, le=3650, description="only analyses stored this recently")
+    drift_threshold: float = Field(default=0.25, gt=0, le=10, description="population stability index above "
+                                   "which a condition's recent distribution counts as drifted")
+    drift_min_samples: int = Field(default=50, ge=10, description="fewest image probabilities of a condition in "
+                                   "the window before its drift is judged")
+    drift_fails_readiness: bool = Field(default=False, description="a drifted condition makes /readyz answer 503 "
+                                        "(default: reported in its detail only)")
+    drift_references: list[Path] = Field(default_factory=list, description="evaluation metrics.json files (from "
+                                         "`retinalgpt evaluate`) besides those found in the model directories")
+
+    @model_validator(mode="after")
+    def _samples_fit_window(self) -> MonitoringSettings:
+        if self.drift_min_samples > self.window_analyses:
+            raise ValueError("monitoring.drift_min_samples must not exceed monitoring.window_analyses (a study of "
+                             "one image must be able to reach it)")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration."""
 
@@ -387,6 +412,7 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     _toml_file: Path | None = None
 
