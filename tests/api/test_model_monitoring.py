@@ -26,6 +26,7 @@ from model.schema import (
     StudyAnalysis,
 )
 from tests.api.conftest import ADMIN_TOKEN, READ_TOKEN, sha
+from tests.support.services import postgres_database
 from training.evaluate import ImageOutcome, score_histograms
 from worker.api import create_app
 from worker.config import ConfigError, Settings, load_settings
@@ -76,8 +77,10 @@ def store(db: Database, analyses: list[StudyAnalysis], *, created: dt.datetime |
                                  superseded=superseded, **({"created_at": created} if created else {})))
 
 
-def deployment(tmp_path: Path, **monitoring: Any) -> tuple[Settings, Database]:
+def deployment(tmp_path: Path, url: str | None = None, **monitoring: Any) -> tuple[Settings, Database]:
     settings = settings_for(tmp_path, **monitoring)
+    if url is not None:
+        settings.database.url = url
     upgrade(settings.database.url)
     db = Database(settings.database.url)
     with db.session() as session:  # a consuming worker, so that readiness depends on the drift setting alone
@@ -264,3 +267,30 @@ def test_dashboard_metric_names_exist_in_the_exposition(tmp_path: Path) -> None:
     assert {re.sub(r"_(bucket|count|sum)$", "", n) for n in model_names} <= families, "a model metric has no panel"
     assert all(isinstance(p.get("title"), str) and p.get("datasource") for p in dashboard["panels"])
     db.dispose()
+
+
+@pytest.mark.postgres
+def test_window_and_drift_on_postgres(tmp_path: Path) -> None:
+    """The window query (row_number per model version, created_at range) and the drift check on PostgreSQL."""
+    rng = np.random.default_rng(8)
+    with postgres_database("monitoring") as url:
+        settings, db = deployment(tmp_path, url, window_analyses=60)
+        write_reference(settings, V1, {"diabetic_retinopathy": rng.beta(2, 5, 1000)})
+        write_reference(settings, V2, {"diabetic_retinopathy": rng.beta(2, 5, 1000)})
+        store(db, stream(rng, V1, 80, 0.0, "1.7"))  # 80 stored, the window keeps the newest 60
+        store(db, stream(rng, V2, 60, 0.35, "1.8"))
+        store(db, stream(rng, V2, 5, 0.0, "1.9"), created=dt.datetime.now(dt.UTC) - dt.timedelta(days=40))
+        try:
+            with TestClient(create_app(settings, db=db)) as http:
+                text = http.get("/metrics").text
+                ready = http.get("/readyz").json()
+        finally:
+            db.dispose()
+    v1 = {"model": "retinalgpt-site", "version": "v1"}
+    v2 = {"model": "retinalgpt-site", "version": "v2"}
+    assert metric(text, "retinalgpt_model_window_analyses", **v1) == 60
+    assert metric(text, "retinalgpt_model_window_analyses", **v2) == 60
+    assert metric(text, "retinalgpt_model_finding_probability_count", **v1, condition="diabetic_retinopathy") == 120
+    assert metric(text, "retinalgpt_model_drift", **v1, condition="diabetic_retinopathy") == 0
+    assert metric(text, "retinalgpt_model_drift", **v2, condition="diabetic_retinopathy") == 1
+    assert ready["model_drift"].startswith("drift: retinalgpt-site v2 diabetic_retinopathy")
