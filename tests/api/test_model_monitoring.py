@@ -294,3 +294,29 @@ def test_window_and_drift_on_postgres(tmp_path: Path) -> None:
     assert metric(text, "retinalgpt_model_drift", **v1, condition="diabetic_retinopathy") == 0
     assert metric(text, "retinalgpt_model_drift", **v2, condition="diabetic_retinopathy") == 1
     assert ready["model_drift"].startswith("drift: retinalgpt-site v2 diabetic_retinopathy")
+
+
+def test_window_slides_and_replicas_agree(tmp_path: Path) -> None:
+    """Analyses stored (by another process) after a scrape are counted at the next one, those pushed out of the
+    window or superseded meanwhile are not, and a second API replica reports the same figures."""
+    from sqlalchemy import update
+
+    settings, db = deployment(tmp_path, window_analyses=10, drift_min_samples=10)
+    dr = Condition.DIABETIC_RETINOPATHY
+    store(db, [analysis(f"1.10.{i}", V1, [{dr: 0.05}]) for i in range(10)])
+    key = {"model": "retinalgpt-site", "version": "v1", "condition": "diabetic_retinopathy"}
+    with TestClient(create_app(settings, db=db)) as first, TestClient(create_app(settings, db=db)) as second:
+        before = first.get("/metrics").text
+        assert metric(before, "retinalgpt_model_finding_probability_bucket", **key, le="0.1") == 10
+        store(db, [analysis(f"1.11.{i}", V1, [{dr: 0.95}]) for i in range(4)])
+        with db.session() as session:  # a re-read study: its analysis is superseded
+            newest = session.query(Analysis).order_by(Analysis.id.desc()).first()
+            assert newest is not None
+            session.execute(update(Analysis).where(Analysis.id == newest.id).values(superseded=True))
+        after, other = first.get("/metrics").text, second.get("/metrics").text
+    assert metric(after, "retinalgpt_model_window_analyses", model="retinalgpt-site", version="v1") == 10
+    assert metric(after, "retinalgpt_model_finding_probability_bucket", **key, le="0.1") == 7
+    assert metric(after, "retinalgpt_model_finding_probability_bucket", **key, le="+Inf") == 10
+    assert [line for line in after.splitlines() if line.startswith("retinalgpt_model_")] == \
+           [line for line in other.splitlines() if line.startswith("retinalgpt_model_")]
+    db.dispose()
