@@ -320,3 +320,14 @@ def test_window_slides_and_replicas_agree(tmp_path: Path) -> None:
     assert [line for line in after.splitlines() if line.startswith("retinalgpt_model_")] == \
            [line for line in other.splitlines() if line.startswith("retinalgpt_model_")]
     db.dispose()
+
+
+def test_monitoring_can_be_turned_off(tmp_path: Path) -> None:
+    settings, db = deployment(tmp_path, enabled=False)
+    store(db, [analysis("1.12.1", V1, [{Condition.GLAUCOMA: 0.5}])])
+    with TestClient(create_app(settings, db=db)) as http:
+        text = http.get("/metrics").text
+        ready = http.get("/readyz").json()
+    assert "retinalgpt_model_" not in text and "retinalgpt_studies" in text
+    assert "model_drift" not in ready
+    db.dispose()
