@@ -14,8 +14,9 @@ from pydicom.dataset import Dataset
 
 from model.schema import StudyAnalysis
 from reporting.options import ReportObjects, ReportOptions
+from reporting.verification import Verification
 
-__all__ = ["ReportObjects", "ReportOptions", "build_report_objects"]
+__all__ = ["ReportObjects", "ReportOptions", "Verification", "build_report_objects"]
 
 
 def build_report_objects(
@@ -25,12 +26,14 @@ def build_report_objects(
     *,
     vessel_masks: Mapping[str, np.ndarray] | None = None,
     previous_sr: Dataset | None = None,
+    verification: Verification | None = None,
 ) -> ReportObjects:
     """Build every result object of one analysis revision.
 
     ``sources`` are the analysed source instances (with pixel data when a key image, PDF or SEG is wanted);
     ``vessel_masks`` maps SOP Instance UIDs to vessel masks (rows × columns, non-zero = vessel) for the SEG;
-    ``previous_sr`` is the SR of the previous revision, listed as predecessor of the new one. UIDs are
+    ``previous_sr`` is the SR of the previous revision, listed as predecessor of the new one;
+    ``verification`` is the clinician's sign-off of a signed revision (None: an unsigned, preliminary result). UIDs are
     derived from study, revision and model, so building the same result twice gives identical UIDs.
     The builders are imported here, not at module level, so that importing :mod:`reporting.fhir.client`
     (delivery processes) does not load highdicom and reportlab.
@@ -47,7 +50,7 @@ def build_report_objects(
     if previous_sr is not None and previous_sr.StudyInstanceUID != analysis.study_instance_uid:
         raise ValueError("previous_sr belongs to another study")
     pairs = paired(analysis, sources)
-    sr = build_sr(analysis, sources, options, previous_sr)
+    sr = build_sr(analysis, sources, options, previous_sr, verification)
     segmentations: list[Dataset] = []
     if options.segmentation:
         masks = vessel_masks or {}
@@ -66,7 +69,7 @@ def build_report_objects(
             analysis, [ds for _, ds in pairs], summary.notes(analysis, unmatched_images(analysis, sources))
         )
         pdf = encapsulate_pdf(pdf_bytes, analysis, pairs[0][1], options, created=dt.datetime.now(dt.UTC))
-    bundle = build_bundle(analysis, sources, pdf_bytes, options.fhir_patient_system)
+    bundle = build_bundle(analysis, sources, pdf_bytes, options.fhir_patient_system, verification)
     return ReportObjects(
         sr=sr,
         fhir_bundle=bundle,

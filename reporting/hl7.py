@@ -16,8 +16,10 @@ built and parsed with hl7apy, whose datatypes also escape text (HL7 v2.5.1 Ch. 2
   code as OBX-5, the probability as NM, quality, laterality, key measurements with UCUM units, reference range
   and abnormal flag; the impression and each eye's summary as TX; the referral as CWE; optionally the PDF as an
   ED value. The mapping is documented in docs/results.md.
-* Result status (OBR-25, OBX-11): ``P`` (preliminary) or ``F`` (final) as configured for revision 1, ``C``
-  (correction, replaces the earlier result) for every later revision.
+* Result status (OBR-25, OBX-11; HL7 table 0085): an unsigned AI result is sent with the configured status
+  (``P`` preliminary by default; a later unsigned revision is ``C`` only where ``F`` was configured); a result a
+  clinician signed off (:class:`reporting.verification.Verification`) is ``F``, or ``C`` when it corrects a
+  result that was already signed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pydicom.valuerep import PersonName
 from model.schema import ImageAnalysis, Measurement, ModelIdentity, Source, StudyAnalysis, VesselType, Zone
 from reporting import codes, summary
 from reporting.sources import algorithms
+from reporting.verification import Verification
 
 VERSION = "2.5.1"
 MESSAGE_TYPE = "ORU^R01^ORU_R01"
@@ -65,7 +68,7 @@ class OruOptions:
     """Per-destination parameters of the message (built by :mod:`worker` from the destination).
 
     ``control_id`` is MSH-10 (at most 20 characters): the same for every attempt at the same message, so a
-    receiver can recognise a repeat. ``result_status`` applies to revision 1; later revisions are ``C``.
+    receiver can recognise a repeat. ``result_status`` is the status of unsigned results (:func:`result_status`).
     """
 
     control_id: str
@@ -74,7 +77,7 @@ class OruOptions:
     receiving_application: str = ""
     receiving_facility: str = ""
     processing_id: Literal["P", "T", "D"] = "P"
-    result_status: Literal["P", "F"] = "F"
+    result_status: Literal["P", "F"] = "P"
     patient_class: str = "U"
     assigning_authority: str = ""
     include_pdf: bool = False
@@ -100,8 +103,15 @@ class Ack:
         return self.code in {"AR", "CR"}
 
 
-def result_status(analysis: StudyAnalysis, options: OruOptions) -> ResultStatus:
-    return "C" if analysis.revision > 1 else options.result_status
+def result_status(analysis: StudyAnalysis, options: OruOptions,
+                  verification: Verification | None = None) -> ResultStatus:
+    """OBR-25 / OBX-11: signed ``F`` (``C`` when correcting a signed result); unsigned the configured status,
+    ``C`` for a later revision only when unsigned results are configured ``F`` (a P result is replaced by P)."""
+    if verification is not None:
+        return "C" if verification.corrects_signed else "F"
+    if options.result_status == "F" and analysis.revision > 1:
+        return "C"
+    return options.result_status
 
 
 def text(value: object) -> str:
@@ -171,9 +181,10 @@ def check_context(analysis: StudyAnalysis, context: Dataset) -> str:
 
 
 class _Builder:
-    def __init__(self, analysis: StudyAnalysis, context: Dataset, options: OruOptions) -> None:
+    def __init__(self, analysis: StudyAnalysis, context: Dataset, options: OruOptions,
+                 verification: Verification | None = None) -> None:
         self.analysis, self.context, self.options = analysis, context, options
-        self.status = result_status(analysis, options)
+        self.status = result_status(analysis, options, verification)
         self.observed = study_time(context)
         self.analysed = hl7_time(analysis.created)
         self.order: Group | None = None
@@ -362,16 +373,18 @@ def key_measurements(img: ImageAnalysis) -> list[Measurement]:
     return chosen
 
 
-def build_oru(analysis: StudyAnalysis, context: Dataset, options: OruOptions, pdf: bytes | None = None) -> str:
+def build_oru(analysis: StudyAnalysis, context: Dataset, options: OruOptions, pdf: bytes | None = None,
+              verification: Verification | None = None) -> str:
     """The ORU^R01 message of ``analysis`` in ER7 (segments separated by CR), ready for MLLP framing.
 
     ``context`` is a data set with the study's Patient and General Study modules (a source instance, or our SR,
-    which copies them); ``pdf`` is the PDF report, sent as an ED OBX when ``options.include_pdf``. Raises
+    which copies them); ``pdf`` is the PDF report, sent as an ED OBX when ``options.include_pdf``;
+    ``verification`` the clinician's sign-off of a signed revision (its status F or C). Raises
     :class:`Hl7BuildError` when the data cannot identify the patient safely.
     """
     if len(options.control_id) > 20 or not options.control_id:
         raise Hl7BuildError("MSH-10 message control ID must have 1 to 20 characters")
-    message = _Builder(analysis, context, options).message(pdf)
+    message = _Builder(analysis, context, options, verification).message(pdf)
     return message.to_er7()
 
 

@@ -41,8 +41,11 @@ EYE_NAMES = {"R": "right eye", "L": "left eye"}
 
 
 def notes(analysis: StudyAnalysis, unmatched: Sequence[ImageAnalysis] = ()) -> list[str]:
-    """Statements every result object carries: not verified, model absence, analysis notes, skipped images."""
-    out = [NOT_VERIFIED]
+    """Statements every result object carries: not verified (or the clinician's verification of a signed
+    result, :mod:`reporting.verification`), model absence, analysis notes, skipped images."""
+    from reporting.verification import is_verified_note
+
+    out = [] if any(is_verified_note(n) for n in analysis.notes) else [NOT_VERIFIED]
     if analysis.model is None:
         out.append(NO_MODEL)
     out += [n for n in analysis.notes if n not in out]

@@ -226,8 +226,8 @@ class Hl7Settings(_Section):
     receiving_application: HL7_ID = ""
     receiving_facility: HL7_ID = ""
     processing_id: Literal["P", "T", "D"] = Field(default="P", description="MSH-11: production, training, debug")
-    result_status: Literal["P", "F"] = Field(default="F", description="OBR-25 / OBX-11 of revision 1; later "
-                                             "revisions are sent as corrections (C)")
+    result_status: Literal["P", "F"] = Field(default="P", description="OBR-25 / OBX-11 of unsigned AI results; "
+                                             "a clinician-signed result is F (C when it corrects a signed one)")
     patient_class: str = Field(default="U", pattern=r"^[A-Z]$", description="PV1-2 (HL7 table 0004)")
     assigning_authority: HL7_ID = Field(default="", description="PID-3.4 when the study has no Issuer of "
                                         "Patient ID")
@@ -336,7 +336,11 @@ class ApiToken(_Section):
 
     name: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    role: Literal["read", "admin"] = "read"
+    role: Literal["read", "clinician", "admin"] = "read"
+    observer_name: str | None = Field(default=None, max_length=64, description="clinician tokens: the DICOM "
+                                      "person name (Family^Given) written as the SR's Verifying Observer")
+    organisation: str | None = Field(default=None, max_length=64, description="clinician tokens: the "
+                                     "Verifying Organization (default: reporting.institution_name)")
 
 
 class ApiSettings(_Section):

@@ -39,12 +39,12 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from model.schema import QualityGrade, Referral, Source, StudyAnalysis
 from worker.config import MonitoringSettings, Settings
-from worker.db import Analysis, Database
+from worker.db import Analysis, Database, SignOff
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,9 @@ class ModelMonitor:
         rank = func.row_number().over(partition_by=(Analysis.model_name, Analysis.model_version),
                                       order_by=Analysis.id.desc()).label("rank")
         recent = (select(Analysis.id, Analysis.model_name, Analysis.model_version, rank)
-                  .where(Analysis.superseded.is_(False), Analysis.created_at >= since).subquery())
+                  .where(Analysis.superseded.is_(False), Analysis.created_at >= since,
+                         ~exists().where(SignOff.study_id == Analysis.study_id,  # a clinician's values, not the model's
+                                         SignOff.revision == Analysis.revision)).subquery())
         stmt = select(recent.c.id, recent.c.model_name, recent.c.model_version).where(
             recent.c.rank <= self.config.window_analyses)
         return [(int(i), str(n), str(v)) for i, n, v in session.execute(stmt)]

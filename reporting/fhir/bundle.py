@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from model.schema import StudyAnalysis
 from reporting.fhir import resources as res
 from reporting.sources import algorithms, paired, result_key
+from reporting.verification import Verification
 
 Resource = res.Resource
 
@@ -64,6 +65,7 @@ def build_bundle(
     sources: Sequence[Dataset],
     pdf: bytes | None = None,
     patient_system: str = "urn:retinalgpt:patient-id",
+    verification: Verification | None = None,
 ) -> Resource:
     """The transaction Bundle: Patient, ImagingStudy, Devices, Observations, DiagnosticReport, Provenance."""
     study = analysis.study_instance_uid
@@ -79,7 +81,7 @@ def build_bundle(
         device_refs[identity.device_uid] = _full_url("Device", identity.device_uid)
         entries.append(_create(res.device(identity), device_refs[identity.device_uid]))
     effective = res.acquired(sources[0])
-    factory = res.ObservationFactory(analysis, patient_url, study_url, device_refs, effective)
+    factory = res.ObservationFactory(analysis, patient_url, study_url, device_refs, effective, verification)
     observations = [obs for img, ds in paired(analysis, sources) for obs in factory.for_image(img, ds)]
     screening = factory.screening()
     if screening is not None:
@@ -89,9 +91,10 @@ def build_bundle(
         result_urls.append(_full_url("Observation", obs["identifier"][0]["value"]))
         entries.append(_update(obs, result_urls[-1]))
     report_url = _full_url("DiagnosticReport", study)
-    report = res.diagnostic_report(analysis, patient_url, study_url, result_urls, pdf, effective)
+    report = res.diagnostic_report(analysis, patient_url, study_url, result_urls, pdf, effective, verification)
     entries.append(_update(report, report_url))
-    prov = res.provenance(analysis, [report_url, *result_urls], list(device_refs.values()), study_url)
+    prov = res.provenance(analysis, [report_url, *result_urls], list(device_refs.values()), study_url,
+                          verification)
     prov["id"] = provenance_id(analysis)
     entries.append(
         {

@@ -41,6 +41,7 @@ from model.schema import (
 )
 from reporting import codes, summary
 from reporting.sources import algorithms, laterality
+from reporting.verification import Verification, fhir_status
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 RESULT_SYSTEM = "urn:retinalgpt:result"
@@ -235,8 +236,10 @@ class ObservationFactory:
         study_ref: str,
         device_refs: dict[str, str],
         effective: str | None = None,
+        verification: Verification | None = None,
     ) -> None:
         self.analysis = analysis
+        self.status = fhir_status(verification)
         self.patient_ref = patient_ref
         self.study_ref = study_ref
         self.device_refs = device_refs
@@ -250,7 +253,7 @@ class ObservationFactory:
         data: Resource = {
             "resourceType": "Observation",
             "identifier": [result_identifier(self.analysis, str(ds.SOPInstanceUID), kind)],
-            "status": "amended" if self.analysis.revision > 1 else "final",
+            "status": self.status,
             "category": [{"coding": [codes.OBSERVATION_CATEGORY_IMAGING]}],
             "code": code,
             "subject": {"reference": self.patient_ref},
@@ -381,7 +384,7 @@ class ObservationFactory:
         data: Resource = {
             "resourceType": "Observation",
             "identifier": [result_identifier(self.analysis, "dr-screening")],
-            "status": "amended" if self.analysis.revision > 1 else "final",
+            "status": self.status,
             "category": [{"coding": [codes.OBSERVATION_CATEGORY_IMAGING]}],
             "code": codeable(codes.LOINC_AI_DR_SCREENING),
             "subject": {"reference": self.patient_ref},
@@ -404,13 +407,16 @@ def diagnostic_report(
     result_refs: Sequence[str],
     pdf: bytes | None,
     effective: str | None = None,
+    verification: Verification | None = None,
 ) -> Resource:
     """The DiagnosticReport: imagingStudy, result, conclusion and the PDF as presentedForm. In R4 a Device
-    cannot be a performer; the algorithm is named by the Observations' device and by the Provenance."""
+    cannot be a performer; the algorithm is named by the Observations' device and by the Provenance.
+    Unsigned it is ``preliminary``; signed it is ``final`` (``amended`` when the clinician changed something)
+    with the clinician as ``resultsInterpreter`` (:mod:`reporting.verification`)."""
     data: Resource = {
         "resourceType": "DiagnosticReport",
         "identifier": [result_identifier(analysis, "report")],
-        "status": "amended" if analysis.revision > 1 else "final",
+        "status": fhir_status(verification),
         "category": [codeable(codes.OPHTHALMOLOGY)],
         "code": codeable(codes.REPORT_CODE, text="Fundus photograph AI analysis"),
         "subject": {"reference": patient_ref},
@@ -420,6 +426,8 @@ def diagnostic_report(
         "result": [{"reference": ref} for ref in result_refs],
         "conclusion": summary.conclusion(analysis),
     }
+    if verification is not None:
+        data["resultsInterpreter"] = [clinician_reference(verification)]
     dr_grades = [
         f.grade
         for img in analysis.images
@@ -434,17 +442,31 @@ def diagnostic_report(
                 "contentType": "application/pdf",
                 "language": "en",
                 "data": base64.b64encode(pdf).decode("ascii"),
-                "title": "RetinalGPT fundus analysis report (not verified)",
+                "title": "RetinalGPT fundus analysis report " + (
+                    "(not verified)" if verification is None else f"(verified by {verification.observer_id})"),
                 "creation": _instant(analysis.created),
             }
         ]
     return r4(DiagnosticReport, data)
 
 
+CLINICIAN_SYSTEM = "urn:retinalgpt:clinician"
+"""Identifier system of the signing clinicians (their API token names, the identity the sign-off records)."""
+
+
+def clinician_reference(verification: Verification) -> Resource:
+    """A logical Reference (R4 Reference.identifier) to the verifying clinician, displayed by name."""
+    return {"identifier": {"system": CLINICIAN_SYSTEM, "value": verification.observer_id},
+            "display": str(PersonName(verification.observer_name).formatted("%(given_name)s %(family_name)s")).strip()
+            or verification.observer_id}
+
+
 def provenance(
-    analysis: StudyAnalysis, target_refs: Sequence[str], device_refs: Sequence[str], study_ref: str
+    analysis: StudyAnalysis, target_refs: Sequence[str], device_refs: Sequence[str], study_ref: str,
+    verification: Verification | None = None,
 ) -> Resource:
-    """Provenance of the results: the algorithm Devices as agents, the ImagingStudy as source entity."""
+    """Provenance of the results: the algorithm Devices as agents, the ImagingStudy as source entity, and the
+    verifying clinician as ``verifier`` agent when the revision is signed."""
     data: Resource = {
         "resourceType": "Provenance",
         "target": [{"reference": ref} for ref in target_refs],
@@ -474,4 +496,10 @@ def provenance(
         ],
         "entity": [{"role": "source", "what": {"reference": study_ref}}],
     }
+    if verification is not None:
+        data["agent"].append({
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                 "code": "verifier", "display": "Verifier"}]},
+            "who": clinician_reference(verification),
+        })
     return r4(Provenance, data)

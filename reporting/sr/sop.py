@@ -1,13 +1,16 @@
 """The Comprehensive 3D SR document (IHE AI Results): TID 1500 Measurement Report built with highdicom.
 
 Patient and Study attributes come from the source instances (highdicom copies them from the evidence); the
-document is complete but not verified (PS3.3 C.17.2: Verification Flag UNVERIFIED); the
+document is complete and, until a clinician signs it off, not verified (PS3.3 C.17.2: Verification Flag
+UNVERIFIED); a signed revision is VERIFIED with a Verifying Observer Sequence item (name, organisation,
+Verification DateTime of the sign-off, the signing identity as observer identification code); the
 ContributingEquipmentSequence names each algorithm with its Device UID (PS3.3 C.12.1.1.5 / Table C.12-1); a
 new revision lists the previous document in the Predecessor Documents Sequence.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -17,6 +20,7 @@ from model.schema import StudyAnalysis
 from reporting import codes, summary
 from reporting.options import ReportOptions
 from reporting.sources import algorithms, metadata, paired, result_key, uid, unmatched_images
+from reporting.verification import Verification
 from reporting.sr.content import (
     ImageGroups,
     library_images,
@@ -26,6 +30,7 @@ from reporting.sr.content import (
 )
 
 SERIES_DESCRIPTION = "RetinalGPT AI results (not verified)"
+VERIFIED_SERIES_DESCRIPTION = "RetinalGPT AI results (clinician verified)"
 
 
 def contributing_equipment(analysis: StudyAnalysis) -> list[Dataset]:
@@ -50,8 +55,9 @@ def build_sr(
     sources: Sequence[Dataset],
     options: ReportOptions,
     previous_sr: Dataset | None = None,
+    verification: Verification | None = None,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR of ``analysis`` referencing every matched source image."""
+    """The SR of ``analysis`` referencing every matched source image; VERIFIED by ``verification`` if given."""
     pairs = paired(analysis, sources)
     groups = ImageGroups(analysis)
     imaging = [group for img, ds in pairs for group in groups.for_image(img, ds)]
@@ -78,11 +84,15 @@ def build_sr(
         institution_name=options.institution_name,
         is_complete=True,
         is_final=True,
-        is_verified=False,
+        is_verified=verification is not None,
+        verifying_observer_name=verification.observer_name if verification else None,
+        verifying_organization=verification.organisation if verification else None,
         previous_versions=[previous_sr] if previous_sr is not None else None,
         contributing_equipment=contributing_equipment(analysis),
-        series_description=SERIES_DESCRIPTION,
+        series_description=VERIFIED_SERIES_DESCRIPTION if verification else SERIES_DESCRIPTION,
     )
+    if verification is not None:
+        _verifying_observer(sr.VerifyingObserverSequence[0], verification)
     sr.CodingSchemeIdentificationSequence = [
         *sr.get("CodingSchemeIdentificationSequence", []),
         codes.coding_scheme_identification(),
@@ -90,3 +100,18 @@ def build_sr(
     if analysis.accession_number and not sr.get("AccessionNumber"):
         sr.AccessionNumber = analysis.accession_number
     return sr
+
+
+def _verifying_observer(item: Dataset, verification: Verification) -> None:
+    """Complete highdicom's Verifying Observer item (PS3.3 Table C.17-2): the sign-off's own date/time
+    (highdicom writes the build time) and the signing identity as Verifying Observer Identification Code
+    (Type 2, left empty by highdicom; a local code of the API identity that signed)."""
+    item.VerificationDateTime = verification.verified_at.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S.%f+0000")
+    code = Dataset()
+    if len(verification.observer_id) <= 16:
+        code.CodeValue = verification.observer_id
+    else:
+        code.LongCodeValue = verification.observer_id
+    code.CodingSchemeDesignator = codes.PRIVATE_SCHEME
+    code.CodeMeaning = verification.observer_id[:64]
+    item.VerifyingObserverIdentificationCodeSequence = [code]

@@ -67,7 +67,7 @@ def test_fhirclient_searches_by_patient_and_reads_reports(deployment: Deployment
     reports = DiagnosticReport.where(struct={"patient": patient_id}).perform_resources(smart.server)
     assert len(reports) == 1
     report = DiagnosticReport.read(reports[0].id, smart.server)
-    assert report.status == "final"
+    assert report.status == "preliminary"  # an unsigned AI result
     assert report.subject.reference == f"Patient/{patient_id}"
     assert "Referral: urgent." in report.conclusion
     observations = [Observation.read(ref.reference.split("/")[1], smart.server) for ref in report.result]
@@ -89,10 +89,10 @@ def test_fhirclient_pages_through_observations(deployment: Deployment, smart: cl
 
 
 def test_paging_links(deployment: Deployment) -> None:
-    first = get(deployment, "Observation", status="final", _count=5).json()
+    first = get(deployment, "Observation", status="preliminary", _count=5).json()
     links = {link["relation"]: link["url"] for link in first["link"]}
     assert set(links) == {"self", "first", "next", "last"}
-    assert "status=final" in links["next"] and "_offset=5" in links["next"]
+    assert "status=preliminary" in links["next"] and "_offset=5" in links["next"]
     last = httpx.get(links["last"], headers={"Authorization": f"Bearer {READ_TOKEN}"}).json()
     last_links = {link["relation"] for link in last["link"]}
     assert "previous" in last_links and "next" not in last_links
@@ -154,8 +154,9 @@ def test_capability_statement_tells_the_truth(deployment: Deployment) -> None:
     ({"date": "le2026-02-10T10:00:00Z"}, {"P-001", "P-002"}),
     ({"code": "urn:retinalgpt:codes|FUNDUS-REPORT", "date": "2026-03-01"}, {"P-003"}),
     ({"code": "http://loinc.org|71491-5"}, set()),
-    ({"status": "final,amended", "date": "lt2026-02"}, {"P-001"}),
-    ({"status:not": "final", "date": "lt2026-04"}, set()),
+    ({"status": "preliminary,final", "date": "lt2026-02"}, {"P-001"}),
+    ({"status": "final,amended", "date": "lt2026-02"}, set()),  # nothing signed
+    ({"status:not": "preliminary", "date": "lt2026-04"}, set()),
 ])
 def test_diagnostic_report_search_parameters(deployment: Deployment, params: dict[str, Any], expected: set[str]) -> None:
     bundle = get(deployment, "DiagnosticReport", **params).json()
@@ -217,9 +218,9 @@ def test_index_bundle_is_idempotent_and_versions_new_revisions(deployment: Deplo
     reindex_revision(deployment.db, spec, deployment.storage, revision=2)
     report = get(deployment, "DiagnosticReport", identifier=f"urn:retinalgpt:result|{spec.uid}/report").json()
     current = report["entry"][0]["resource"]
-    assert current["status"] == "amended" and current["meta"]["versionId"] == "2"
+    assert current["status"] == "preliminary" and current["meta"]["versionId"] == "2"  # unsigned
     old = get(deployment, f"DiagnosticReport/{current['id']}/_history/1").json()
-    assert old["status"] == "final" and old["issued"] < current["issued"]
+    assert old["status"] == "preliminary" and old["issued"] < current["issued"]
     study_id = get(deployment, "ImagingStudy", identifier=f"urn:dicom:uid|urn:oid:{spec.uid}").json()["entry"][0]
     provenances = get(deployment, "Provenance", entity=f"ImagingStudy/{study_id['resource']['id']}").json()
     assert provenances["total"] == 2

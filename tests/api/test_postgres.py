@@ -46,7 +46,7 @@ def test_fhir_worklist_and_metrics_on_postgres(tmp_path: Path, retina_rgb: np.nd
                 assert [e["resource"]["subject"]["reference"] for e in reports["entry"]] and reports["total"] == 2
                 first = http.get(f"{fhir}/DiagnosticReport", headers=READ, params={
                     "subject:identifier": f"urn:retinalgpt:patient-id|{SPECS[0].patient_id}",
-                    "_include": "DiagnosticReport:result", "status": "final,amended"}).json()
+                    "_include": "DiagnosticReport:result", "status": "preliminary"}).json()
                 assert first["total"] == 1 and len(first["entry"]) == 1 + len(first["entry"][0]["resource"]["result"])
                 paged = http.get(f"{fhir}/Observation", headers=READ, params={"_count": 3, "_offset": 3}).json()
                 assert len(paged["entry"]) == 3 and {"previous", "next"} <= {lk["relation"] for lk in paged["link"]}

@@ -87,7 +87,7 @@ def test_camera_to_ehr_by_hl7_with_a_retry_and_a_corrected_revision(tmp_path: Pa
             first.validate()
             assert first.oru_r01_patient_result.oru_r01_patient.pid.pid_3.to_er7().split("^")[0] == "E2E-1"
             order = first.oru_r01_patient_result.oru_r01_order_observation
-            assert order.obr.obr_3.to_er7() == "ACC1" and order.obr.obr_25.to_er7() == "F"
+            assert order.obr.obr_3.to_er7() == "ACC1" and order.obr.obr_25.to_er7() == "P"  # unsigned
             kinds = {g.obx.obx_2.to_er7() for g in order.oru_r01_observation}
             assert {"CWE", "NM", "TX", "ED"} <= kinds
 
@@ -97,6 +97,6 @@ def test_camera_to_ehr_by_hl7_with_a_retry_and_a_corrected_revision(tmp_path: Pa
                      diagnostics=diagnostics)
             assert len(receiver.received) == 3
             corrected = parse(receiver.received[2]).oru_r01_patient_result.oru_r01_order_observation
-            assert corrected.obr.obr_25.to_er7() == "C" and corrected.obr.obr_3.to_er7() == "ACC1"
+            assert corrected.obr.obr_25.to_er7() == "P" and corrected.obr.obr_3.to_er7() == "ACC1"  # still unsigned
         finally:
             roles.stop_all()

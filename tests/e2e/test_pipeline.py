@@ -221,7 +221,7 @@ def test_camera_to_pacs_and_ehr_on_embedded_default_with_rerun(tmp_path: Path, r
                  diagnostics=s.diagnostics)
         assert_delivered_once(s, study_uid)
         reports = fhir_reports(s)
-        assert len(reports) == 1 and reports[0]["status"] == "final"
+        assert len(reports) == 1 and reports[0]["status"] == "preliminary"  # unsigned AI result
         first_sr = _srs(s, study_uid)[0]
 
         out = retinalgpt("studies", "rerun", study_uid, config=s.config).stdout
@@ -235,7 +235,7 @@ def test_camera_to_pacs_and_ehr_on_embedded_default_with_rerun(tmp_path: Path, r
         predecessor = second_sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
         assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr.SOPInstanceUID
         reports = fhir_reports(s)
-        assert len(reports) == 1 and reports[0]["status"] == "amended"  # same report, amended, not a second one
+        assert len(reports) == 1 and reports[0]["status"] == "preliminary"  # same report updated, not a second
         db = s.db
         with db.session() as session:
             rows = session.scalars(select(Analysis).order_by(Analysis.revision)).all()

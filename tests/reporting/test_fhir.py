@@ -112,7 +112,7 @@ def test_bundle_mapping(op_sources):
         )
         assert obs["device"]["reference"].startswith("urn:uuid:")
     (report,) = _by_type(bundle, "DiagnosticReport")
-    assert report["status"] == "final"
+    assert report["status"] == "preliminary" and "resultsInterpreter" not in report  # unsigned
     assert report["effectiveDateTime"] == imaging["started"] == "2026-01-01"  # no UTC offset: date only
     assert report["issued"] == "2026-01-01T10:00:00Z"
     assert len(report["result"]) == len(observations)
@@ -136,10 +136,11 @@ def test_same_analysis_gives_same_bundle(op_sources):
     assert build_bundle(analysis, op_sources) == build_bundle(analysis, op_sources)
 
 
-def test_new_revision_amends(op_sources):
+def test_new_unsigned_revision_stays_preliminary_on_the_same_report(op_sources):
     bundle = build_bundle(make_analysis(op_sources, revision=2), op_sources)
     (report,) = _by_type(bundle, "DiagnosticReport")
-    assert report["status"] == "amended"
+    assert report["status"] == "preliminary"
+    assert {o["status"] for o in _by_type(bundle, "Observation")} == {"preliminary"}
     first = build_bundle(make_analysis(op_sources), op_sources)
     assert report["identifier"] == _by_type(first, "DiagnosticReport")[0]["identifier"]
 

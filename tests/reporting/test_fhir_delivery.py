@@ -62,7 +62,7 @@ def test_new_revision_amends_in_place(sources):
         assert client.post_transaction(build_bundle(make_analysis(sources, revision=2), sources)).ok
         assert server.store.count("DiagnosticReport") == reports
         (report,) = server.store.resources["DiagnosticReport"].values()
-        assert report["status"] == "amended"
+        assert report["status"] == "preliminary"  # unsigned revisions stay preliminary
         assert server.store.count("Provenance") == 2  # one provenance record per revision
 
 

@@ -5,6 +5,7 @@ result status P / F / C, escaping, and refusal of data that could misfile the re
 from __future__ import annotations
 
 import base64
+import datetime as dt
 
 import pytest
 from pydicom.dataset import Dataset
@@ -12,6 +13,7 @@ from pydicom.dataset import Dataset
 from reporting import ReportOptions, codes, summary
 from reporting.hl7 import Hl7BuildError, OruOptions, build_oru, parse, parse_ack, unescape
 from reporting.sr.sop import build_sr
+from reporting.verification import Verification
 from tests.reporting.reporting_fixtures import make_analysis
 from tests.support.mllp import build_ack
 
@@ -65,12 +67,12 @@ def test_oru_parses_back_with_the_patient_the_order_and_the_srs_codes(sources):
     order = msg.oru_r01_patient_result.oru_r01_order_observation
     assert order.orc.orc_2.to_er7() == order.orc.orc_3.to_er7() == "ACC42"
     assert order.obr.obr_2.to_er7() == order.obr.obr_3.to_er7() == "ACC42"
-    assert order.obr.obr_25.to_er7() == "F" and order.obr.obr_7.to_er7() == "20260101093000"
+    assert order.obr.obr_25.to_er7() == "P" and order.obr.obr_7.to_er7() == "20260101093000"  # unsigned
     assert unescape(order.nte.nte_3.to_er7()) == "AI result, not verified by a clinician."
 
     obx = _observations(message)
     assert [o.obx_1.to_er7() for o in obx] == [str(n) for n in range(1, len(obx) + 1)]
-    assert {o.obx_11.to_er7() for o in obx} == {"F"}
+    assert {o.obx_11.to_er7() for o in obx} == {"P"}
     by_sub: dict[tuple[str, str], list] = {}
     for o in obx:
         by_sub.setdefault((o.obx_4.to_er7(), _component(o.obx_3, 0)), []).append(o)
@@ -124,13 +126,29 @@ def test_pdf_is_left_out_unless_asked(sources):
     assert not [o for o in _observations(message) if o.obx_2.to_er7() == "ED"]
 
 
-def test_result_status_is_configured_for_the_first_revision_and_c_for_later_ones(sources):
-    preliminary = build_oru(make_analysis(sources), sources[0], OruOptions(control_id="C3", result_status="P"))
-    assert parse(preliminary).oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7() == "P"
-    assert {o.obx_11.to_er7() for o in _observations(preliminary)} == {"P"}
-    corrected = build_oru(make_analysis(sources, revision=2), sources[0], OruOptions(control_id="C4", result_status="P"))
-    assert parse(corrected).oru_r01_patient_result.oru_r01_order_observation.obr.obr_25.to_er7() == "C"
-    assert {o.obx_11.to_er7() for o in _observations(corrected)} == {"C"}
+def _status(message: str) -> tuple[str, set[str]]:
+    obr = parse(message).oru_r01_patient_result.oru_r01_order_observation.obr
+    return obr.obr_25.to_er7(), {o.obx_11.to_er7() for o in _observations(message)}
+
+
+def test_unsigned_results_have_the_configured_status_and_c_only_after_a_final_one(sources):
+    assert _status(build_oru(make_analysis(sources), sources[0], OruOptions(control_id="C3"))) == ("P", {"P"})
+    again = build_oru(make_analysis(sources, revision=2), sources[0], OruOptions(control_id="C4", result_status="P"))
+    assert _status(again) == ("P", {"P"})  # a preliminary result replaced by a preliminary one
+    final = build_oru(make_analysis(sources), sources[0], OruOptions(control_id="C5", result_status="F"))
+    assert _status(final) == ("F", {"F"})
+    corrected = build_oru(make_analysis(sources, revision=2), sources[0], OruOptions(control_id="C6", result_status="F"))
+    assert _status(corrected) == ("C", {"C"})
+
+
+def test_signed_results_are_final_and_a_signed_correction_is_c(sources):
+    signed = Verification(observer_name="Smith^Jane", observer_id="api:dr-smith", organisation="Eye Clinic",
+                          verified_at=dt.datetime(2026, 1, 2, 9, 0, tzinfo=dt.UTC), changed=True)
+    message = build_oru(make_analysis(sources, revision=2), sources[0], OruOptions(control_id="C7"), None, signed)
+    assert _status(message) == ("F", {"F"})
+    again = signed.model_copy(update={"corrects_signed": True})
+    message = build_oru(make_analysis(sources, revision=3), sources[0], OruOptions(control_id="C8"), None, again)
+    assert _status(message) == ("C", {"C"})
 
 
 def test_delimiters_in_the_data_are_escaped_and_read_back(sources):

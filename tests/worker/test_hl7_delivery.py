@@ -56,7 +56,7 @@ def test_aa_delivers_one_oru_per_revision_with_patient_order_and_findings(receiv
     patient = msg.oru_r01_patient_result.oru_r01_patient
     assert patient.pid.pid_3.to_er7().split("^")[0] == "P1" and patient.pid.pid_5.to_er7() == "Test^Patient"
     order = _order(message)
-    assert order.obr.obr_2.to_er7() == order.obr.obr_3.to_er7() == "ACC-7" and order.obr.obr_25.to_er7() == "F"
+    assert order.obr.obr_2.to_er7() == order.obr.obr_3.to_er7() == "ACC-7" and order.obr.obr_25.to_er7() == "P"  # unsigned: preliminary
     observations = [g.obx for g in order.oru_r01_observation]
     dr = [o for o in observations if o.obx_3.to_er7().startswith("4855003^")]
     assert [o.obx_5.to_er7().split("^")[0] for o in dr] == ["312904009", "312904009"]  # grade 2, both eyes
@@ -116,12 +116,12 @@ def test_ar_is_dead_lettered_with_the_reason(receiver, world_factory) -> None:
 
 
 def test_a_new_revision_is_sent_as_a_correction(receiver, world_factory) -> None:
-    world = world_factory(receiver.port, result_status="P")
+    world = world_factory(receiver.port, result_status="F")  # a site that takes unsigned AI results as final
     assert world.deliver() == StudyState.DELIVERED
     world.new_revision()
     assert world.deliver(2) == StudyState.DELIVERED
     first, second = receiver.received
-    assert _order(first).obr.obr_25.to_er7() == "P" and _order(second).obr.obr_25.to_er7() == "C"
+    assert _order(first).obr.obr_25.to_er7() == "F" and _order(second).obr.obr_25.to_er7() == "C"
     assert parse(first).msh.msh_10.to_er7() != parse(second).msh.msh_10.to_er7()
     assert {g.obx.obx_11.to_er7() for g in _order(second).oru_r01_observation} == {"C"}
     impression = [g.obx for g in _order(second).oru_r01_observation if g.obx.obx_3.to_er7().startswith("121073^")]

@@ -1,4 +1,7 @@
-"""Bearer-token authentication with ``read`` and ``admin`` roles (RFC 6750).
+"""Bearer-token authentication with ``read``, ``clinician`` and ``admin`` roles (RFC 6750).
+
+``read`` may read everything; ``clinician`` may also sign off results (issue 17 item 1; the token's name is the
+signing identity recorded in the SR, FHIR and the audit trail); ``admin`` may also operate the node (not sign).
 
 Tokens are configured as SHA-256 hex digests (``[[api.tokens]]``), so the configuration never holds a usable
 secret; a presented token is hashed and compared in constant time. The review page keeps the token in an
@@ -21,11 +24,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from worker.api.context import ApiContext, Ctx
 from worker.config import ApiToken
 
-Role = Literal["read", "admin"]
+Role = Literal["read", "clinician", "admin"]
 SESSION_COOKIE = "retinalgpt_session"
 CSRF_HEADER = "X-Requested-With"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_RANK: dict[str, int] = {"read": 1, "admin": 2}
+_GRANTS: dict[str, frozenset[str]] = {"read": frozenset({"read"}), "clinician": frozenset({"read", "clinician"}),
+                                      "admin": frozenset({"read", "admin"})}
+"""What each token role may do: signing is a clinician's act, not an operator's."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class Principal:
     role: Role
 
     def may(self, role: Role) -> bool:
-        return _RANK[self.role] >= _RANK[role]
+        return role in _GRANTS[self.role]
 
     @property
     def actor(self) -> str:
@@ -88,7 +93,7 @@ def authenticate(request: Request, ctx: ApiContext) -> Principal:
     return principal
 
 
-BEARER = HTTPBearer(auto_error=False, description="an API token from api.tokens (read or admin role)")
+BEARER = HTTPBearer(auto_error=False, description="an API token from api.tokens (read, clinician or admin role)")
 """Declares the scheme in the OpenAPI schema; :func:`authenticate` does the checking (header or cookie)."""
 
 
@@ -108,7 +113,10 @@ def require(role: Role) -> Callable[..., Principal]:
 
 require_read = require("read")
 require_admin = require("admin")
+require_clinician = require("clinician")
 Reader = Annotated[Principal, Depends(require_read)]
 """Handler parameter type: an authenticated principal with at least the read role."""
 Admin = Annotated[Principal, Depends(require_admin)]
 """Handler parameter type: an authenticated principal with the admin role."""
+Clinician = Annotated[Principal, Depends(require_clinician)]
+"""Handler parameter type: an authenticated principal with the clinician role (may sign off results)."""

@@ -1,4 +1,4 @@
-"""JSON API under ``/api``: worklist, study detail, fundus images, rerun (admin) and chat."""
+"""JSON API under ``/api``: worklist, study detail, fundus images, rerun (admin), sign-off (clinician) and chat."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from worker.api.auth import Admin, Reader
+from worker.api.auth import Admin, Clinician, Reader
 from worker.api.chat import ChatAnswer, ChatRequest, ChatUnavailable, ask
 from worker.api.context import ApiContext, Ctx
 from worker.api.images import render_png
@@ -26,6 +26,7 @@ from worker.api.studies import (
     worklist,
 )
 from worker.db import StudyState
+from worker.signoff import SignOffRequest
 from worker.pipeline.sources import ImageTooLarge
 
 SortKey = Literal[tuple(k for key in SORT_KEYS for k in (key, f"-{key}"))]  # type: ignore[valid-type]
@@ -38,6 +39,17 @@ class WorklistPage(BaseModel):
     items: list[dict[str, Any]]
     next: str | None = None
     previous: str | None = None
+
+
+class SignOffResult(BaseModel):
+    study_instance_uid: str
+    signed_revision: int = Field(description="the revision the clinician read")
+    revision: int = Field(description="the new, signed result revision (delivered through the outbox)")
+    changed: bool = Field(description="the clinician corrected something (FHIR 'amended', else 'final')")
+    changes: list[dict[str, Any]]
+    observer: str
+    organisation: str
+    signed_at: dt.datetime
 
 
 class RerunResult(BaseModel):
@@ -131,6 +143,36 @@ def router() -> APIRouter:
             study = find_study(session, study_instance_uid)
             state = study.state.value if study else "unknown"
         return RerunResult(study_instance_uid=study_instance_uid, revision=revision, state=state)
+
+    @api.post("/studies/{study_instance_uid}/signoff", response_model=SignOffResult, status_code=201,
+              responses={403: {"description": "the token is not a clinician's"},
+                         404: {"description": "no such study"},
+                         409: {"description": "the revision signed is not the current one, or nothing to sign"},
+                         422: {"description": "an invalid correction (condition, grade, box, image)"}})
+    def sign_off(study_instance_uid: UidPath, body: SignOffRequest, ctx: Ctx,
+                 principal: Clinician) -> SignOffResult:
+        """Clinician only: confirm or correct the current result revision. Creates the next, signed revision,
+        re-issued through the delivery outbox (SR VERIFIED with the Verifying Observer, FHIR DiagnosticReport
+        ``final``/``amended`` with the clinician as resultsInterpreter, HL7 F/C); audited as ``study.signed``."""
+        from worker.celery_app import DELIVER_STUDY
+        from worker.signoff import SignOffError, sign
+
+        token = next(t for t in ctx.settings.api.tokens if t.name == principal.name)
+        try:
+            with ctx.db.session() as session:
+                row = sign(session, ctx.settings, study_instance_uid, body, token, principal.actor)
+                result = SignOffResult(study_instance_uid=study_instance_uid, signed_revision=row.signed_revision,
+                                       revision=row.revision, changed=row.changed,
+                                       changes=row.corrections["changes"], observer=row.observer_name,
+                                       organisation=row.organisation, signed_at=row.signed_at)
+        except SignOffError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        try:  # a nudge only: the bookkeeper delivers the outbox rows if the broker is unreachable now
+            ctx.celery.send_task(DELIVER_STUDY, kwargs={"study_instance_uid": study_instance_uid,
+                                                        "revision": result.revision})
+        except Exception:  # noqa: BLE001 - kombu raises many types for an unreachable broker
+            pass
+        return result
 
     @api.post("/studies/{study_instance_uid}/chat", response_model=ChatAnswer,
               responses={409: {"description": "the study has no result yet"},

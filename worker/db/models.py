@@ -241,6 +241,30 @@ class ResultObject(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class SignOff(Base):
+    """A clinician's sign-off of one result revision (issue 17 item 1). Signing creates the next revision of the
+    study (``revision``) whose analysis holds the clinician's values; ``signed_revision`` is the revision that was
+    read, ``original`` the AI's analysis as it stood then, ``corrections`` what the clinician changed."""
+
+    __tablename__ = "signoffs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    signed_revision: Mapped[int] = mapped_column(Integer)
+    revision: Mapped[int] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(128))
+    observer_name: Mapped[str] = mapped_column(String(64))
+    organisation: Mapped[str] = mapped_column(String(64))
+    signed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    changed: Mapped[bool] = mapped_column(Boolean)
+    corrects_signed: Mapped[bool] = mapped_column(Boolean, default=False)
+    corrections: Mapped[dict[str, Any]] = mapped_column()
+    original: Mapped[dict[str, Any]] = mapped_column()
+    comment: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("study_id", "revision", name="uq_signoffs_revision"),)
+
+
 class AuditEvent(Base):
     """Who did what, when (associations, rejections, completions, operator actions)."""
 

@@ -107,6 +107,7 @@ def ensure_results(settings: Settings, db: Database, study_instance_uid: str, re
         return written
     from reporting import build_report_objects
     from worker.reporting_params import report_options
+    from worker.signoff import signoff_for, verification_of
 
     with db.session() as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one()
@@ -114,19 +115,25 @@ def ensure_results(settings: Settings, db: Database, study_instance_uid: str, re
         if row is None:
             raise LookupError(f"study {study_instance_uid} revision {revision} has no analysis")
         analysis = StudyAnalysis.model_validate(row.result)
+        signed = signoff_for(session, study.id, revision)
+        verification = verification_of(signed) if signed is not None else None
+        if signed is not None:
+            session.expunge(signed)
         uids = [image.sop_instance_uid for image in analysis.images if image.sop_instance_uid]
         paths = session.scalars(select(Instance.path).where(Instance.sop_instance_uid.in_(uids))).all()
     sources = [pydicom.dcmread(path, defer_size=SOURCE_DEFER_SIZE) for path in paths]  # Pixel Data read when used
     for source in sources:
         remember_dataset(source)  # redacted from this process's log lines (worker/logsetup.py)
-    masks = _read_masks(folder, uids)
+    masks = _read_masks(folder if signed is None else  # a signed revision re-uses the masks of the one it signed
+                        results_folder(settings, study_instance_uid, signed.signed_revision), uids)
     previous = read_results(results_folder(settings, study_instance_uid, revision - 1)) if revision > 1 else None
     previous_sr = pydicom.dcmread(previous.sr) if previous is not None else None
     objects = build_report_objects(
-        analysis, sources, report_options(settings.reporting), vessel_masks=masks, previous_sr=previous_sr
+        analysis, sources, report_options(settings.reporting), vessel_masks=masks, previous_sr=previous_sr,
+        verification=verification,
     )
     _register_objects(db, study_instance_uid, revision, objects)
-    written = write_results(folder, analysis, objects)
+    written = write_results(folder, analysis, objects, verification)
     _index_fhir(db, study_instance_uid, revision, objects.fhir_bundle)
     return written
 

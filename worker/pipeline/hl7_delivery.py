@@ -123,7 +123,7 @@ def message_for(destination: Destination, written: WrittenResults) -> tuple[str,
     context = pydicom.dcmread(written.sr, stop_before_pixels=True)
     pdf = written.pdf.read_bytes() if destination.hl7.include_pdf and written.pdf is not None else None
     options = oru_options(destination, analysis.study_instance_uid, analysis.revision)
-    return build_oru(analysis, context, options, pdf), options.control_id
+    return build_oru(analysis, context, options, pdf, written.read_verification()), options.control_id
 
 
 def send_hl7(destination: Destination, written: WrittenResults) -> SendOutcome:

@@ -11,6 +11,7 @@ conditional on the same identifiers. Layout::
     report-pdf.dcm       Encapsulated PDF
     seg-N.dcm            Segmentations (optional)
     fhir-bundle.json     FHIR R4 transaction Bundle
+    verification.json    the clinician's sign-off of a signed revision (absent: unsigned, preliminary)
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from pydicom.dataset import Dataset
 
 from model.schema import StudyAnalysis
 from reporting import ReportObjects
+from reporting.verification import Verification
 
 ANALYSIS_FILE = "analysis.json"
 SR_FILE = "sr.dcm"
 PDF_FILE = "report.pdf"
 PDF_DICOM_FILE = "report-pdf.dcm"
 BUNDLE_FILE = "fhir-bundle.json"
+VERIFICATION_FILE = "verification.json"
 
 
 @dataclass
@@ -45,6 +48,13 @@ class WrittenResults:
     segmentations: list[Path] = field(default_factory=list)
     pdf: Path | None = None
     pdf_dicom: Path | None = None
+    verification: Path | None = None
+
+    def read_verification(self) -> Verification | None:
+        """The sign-off of this revision, None for an unsigned (preliminary) result."""
+        if self.verification is None:
+            return None
+        return Verification.model_validate_json(self.verification.read_text())
 
     @property
     def dicom_objects(self) -> dict[str, list[Path]]:
@@ -58,7 +68,7 @@ class WrittenResults:
 
     def all_files(self) -> list[Path]:
         files = [self.analysis, self.sr, self.bundle, *self.key_images, *self.segmentations]
-        files += [p for p in (self.pdf, self.pdf_dicom) if p is not None]
+        files += [p for p in (self.pdf, self.pdf_dicom, self.verification) if p is not None]
         return files
 
 
@@ -84,11 +94,16 @@ def _write_dicom(path: Path, dataset: Dataset) -> None:
     os.replace(tmp, path)
 
 
-def write_results(folder: Path, analysis: StudyAnalysis, objects: ReportObjects) -> WrittenResults:
-    """Write every object of one revision into ``folder`` (created), each file atomically."""
+def write_results(folder: Path, analysis: StudyAnalysis, objects: ReportObjects,
+                  verification: Verification | None = None) -> WrittenResults:
+    """Write every object of one revision into ``folder`` (created), each file atomically; the bundle last, as
+    :func:`read_results` takes a folder with analysis, SR and bundle for complete."""
     folder.mkdir(parents=True, exist_ok=True)
     written = WrittenResults(folder=folder, analysis=folder / ANALYSIS_FILE, sr=folder / SR_FILE,
                              bundle=folder / BUNDLE_FILE)
+    if verification is not None:
+        written.verification = folder / VERIFICATION_FILE
+        _atomic_write(written.verification, verification.model_dump_json(indent=2).encode())
     _atomic_write(written.analysis, analysis.model_dump_json(indent=2).encode())
     _write_dicom(written.sr, objects.sr)
     for number, key_image in enumerate(objects.key_images, start=1):
@@ -114,7 +129,7 @@ def read_results(folder: Path) -> WrittenResults | None:
     analysis, sr, bundle = folder / ANALYSIS_FILE, folder / SR_FILE, folder / BUNDLE_FILE
     if not (analysis.is_file() and sr.is_file() and bundle.is_file()):
         return None
-    pdf, pdf_dicom = folder / PDF_FILE, folder / PDF_DICOM_FILE
+    pdf, pdf_dicom, verification = folder / PDF_FILE, folder / PDF_DICOM_FILE, folder / VERIFICATION_FILE
     return WrittenResults(
         folder=folder,
         analysis=analysis,
@@ -124,5 +139,6 @@ def read_results(folder: Path) -> WrittenResults | None:
         segmentations=sorted(folder.glob("seg-*.dcm")),
         pdf=pdf if pdf.is_file() else None,
         pdf_dicom=pdf_dicom if pdf_dicom.is_file() else None,
+        verification=verification if verification.is_file() else None,
     )
 
