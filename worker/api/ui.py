@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from model.schema import ImageAnalysis, LandmarkType, StudyAnalysis
+from model.schema import ImageAnalysis, LandmarkType, LesionType, Referral, StudyAnalysis, max_grade
 from reporting import summary
 from worker.api.auth import SESSION_COOKIE, Reader, principal_for
 from worker.api.context import Ctx
@@ -27,6 +27,7 @@ from worker.api.params import UidPath
 from worker.api.routes import worklist_query
 from worker.api.studies import URGENCY_RANK, WorklistQuery, find_study, study_detail, worklist
 from worker.db import StudyState
+from worker.signoff import SIGNABLE_STATES
 
 HERE = Path(__file__).parent
 CONTENT_SECURITY_POLICY = ("default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; "
@@ -34,6 +35,8 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; img-src 'self'; style-src 'self'
 SESSION_SECONDS = 12 * 3600
 
 templates = Jinja2Templates(directory=str(HERE / "templates"))
+templates.env.globals.update(max_grade=max_grade, condition_name=summary.condition_name,
+                             lesion_types=[t.value for t in LesionType], referrals=[r.value for r in Referral])
 
 
 def static_files() -> StaticFiles:
@@ -158,7 +161,10 @@ def router() -> APIRouter:
                 raise HTTPException(404, f"no study {study_instance_uid}")
             detail = study_detail(session, study, "")
         analysis = StudyAnalysis.model_validate(detail["analysis"]) if detail["analysis"] else None
+        signing = (principal.may("clinician") and analysis is not None
+                   and StudyState(detail["state"]) in SIGNABLE_STATES)
         return templates.TemplateResponse(request, "study.html", {
-            "study": detail, "analysis": analysis, "views": image_views(detail, analysis), "principal": principal})
+            "study": detail, "analysis": analysis, "views": image_views(detail, analysis), "principal": principal,
+            "signing": signing})
 
     return ui
