@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from model.schema import (
     Condition,
@@ -30,7 +31,7 @@ from tests.support.services import postgres_database
 from training.evaluate import ImageOutcome, score_histograms
 from worker.api import create_app
 from worker.config import ConfigError, Settings, load_settings
-from worker.db import Analysis, Database, Study, WorkerHeartbeat
+from worker.db import Analysis, Database, Study, StudyState, WorkerHeartbeat
 from worker.db.migrate import upgrade
 from worker.monitoring import bin_counts, psi
 
@@ -330,4 +331,32 @@ def test_monitoring_can_be_turned_off(tmp_path: Path) -> None:
         ready = http.get("/readyz").json()
     assert "retinalgpt_model_" not in text and "retinalgpt_studies" in text
     assert "model_drift" not in ready
+    db.dispose()
+
+
+def test_a_signed_revision_counts_as_the_model_answer_not_the_clinicians(tmp_path: Path) -> None:
+    """A clinician's sign-off stores the next revision with the clinician's values under the same model identity
+    (worker/signoff.py); the monitoring window counts the AI's analysis of the signed revision, never those."""
+    from worker.config import ApiToken
+    from worker.signoff import SignOffRequest, sign
+
+    settings, db = deployment(tmp_path, window_days=7)
+    dr = Condition.DIABETIC_RETINOPATHY
+    store(db, [analysis("1.2.7", V1, [{dr: 0.9}], referral=Referral.URGENT)])
+    with db.session() as session:
+        study = session.scalars(select(Study)).one()
+        study.state = StudyState.ANALYSED
+    token = ApiToken(name="dr-smith", sha256="0" * 64, role="clinician", observer_name="Smith^Jane",
+                     organisation="Eye Clinic")
+    with db.session() as session:
+        sign(session, settings, "1.2.7", SignOffRequest(revision=1, decision="correct", referral="none", grades=[
+            {"eye": "R", "condition": "diabetic_retinopathy", "grade": 0}]), token, "api:dr-smith")
+    with db.session() as session:
+        assert len(session.scalars(select(Analysis)).all()) == 2  # the AI's and the clinician's
+    with TestClient(create_app(settings, db=db)) as http:
+        text = http.get("/metrics").text
+    v1 = {"model": "retinalgpt-site", "version": "v1"}
+    assert metric(text, "retinalgpt_model_window_analyses", **v1) == 1
+    assert metric(text, "retinalgpt_model_referral_ratio", **v1, referral="urgent") == 1  # the AI's referral
+    assert metric(text, "retinalgpt_model_finding_probability_count", **v1, condition="diabetic_retinopathy") == 1
     db.dispose()
