@@ -129,6 +129,9 @@ def test_signing_with_a_correction_reissues_verified_sr_final_fhir_and_hl7(world
                 "ai": 2, "clinician": 3} in audit.detail["changes"]
         assert audit.detail["comment"] == "Haemorrhage seen temporally."
     assert {r.state for r in world.rows() if r.revision == 2} == {DeliveryState.PENDING}  # the outbox
+    detail = client.get(f"/api/studies/{world.study_uid}", headers=_auth("reader")).json()
+    assert detail["revision"] == 2 and detail["signoff"]["observer"] == "Smith^Jane"
+    assert detail["signoff"]["changed"] is True and detail["analysis"]["revision"] == 2
 
     assert world.deliver(2) == StudyState.DELIVERED
     sr_path = _results(world, 2) / "sr.dcm"

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from model.schema import StudyAnalysis
 from reporting.summary import measurement_row, reported_measurements
-from worker.db import Analysis, AuditEvent, Delivery, Instance, Job, Series, Study, StudyState
+from worker.db import Analysis, AuditEvent, Delivery, Instance, Job, Series, SignOff, Study, StudyState
 from worker.db.queries import current_analysis
 from worker.fhir_store import FhirResource
 
@@ -145,7 +145,7 @@ def measurement_table(analysis: StudyAnalysis) -> dict[str, list[dict[str, str]]
 
 def study_detail(session: Session, study: Study, base_url: str) -> dict[str, Any]:
     """Everything about one study: series and instances (with image URLs), the current analysis with its
-    measurement table, jobs, deliveries, the FHIR DiagnosticReport reference and the audit trail."""
+    measurement table, the clinician's sign-off of the current revision (None: unsigned, preliminary), jobs, deliveries, the FHIR DiagnosticReport reference and the audit trail."""
     analysis = current_analysis(session, study)
     uid = study.study_instance_uid
     series = []
@@ -171,6 +171,12 @@ def study_detail(session: Session, study: Study, base_url: str) -> dict[str, Any
                    "revision": d.revision, "attempts": d.attempts, "last_error": d.last_error,
                    "delivered_at": _iso(d.delivered_at)}
                   for d in session.scalars(select(Delivery).where(Delivery.study_id == study.id).order_by(Delivery.id))]
+    signed = session.scalars(select(SignOff).where(SignOff.study_id == study.id,
+                                                   SignOff.revision == study.revision)).first()
+    signoff = None if signed is None else {
+        "signed_revision": signed.signed_revision, "revision": signed.revision, "actor": signed.actor,
+        "observer": signed.observer_name, "organisation": signed.organisation, "signed_at": _iso(signed.signed_at),
+        "changed": signed.changed, "changes": signed.corrections.get("changes", []), "comment": signed.comment}
     audit = [{"at": _iso(a.at), "actor": a.actor, "action": a.action, "detail": a.detail}
              for a in session.scalars(select(AuditEvent).where(AuditEvent.study_instance_uid == uid)
                                       .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(50))]
@@ -180,6 +186,7 @@ def study_detail(session: Session, study: Study, base_url: str) -> dict[str, Any
         "series": series,
         "analysis": analysis.model_dump(mode="json") if analysis else None,
         "measurements": measurement_table(analysis) if analysis else {},
+        "signoff": signoff,
         "fhir_diagnostic_report": f"{base_url}/fhir/r4/DiagnosticReport/{report}" if report else None,
         "jobs": jobs,
         "deliveries": deliveries,
