@@ -74,7 +74,10 @@ class Spool:
         """Buffered: the file is flushed (and fsynced) once, in :meth:`finish`."""
 
     def finish(self, *, fsync: bool) -> str:
-        """Flush and close the file (fsync when asked); returns the SHA-256 of the whole file."""
+        """Flush and close the file (fsync when asked); returns the SHA-256 of the whole file. Once finished,
+        a second call only returns the digest (a STOW-RS part is finished when it ends, filed later)."""
+        if self._file.closed:
+            return self._digest.hexdigest()
         self._file.flush()
         if fsync:
             os.fsync(self._file.fileno())
