@@ -255,7 +255,8 @@ class ApiToken(_Section):
 
     name: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    role: Literal["read", "admin"] = "read"
+    role: Literal["read", "admin", "sender"] = Field(
+        default="read", description="read: GET routes; admin: everything; sender: STOW-RS ingest only")
 
 
 class ApiSettings(_Section):
@@ -267,6 +268,9 @@ class ApiSettings(_Section):
     base_url: str | None = Field(default=None, description="public base URL used in FHIR links")
     chat_timeout_seconds: float = Field(default=120.0, gt=0, description="how long a chat request waits for the answer")
     metrics_public: bool = Field(default=True, description="serve /metrics without a token")
+    stow_max_request_mb: float = Field(default=4096.0, gt=0, description="largest STOW-RS request body (MiB), "
+                                       "spooled to disk, never held in memory; larger ones get 413 and nothing "
+                                       "of them is stored")
 
 
 class LoggingSettings(_Section):

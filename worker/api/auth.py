@@ -1,4 +1,8 @@
-"""Bearer-token authentication with ``read`` and ``admin`` roles (RFC 6750).
+"""Bearer-token authentication with ``read``, ``admin`` and ``sender`` roles (RFC 6750).
+
+``read`` may use every GET route, ``admin`` everything; ``sender`` (a modality, router or PACS that pushes
+studies by DICOMweb STOW-RS) may only store instances (``POST /dicomweb/studies``), and is the one thing ``read``
+may not do. A sender's token therefore cannot read results or patient data.
 
 Tokens are configured as SHA-256 hex digests (``[[api.tokens]]``), so the configuration never holds a usable
 secret; a presented token is hashed and compared in constant time. The review page keeps the token in an
@@ -21,11 +25,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from worker.api.context import ApiContext, Ctx
 from worker.config import ApiToken
 
-Role = Literal["read", "admin"]
+Role = Literal["read", "admin", "sender"]
 SESSION_COOKIE = "retinalgpt_session"
 CSRF_HEADER = "X-Requested-With"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_RANK: dict[str, int] = {"read": 1, "admin": 2}
+_RANK: dict[str, int] = {"sender": 0, "read": 1, "admin": 2}
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,8 @@ class Principal:
     role: Role
 
     def may(self, role: Role) -> bool:
+        if role == "sender":  # storing: senders and administrators, not readers
+            return self.role in ("sender", "admin")
         return _RANK[self.role] >= _RANK[role]
 
     @property
@@ -108,7 +114,10 @@ def require(role: Role) -> Callable[..., Principal]:
 
 require_read = require("read")
 require_admin = require("admin")
+require_sender = require("sender")
 Reader = Annotated[Principal, Depends(require_read)]
 """Handler parameter type: an authenticated principal with at least the read role."""
 Admin = Annotated[Principal, Depends(require_admin)]
 """Handler parameter type: an authenticated principal with the admin role."""
+Sender = Annotated[Principal, Depends(require_sender)]
+"""Handler parameter type: an authenticated principal allowed to store instances (sender or admin role)."""
