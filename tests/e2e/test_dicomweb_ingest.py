@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("e2e")]
 
 SENDER_TOKEN = "sender-token-Hq3Lw8ZkPe"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 MIB = 1 << 20
 
 
@@ -77,7 +78,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         f'bind_address = "127.0.0.1"\nport = {node_port}\nstable_seconds = 1\nmax_instance_mb = 1\n'
         "[model]\nenabled = false\n"
         "[api]\n"
-        f"port = {api_port}\nstow_max_request_mb = 3\n"
+        f'port = {api_port}\nstow_max_request_mb = 3\nbase_url = "http://127.0.0.1:{api_port}"\n'  # dicomweb-client
+        # sends Host without the port: absolute URLs in answers (RetrieveURL, BulkDataURI) come from base_url
         f'tokens = [{{ name = "viewer", sha256 = "{sha(READ_TOKEN)}", role = "read" }}, '
         f'{{ name = "router-7", sha256 = "{sha(SENDER_TOKEN)}", role = "sender" }}]\n')
     retinalgpt("db", "upgrade", config=config)
@@ -178,6 +180,20 @@ def test_stow_study_completes_is_analysed_and_its_sr_reads_back(site: Site, smal
     with pytest.raises(requests.HTTPError) as refused:  # a sender's token cannot read
         site.client(SENDER_TOKEN).search_for_studies()
     assert refused.value.response.status_code == 403
+
+    objects = [pydicom.Dataset.from_json(i) for i in reader.search_for_instances(study_uid)]
+    key = next(o for o in objects if o.SOPClassUID == SECONDARY_CAPTURE)  # a key image: the frame a viewer draws
+    frames = reader.retrieve_instance_frames(study_uid, key.SeriesInstanceUID, key.SOPInstanceUID, frame_numbers=[1])
+    assert frames == [reader.retrieve_instance(study_uid, key.SeriesInstanceUID, key.SOPInstanceUID).PixelData]
+    pdf = next(o for o in objects if o.SOPClassUID == ENCAPSULATED_PDF)  # the PDF by its metadata's BulkDataURI
+    pdf_metadata = reader.retrieve_instance_metadata(study_uid, pdf.SeriesInstanceUID, pdf.SOPInstanceUID)
+    (document,) = reader.retrieve_bulkdata(pdf_metadata["00420011"]["BulkDataURI"])
+    assert document.startswith(b"%PDF")
+    auth = {"Authorization": f"Bearer {READ_TOKEN}"}
+    paged = httpx.get(f"{site.base}/dicomweb/studies", params={"PatientID": "STOW-P1", "limit": 0, "Foo": "1"},
+                      headers=auth, timeout=10)
+    assert paged.status_code == 200 and paged.json() == [] and "Foo" in paged.headers["warning"]
+    assert httpx.get(f"{site.base}/dicomweb/studies/{generate_uid()}", headers=auth, timeout=10).status_code == 404
 
 
 def test_stow_without_the_sender_role_is_refused_and_stores_nothing(site: Site, small_jpeg: Path) -> None:

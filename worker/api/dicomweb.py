@@ -16,7 +16,9 @@ Routes (all need a token with the read role):
 - WADO-RS: ``/studies/{s}``, ``/studies/{s}/series/{se}`` and ``/…/instances/{i}`` as
   ``multipart/related; type="application/dicom"`` in the stored transfer syntax; ``…/metadata`` at each level as
   ``application/dicom+json`` with bulk data (Pixel Data, Encapsulated Document) replaced by a BulkDataURI that
-  ``…/instances/{i}/bulkdata/{tag}`` answers as ``multipart/related; type="application/octet-stream"``.
+  ``…/instances/{i}/bulkdata/{tag}`` answers as ``multipart/related; type="application/octet-stream"``;
+  ``…/instances/{i}/frames/{n,…}`` the frames a viewer draws (native: ``application/octet-stream``;
+  encapsulated: the frame's own media type).
 """
 
 from __future__ import annotations
@@ -345,4 +347,54 @@ def router() -> APIRouter:
                 + f"\r\n--{boundary}--\r\n".encode())
         return Response(body, media_type=f'multipart/related; type="application/octet-stream"; boundary={boundary}')
 
+    @api.get("/studies/{study}/series/{series}/instances/{instance}/frames/{frames}")
+    def retrieve_frames(study: UidPath, series: UidPath, instance: UidPath, frames: str, ctx: Ctx,
+                        _: Reader) -> Response:
+        """WADO-RS Retrieve Frames (PS3.18 §10.4.1.1.4): ``frames`` is a comma-separated list of 1-based frame
+        numbers; native pixel data as ``application/octet-stream``, encapsulated frames in their own media type
+        (no transcoding)."""
+        files = _one(result_files(ctx, study=study, series=series, sop=instance), "instance")
+        try:
+            numbers = [int(n) for n in frames.split(",")]
+        except ValueError:
+            raise HTTPException(400, f"frame list {frames!r} is not comma-separated numbers") from None
+        return _frames_response(pydicom.dcmread(files[0].path), numbers)
+
     return api
+
+
+_FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+
+
+def _frames_response(ds: Dataset, numbers: list[int]) -> Response:
+    """The asked frames of ``ds`` as one multipart/related body (PS3.18 §8.7.3.3.2)."""
+    if "PixelData" not in ds:
+        raise HTTPException(404, "instance has no Pixel Data")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if not numbers or any(n < 1 or n > count for n in numbers):
+        raise HTTPException(404, f"frames are numbered 1 to {count}")
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        from pydicom.encaps import generate_frames
+
+        media = _FRAME_MEDIA_TYPES.get(syntax, "application/octet-stream")
+        every = list(generate_frames(ds.PixelData, number_of_frames=count))
+        chosen = [every[n - 1] for n in numbers]
+    else:
+        media = "application/octet-stream"
+        bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated)
+        if bits % 8:
+            raise HTTPException(406, "frames of this bit-packed Pixel Data do not start on byte boundaries; "
+                                     "retrieve the instance")
+        size = bits // 8
+        chosen = [ds.PixelData[(n - 1) * size : n * size] for n in numbers]
+    boundary = uuid.uuid4().hex
+    body = b"".join(f"--{boundary}\r\nContent-Type: {media}; transfer-syntax={syntax}\r\n\r\n".encode() + frame
+                    + b"\r\n" for frame in chosen) + f"--{boundary}--\r\n".encode()
+    return Response(body, media_type=f'multipart/related; type="{media}"; boundary={boundary}')
