@@ -160,6 +160,8 @@ class InstanceIntake:
             ident = self._identify(spool, transfer_syntax, sop_class_uid, sop_instance_uid)
         except InvalidInstance as exc:
             return refuse(exc.status, exc.reason)
+        except OSError as exc:  # the temp file vanished or cannot be mapped: nothing to file, try again later
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot read back what was received: {exc}")
         if expected_study is not None and ident.study_instance_uid != expected_study:
             return refuse(StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                           f"instance of study {ident.study_instance_uid} posted to study {expected_study}",

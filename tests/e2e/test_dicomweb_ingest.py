@@ -60,7 +60,7 @@ class Site:
                                   .where(Instance.sop_instance_uid.in_(sop_uids))) or 0
 
     def leftovers(self) -> list[Path]:
-        return list((self.storage / ".incoming").glob("*"))
+        return [p for p in (self.storage / ".incoming").rglob("*") if p.is_file()]
 
     def study(self, uid: str) -> Study | None:
         with self.db.reading() as session:
@@ -272,6 +272,15 @@ def test_oversized_instance_and_oversized_bodies_store_nothing(site: Site, small
     wait_for(lambda: site.leftovers() == [], 10, "the spooled parts of the cut-off request to be removed")
     answer = site.client(SENDER_TOKEN).store_instances(small)  # the same study, sent whole: stored
     assert len(answer.ReferencedSOPSequence) == 2 and site.instances(sops) == 2
+
+
+def test_too_many_parts_is_413_and_stores_nothing(site: Site, small_jpeg: Path) -> None:
+    good, _ = op_study(site.tmp / "many", small_jpeg, "MANY-P1")
+    body, content_type = multipart([("application/dicom", encoded(good))] + [("text/plain", b"")] * 10_000)
+    response = httpx.post(f"{site.base}/dicomweb/studies", content=body, timeout=60,
+                          headers={"Content-Type": content_type, "Authorization": f"Bearer {SENDER_TOKEN}"})
+    assert response.status_code == 413 and "more than 10000 parts" in response.json()["detail"]
+    assert site.instances([str(good.SOPInstanceUID)]) == 0 and site.leftovers() == []
 
 
 def test_not_multipart_is_415(site: Site) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 STOW_PATH = "/dicomweb/studies"
 _MAX_WARNINGS = 20
+MAX_PARTS = 10_000
+"""The most instances one STOW-RS request may carry (each becomes a spool file until the body has arrived)."""
+STALE_SPOOL_SECONDS = 24 * 3600
 _AE_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -60,6 +64,24 @@ class StowService:
         self.store = InstanceStore(params.storage_root, fsync=params.fsync)
         self.sink = IngestService(ctx.db, own_manufacturer=ctx.settings.reporting.manufacturer)
         self.intake = InstanceIntake(params, self.store, self.sink)
+        self.spool_folder = self.store.incoming / "stow"  # not the node's: its start clears ``.incoming/*.part``
+        self.spool_folder.mkdir(exist_ok=True)
+        self._remove_stale()
+
+    def _remove_stale(self) -> None:
+        """Spool files of requests that never finished (an API process killed mid-request). Other API processes
+        may be receiving into the same folder, so only files untouched for :data:`STALE_SPOOL_SECONDS` go."""
+        cutoff = time.time() - STALE_SPOOL_SECONDS
+        removed = 0
+        for path in self.spool_folder.glob("*.part"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.warning("removed %d spool files of STOW-RS requests that never finished", removed)
 
 
 def stow_service(ctx: ApiContext) -> StowService:
@@ -68,6 +90,10 @@ def stow_service(ctx: ApiContext) -> StowService:
         service = StowService(ctx)
         ctx._stow = service  # type: ignore[attr-defined]
     return service
+
+
+class TooManyParts(Exception):
+    """The request carries more than :data:`MAX_PARTS` instances."""
 
 
 @dataclass
@@ -85,13 +111,15 @@ class _Parts:
     parts: list[_Part] = field(default_factory=list)
 
     def part_begin(self, headers: dict[str, str]) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise TooManyParts(f"more than {MAX_PARTS} parts in one request; send the study in several requests")
         media = content_type_params(headers.get("content-type", "application/dicom"))[0]
         if media != "application/dicom":
             self.parts.append(_Part(None, Refusal(StoreStatus.CANNOT_UNDERSTAND,
                                                   f"part has Content-Type {media}, not application/dicom")))
             return
         params = self.service.params
-        self.parts.append(_Part(Part10Receiver(self.service.store.incoming, max_bytes=params.max_instance_bytes,
+        self.parts.append(_Part(Part10Receiver(self.service.spool_folder, max_bytes=params.max_instance_bytes,
                                                source_ae_title=self.source.calling_ae_title, accept=self._accept,
                                                fsync=params.fsync)))
 
@@ -199,6 +227,9 @@ async def _store(request: Request, ctx: ApiContext, principal_name: str, study: 
     except MultipartError as exc:
         parts.discard()
         raise HTTPException(400, f"malformed multipart body: {exc}; nothing was stored") from None
+    except TooManyParts as exc:
+        parts.discard()
+        raise HTTPException(413, f"{exc}; nothing was stored") from None
     except ClientDisconnect:
         parts.discard()
         log.warning("STOW-RS request of %s@%s cut off (or over api.stow_max_request_mb); nothing was stored",
