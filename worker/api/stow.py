@@ -3,7 +3,7 @@
 A modality, router or PACS that speaks only DICOMweb reaches the same pipeline as a C-STORE sender. The
 request body (``multipart/related; type="application/dicom"``, one PS3.10 file per part) is streamed: each
 part's File Meta Information is checked as soon as it has arrived (SOP class accepted, UIDs, transfer syntax)
-and its data set is spooled to a temp file in the store's ``.incoming`` folder, at most
+and its data set is spooled to a temp file in the store's ``.incoming/stow`` folder, at most
 ``dicom.max_instance_mb`` per part and ``api.stow_max_request_mb`` per request, never held in memory. Only when
 the whole body has arrived is each part filed, in order, by :class:`dicom_node.intake.InstanceIntake` — the very
 code the DIMSE listener uses: identified in place, UID conflicts and patient mismatches refused, duplicate
