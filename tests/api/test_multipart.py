@@ -79,3 +79,11 @@ def test_garbage_after_a_delimiter_is_an_error() -> None:
 def test_content_type_parameters() -> None:
     media, params = content_type_params('Multipart/Related; type="application/dicom"; Boundary=abc')
     assert media == "multipart/related" and params == {"type": "application/dicom", "boundary": "abc"}
+
+
+def test_a_boundary_longer_than_rfc_2046_allows_is_taken_within_bounds() -> None:
+    """Orthanc's DICOMweb plugin uses two UUIDs (73 characters); absurd lengths are still refused."""
+    boundary = "a" * 36 + "-" + "b" * 36
+    assert parse(body(boundary, [b"x" * 10]), boundary, 5)[0][1] == b"x" * 10
+    with pytest.raises(MultipartError, match="boundary"):
+        MultipartReader("c" * 257, Collect())

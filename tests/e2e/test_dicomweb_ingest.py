@@ -1,7 +1,8 @@
 """DICOMweb ingest and read (issue 16 item 2) on real processes: node, API and a worker (model disabled, so the
 measurement pipeline analyses). A study made with dcmtk ``img2dcm -oph`` is sent by STOW-RS with
 ``dicomweb-client``, completes through the node's completion tracker, is analysed, and its SR reads back by
-QIDO-RS / WADO-RS and parses with pydicom. Hostile requests — no or wrong token, a reader's token, a part that
+QIDO-RS / WADO-RS and parses with pydicom; Orthanc's DICOMweb plugin, an independent client, sends a study by
+STOW-RS and pulls our results back by WADO-RS. Hostile requests — no or wrong token, a reader's token, a part that
 is not DICOM, an instance of another study posted to ``/studies/{study}``, an instance over the size limit, a
 body over the request limit (declared or streamed) — get a clear error, store nothing, lose nothing."""
 
@@ -25,6 +26,7 @@ from sqlalchemy import func, select
 from tests.api.conftest import READ_TOKEN, sha
 from tests.dicom_node.dicom_fixtures import make_op, write_jpeg
 from tests.support.net import free_port
+from tests.support.orthanc import Orthanc
 from tests.support.roles import Roles, retinalgpt, wait_for
 from worker.config import load_settings
 from worker.db import AuditEvent, Database, Instance, ResultObject, Study, StudyState
@@ -34,6 +36,7 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("e2e")]
 
 SENDER_TOKEN = "sender-token-Hq3Lw8ZkPe"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 MIB = 1 << 20
@@ -194,6 +197,31 @@ def test_stow_study_completes_is_analysed_and_its_sr_reads_back(site: Site, smal
                       headers=auth, timeout=10)
     assert paged.status_code == 200 and paged.json() == [] and "Foo" in paged.headers["warning"]
     assert httpx.get(f"{site.base}/dicomweb/studies/{generate_uid()}", headers=auth, timeout=10).status_code == 404
+
+
+def test_orthanc_pushes_a_study_by_stow_and_pulls_our_results_back_by_wado(site: Site, small_jpeg: Path) -> None:
+    """An independent DICOMweb client: Orthanc's DICOMweb plugin sends a study to us by STOW-RS (chunked, with
+    the sender's bearer token), and once it is analysed retrieves our result objects of the study by WADO-RS."""
+    datasets = op_study(site.tmp / "orthanc-study", small_jpeg, "ORTHANC-P1")
+    study_uid = str(datasets[0].StudyInstanceUID)
+    servers = {name: {"Url": f"{site.base}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {token}"}}
+               for name, token in (("retina-in", SENDER_TOKEN), ("retina-out", READ_TOKEN))}
+    with Orthanc(site.tmp / "orthanc", dicomweb_servers=servers) as pacs:
+        for n, ds in enumerate(datasets):
+            path = site.tmp / "orthanc-study" / f"{n}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            pacs.upload(path)
+        pacs.post("/dicom-web/servers/retina-in/stow", {"Resources": [pacs.study_id(study_uid)]})
+        wait_for(lambda: (st := site.study(study_uid)) and st.state == StudyState.DELIVERED, 300,
+                 "the study Orthanc sent to be analysed", interval=1, diagnostics=site.logs)
+        with site.db.reading() as session:
+            senders = session.scalars(select(Instance.calling_ae_title).join(Study)
+                                      .where(Study.study_instance_uid == study_uid)).all()
+        assert senders == ["router-7", "router-7"]
+        pacs.post("/dicom-web/servers/retina-out/retrieve", {"Resources": [{"Study": study_uid}]})
+        classes = pacs.sop_classes_in_study(study_uid)
+        assert classes.count(OP_8BIT) == 2 and COMPREHENSIVE_3D_SR in classes
+        assert ENCAPSULATED_PDF in classes and SECONDARY_CAPTURE in classes
 
 
 def test_stow_without_the_sender_role_is_refused_and_stores_nothing(site: Site, small_jpeg: Path) -> None:

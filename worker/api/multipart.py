@@ -13,6 +13,9 @@ from typing import Protocol
 
 MAX_HEADER_BYTES = 16 * 1024
 """The most one part's header block may take."""
+MAX_BOUNDARY = 256
+"""RFC 2046 §5.1.1 allows 70 characters; Orthanc's DICOMweb plugin sends 73 (two UUIDs), so we take longer ones
+too (memory use stays bounded)."""
 
 
 class MultipartError(ValueError):
@@ -42,8 +45,8 @@ class MultipartReader:
     """Parses one multipart body with ``boundary``; call :meth:`feed` per chunk and :meth:`close` at the end."""
 
     def __init__(self, boundary: str, handler: PartHandler) -> None:
-        if not boundary or len(boundary) > 70:
-            raise MultipartError("the boundary must have 1 to 70 characters (RFC 2046 §5.1.1)")
+        if not boundary or len(boundary) > MAX_BOUNDARY:
+            raise MultipartError(f"the boundary must have 1 to {MAX_BOUNDARY} characters")
         self._handler = handler
         self._dash = b"--" + boundary.encode("latin-1")
         self._delimiter = b"\r\n" + self._dash

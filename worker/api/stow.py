@@ -206,6 +206,16 @@ def response_dataset(outcomes: list[Outcome]) -> Dataset:
 
 
 async def _store(request: Request, ctx: ApiContext, principal_name: str, study: str | None) -> JSONResponse:
+    try:
+        return await _receive_and_file(request, ctx, principal_name, study)
+    except HTTPException as exc:
+        host = request.client.host if request.client else "unknown"
+        log.warning("STOW-RS request of %s@%s refused with %d: %s", principal_name, host, exc.status_code, exc.detail)
+        raise
+
+
+async def _receive_and_file(request: Request, ctx: ApiContext, principal_name: str,
+                            study: str | None) -> JSONResponse:
     media, params = content_type_params(request.headers.get("content-type", ""))
     if media != "multipart/related":
         raise HTTPException(415, 'STOW-RS takes multipart/related; type="application/dicom" (PS3.18 §10.5.1)')
