@@ -311,6 +311,12 @@ def test_too_many_parts_is_413_and_stores_nothing(site: Site, small_jpeg: Path) 
     assert site.instances([str(good.SOPInstanceUID)]) == 0 and site.leftovers() == []
 
 
+def test_a_sender_token_cannot_sign_in_to_the_review_page(site: Site) -> None:
+    refused = httpx.post(f"{site.base}/ui/login", data={"token": SENDER_TOKEN, "next": "/ui/"}, timeout=10)
+    assert refused.status_code == 403 and "may only send studies" in refused.text
+    assert "set-cookie" not in refused.headers
+
+
 def test_not_multipart_is_415(site: Site) -> None:
     response = httpx.post(f"{site.base}/dicomweb/studies", content=b"{}", timeout=10,
                           headers={"Content-Type": "application/json", "Authorization": f"Bearer {SENDER_TOKEN}"})
