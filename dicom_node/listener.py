@@ -260,8 +260,8 @@ class Listener:
         outcome = self.intake.check_request(source, sop_class_uid, sop_instance_uid)
         spool = getattr(request, "_dataset_file", None)
         if outcome is None and not isinstance(spool, Spool):
-            outcome = self.intake.refuse(source, StoreStatus.CANNOT_UNDERSTAND, "the C-STORE request carries no data set",
-                                         sop_class_uid, sop_instance_uid)
+            outcome = self.intake.refuse(source, StoreStatus.CANNOT_UNDERSTAND,
+                                         "the C-STORE request carries no data set", sop_class_uid, sop_instance_uid)
         if outcome is None:
             assert isinstance(spool, Spool)
             outcome = self.intake.file(

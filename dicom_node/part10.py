@@ -91,7 +91,8 @@ class Part10Receiver:
             return
         self.meta = meta
         if meta.transfer_syntax not in TRANSFER_SYNTAXES:
-            self._refuse(StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED, f"transfer syntax {meta.transfer_syntax} is not supported")
+            self._refuse(StoreStatus.TRANSFER_SYNTAX_NOT_SUPPORTED,
+                         f"transfer syntax {meta.transfer_syntax} is not supported")
             return
         refusal = self.accept(meta)
         if refusal is not None:

@@ -451,7 +451,8 @@ class ReceivingWatcher:
         with self.db.reading() as session:
             rows = session.execute(select(Study.study_instance_uid, Study.last_instance_at)
                                    .where(Study.state == StudyState.RECEIVING)).all()
-        armed = [row.study_instance_uid for row in rows if self._seen.get(row.study_instance_uid) != row.last_instance_at]
+        armed = [row.study_instance_uid for row in rows
+                 if self._seen.get(row.study_instance_uid) != row.last_instance_at]
         self._seen = {row.study_instance_uid: row.last_instance_at for row in rows}
         for study_uid in armed:
             self._arm(study_uid)

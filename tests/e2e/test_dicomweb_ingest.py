@@ -137,7 +137,8 @@ def encoded(ds: pydicom.Dataset) -> bytes:
 
 def failures(answer: dict) -> list[tuple[str | None, int]]:
     ds = pydicom.Dataset.from_json(answer)
-    return [(item.get("ReferencedSOPInstanceUID") or None, int(item.FailureReason)) for item in ds.get("FailedSOPSequence", [])]
+    return [(item.get("ReferencedSOPInstanceUID") or None, int(item.FailureReason))
+            for item in ds.get("FailedSOPSequence", [])]
 
 
 def test_stow_study_completes_is_analysed_and_its_sr_reads_back(site: Site, small_jpeg: Path) -> None:

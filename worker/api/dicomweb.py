@@ -151,7 +151,8 @@ def _search_response(request: Request, items: list[Dataset], supported: tuple[st
     offset, limit = _paging(request)
     page = items[offset:] if limit is None else items[offset : offset + limit]
     ignored = _unsupported(request, supported)
-    headers = {"Warning": f'299 retinalgpt "query keys not supported, ignored: {", ".join(ignored)}"'} if ignored else None
+    warning = f'299 retinalgpt "query keys not supported, ignored: {", ".join(ignored)}"'
+    headers = {"Warning": warning} if ignored else None
     return JSONResponse([ds.to_json_dict() for ds in page], media_type=DICOM_JSON, headers=headers)
 
 

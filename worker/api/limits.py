@@ -13,7 +13,8 @@ class RequestSizeLimit:
     streamed without Content-Length is cut off at the limit: the app sees a client disconnect and its response
     is dropped."""
 
-    def __init__(self, app: Any, max_bytes: int, *, upload_paths: tuple[str, ...] = (), upload_max_bytes: int = 0) -> None:
+    def __init__(self, app: Any, max_bytes: int, *, upload_paths: tuple[str, ...] = (),
+                 upload_max_bytes: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.upload_paths = upload_paths
