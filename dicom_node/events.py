@@ -45,6 +45,8 @@ class ReceivedInstance:
     image_type: tuple[str, ...] = ()
     burned_in_annotation: str | None = None
     manufacturer: str | None = None
+    called_ae_title: str = ""
+    """The AE title the sender called (ours: others are rejected at association)."""
 
 
 class PlacementKind(StrEnum):
@@ -83,6 +85,8 @@ class RejectedInstance:
     sop_class_uid: str | None
     sop_instance_uid: str | None
     study_instance_uid: str | None = None
+    no_space: bool = False
+    """Refused (0xA700) because the storage file system is short of space or a write to it failed."""
 
 
 @dataclass(frozen=True, slots=True)

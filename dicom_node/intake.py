@@ -48,6 +48,8 @@ class Source:
     calling_ae_title: str
     peer_host: str
     protocol: str = "C-STORE"
+    called_ae_title: str = ""
+    """The AE title the sender called (DIMSE); empty: ours (``ae_title``), as for STOW-RS."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,7 @@ class InstanceIntake:
         self.store = store
         self.sink = sink
         self._sop_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._low_space = False
         self.accepted_classes = set(ANALYSABLE_SOP_CLASSES) | set(SR_SOP_CLASSES)
         if params.unsupported_sop_classes is UnsupportedSopPolicy.STORE:
             self.accepted_classes = all_storage_sop_classes()
@@ -93,14 +96,40 @@ class InstanceIntake:
     def limit_text(self) -> str:
         return f"{self.params.max_instance_bytes / (1 << 20):g} MiB"
 
+    def space_refusal(self) -> str | None:
+        """Why nothing may be written now (free space on the storage file system under ``min_free_bytes``),
+        or None. Asked before a byte of a data set is written (when a C-STORE request's command arrives, when a
+        STOW-RS part's File Meta Information has arrived); entering and leaving the low-space state is logged
+        once each."""
+        if self.params.min_free_bytes <= 0:
+            return None
+        try:
+            free = self.store.free_bytes()
+        except OSError as exc:
+            reason = f"cannot read the free space of the storage folder: {exc.strerror or exc}"
+        else:
+            if free >= self.params.min_free_bytes:
+                if self._low_space:
+                    self._low_space = False
+                    log.warning("storage has %.3g GB free again (at least %.3g GB): receiving instances again",
+                                free / 1e9, self.params.min_free_bytes / 1e9)
+                return None
+            reason = (f"storage low: {free / 1e9:.3g} GB free, under the "
+                      f"{self.params.min_free_bytes / 1e9:g} GB minimum")
+        if not self._low_space:
+            self._low_space = True
+            log.error("%s: every instance is answered 0xA700 (Out of Resources) until space is freed", reason)
+        return reason
+
     def refuse(self, source: Source, status: StoreStatus, reason: str, sop_class_uid: str | None,
-               sop_instance_uid: str | None, study_uid: str | None = None) -> Outcome:
-        """Log and report a refused instance (nothing of it is kept)."""
+               sop_instance_uid: str | None, study_uid: str | None = None, *, no_space: bool = False) -> Outcome:
+        """Log and report a refused instance (nothing of it is kept); ``no_space``: refused for want of disk
+        space."""
         log.warning("%s %s from %s@%s refused with 0x%04X: %s", source.protocol,
                     sop_instance_uid or "(no SOP Instance UID)", source.calling_ae_title, source.peer_host,
                     status, reason)
         rejection = RejectedInstance(int(status), reason, source.calling_ae_title, source.peer_host,
-                                     sop_class_uid or None, sop_instance_uid or None, study_uid)
+                                     sop_class_uid or None, sop_instance_uid or None, study_uid, no_space=no_space)
         _sink_call(self.sink.instance_rejected, rejection)
         return Outcome(status, reason, sop_class_uid or None, sop_instance_uid or None, study_uid)
 
@@ -137,8 +166,8 @@ class InstanceIntake:
 
     def _file(self, spool: Spool, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str, source: Source,
               on_received: StudyHook, on_duplicate: StudyHook, expected_study: str | None) -> Outcome:
-        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None) -> Outcome:
-            return self.refuse(source, status, reason, sop_class_uid, sop_instance_uid, study_uid)
+        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None, *, no_space: bool = False) -> Outcome:
+            return self.refuse(source, status, reason, sop_class_uid, sop_instance_uid, study_uid, no_space=no_space)
 
         def conflict(instance: ReceivedInstance, reason: str) -> Outcome:
             log.error("%s %s from %s@%s refused with 0x%04X (UID conflict): %s", source.protocol,
@@ -148,13 +177,15 @@ class InstanceIntake:
             return Outcome(StoreStatus.UID_CONFLICT, reason, sop_class_uid, sop_instance_uid,
                            instance.study_instance_uid)
 
+        if spool.refusal is not None:
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, spool.refusal, no_space=True)
         if spool.exceeded:
             return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE,
                           f"data set of {spool.size} bytes exceeds the {self.limit_text} instance limit")
         try:
             sha256 = spool.finish(fsync=self.params.fsync)
         except OSError as exc:
-            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc}")
+            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc.strerror or exc}", no_space=True)
         temp = spool.path
         try:
             ident = self._identify(spool, transfer_syntax, sop_class_uid, sop_instance_uid)
@@ -193,7 +224,8 @@ class InstanceIntake:
                 self.store.commit(temp, final)
             except OSError as exc:
                 self.store.discard(temp)
-                return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot store: {exc}", study)
+                return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot store: {exc.strerror or exc}", study,
+                              no_space=True)
             on_received(study)
             try:
                 self.sink.instance_stored(instance, replaced=duplicate)
@@ -222,6 +254,7 @@ class InstanceIntake:
             sha256=sha256,
             calling_ae_title=source.calling_ae_title,
             peer_host=source.peer_host,
+            called_ae_title=source.called_ae_title or self.params.ae_title,
             received_at=datetime.now(UTC),
             analysable=not_analysed is None,
             not_analysed_reason=not_analysed,

@@ -77,6 +77,7 @@ class _SupportedContext(PresentationContext):
 class _AssociationStats:
     calling_ae_title: str
     peer_host: str
+    called_ae_title: str = ""
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
@@ -181,7 +182,11 @@ class Listener:
             return file_header(sop_class_uid, sop_instance_uid, transfer_syntax, assoc.requestor.ae_title.strip())
 
         assoc.dimse = SpoolingDimse(assoc, folder=self.store.incoming, max_bytes=self.params.max_instance_bytes,
-                                    header_for=header_for)
+                                    header_for=header_for, refusal_for=self.space_refusal)
+
+    def space_refusal(self) -> str | None:
+        """Why nothing may be written now (:meth:`dicom_node.intake.InstanceIntake.space_refusal`), or None."""
+        return self.intake.space_refusal()
 
     def _on_requested(self, event: Event) -> None:
         """Called-AE check, calling-AE allow-list optionally bound to host, then a free association slot
@@ -217,7 +222,8 @@ class Listener:
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc
         with self._stats_lock:
-            self._stats[id(assoc)] = _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+            self._stats[id(assoc)] = _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address,
+                                                       _called(assoc))
 
     def _on_echo(self, event: Event) -> int:
         return 0x0000
@@ -252,11 +258,12 @@ class Listener:
 
     def _on_store(self, event: Event) -> int | Dataset:
         assoc: Association = event.assoc
-        stats = self._stats.get(id(assoc)) or _AssociationStats(assoc.requestor.ae_title.strip(), assoc.requestor.address)
+        stats = self._stats.get(id(assoc)) or _AssociationStats(
+            assoc.requestor.ae_title.strip(), assoc.requestor.address, _called(assoc))
         request = event.request
         sop_class_uid = str(request.AffectedSOPClassUID)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
-        source = Source(stats.calling_ae_title, stats.peer_host)
+        source = Source(stats.calling_ae_title, stats.peer_host, called_ae_title=stats.called_ae_title)
         outcome = self.intake.check_request(source, sop_class_uid, sop_instance_uid)
         spool = getattr(request, "_dataset_file", None)
         if outcome is None and not isinstance(spool, Spool):
@@ -270,6 +277,8 @@ class Listener:
                 on_received=lambda study: self.tracker.instance_received(study, id(assoc)),
                 on_duplicate=lambda study: self.tracker.duplicate_received(study, id(assoc)),
             )
+        elif isinstance(spool, Spool):
+            spool.discard()
         if not outcome.ok:
             stats.failed += 1
             return _status(outcome.status, outcome.reason)
@@ -291,6 +300,12 @@ class Listener:
             method(*args)
         except Exception:
             log.exception("ingest sink failed in %s", getattr(method, "__name__", method))
+
+
+def _called(assoc: Association) -> str:
+    """The called AE title the requestor asked for (A-ASSOCIATE-RQ)."""
+    primitive = assoc.requestor.primitive
+    return primitive.called_ae_title.strip() if primitive is not None else ""
 
 
 def _released(assoc: Association) -> bool:

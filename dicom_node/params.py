@@ -63,6 +63,9 @@ class ListenerParams:
     max_connections_per_host: int = 8
     max_negotiating_connections: int = 32
     max_instance_bytes: int = 512 << 20
+    min_free_bytes: int = 0
+    """Free space the storage root's file system keeps: below it C-STORE is answered 0xA700 before anything is
+    written (0: no check)."""
     tls: TlsParams | None = None
 
     @property

@@ -111,8 +111,11 @@ class Part10Receiver:
         if self.refusal is None and self.spool is None:
             what = "empty part" if not self._head else "File Meta Information is cut short"
             self._refuse(StoreStatus.CANNOT_UNDERSTAND, f"not a DICOM file (PS3.10): {what}")
-        if self.spool is not None and not self.spool.exceeded:
-            self.spool.finish(fsync=self.fsync)
+        if self.spool is not None and not self.spool.dropping:
+            try:
+                self.spool.finish(fsync=self.fsync)
+            except OSError:
+                pass  # the spool dropped its file and says why (``refusal``); filing refuses it with 0xA700
 
     def discard(self) -> None:
         if self.spool is not None:

@@ -11,7 +11,11 @@ uses the same chunked-receive path of pynetdicom's DIMSE message (the data set f
   written to disk exactly once and only renamed afterwards;
 - the SHA-256 of the file is computed while it is written;
 - once the data set grows past ``max_bytes``, further fragments are counted but not kept and the file is cut
-  back to nothing; the C-STORE handler then refuses the instance (0xA700) after the last fragment.
+  back to nothing; the C-STORE handler then refuses the instance (0xA700) after the last fragment;
+- when the storage file system is short of space as the request's command arrives (``refusal_for`` names the
+  reason), no file is created at all: the data set is counted and dropped, and the handler answers 0xA700; a
+  write that fails on the way (the disk filled up meanwhile, ``ENOSPC``) removes the file, drops the rest and
+  ends the same way, so a full disk never leaves a partial file nor breaks the association.
 
 :class:`SpoolingDimse` replaces an association's DIMSE provider when the connection opens (EVT_CONN_OPEN).
 It feeds pynetdicom one presentation data value at a time so the spool file is in place between the last
@@ -25,6 +29,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
+from typing import BinaryIO
 from pathlib import Path
 
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -44,63 +49,107 @@ class Spool:
     """One received data set on its way to disk: a file in ``folder`` that starts with ``header``.
 
     pynetdicom writes fragments with ``write`` and calls ``file.flush()`` after each; the handler reads
-    ``size`` / ``exceeded`` and takes the file with :meth:`finish`."""
+    ``size`` / ``exceeded`` / ``refusal`` and takes the file with :meth:`finish`. With ``refusal`` given (the
+    disk is short of space) no file is created and every fragment is dropped."""
 
-    def __init__(self, folder: Path, header: bytes, max_bytes: int) -> None:
+    def __init__(self, folder: Path, header: bytes, max_bytes: int, *, refusal: str | None = None) -> None:
         self.path = folder / f"{uuid.uuid4().hex}.part"
         self.name = str(self.path)  # pynetdicom unlinks ``name`` after the handler; gone by then if stored
         self.header_length = len(header)
         self.max_bytes = max_bytes
         self.size = 0
         self.exceeded = False
+        self.refusal = refusal
+        """Why nothing of this data set is kept (no space); None while it is being written."""
         self._digest = hashlib.sha256(header)
-        self._file = open(self.path, "xb", buffering=_BUFFER)  # noqa: SIM115 - closed by finish()/close()
-        self._file.write(header)
+        self._file: BinaryIO | None = None
         self.file = self  # pynetdicom calls ``_data_set_file.file.flush()``
+        if refusal is None:
+            try:
+                self._file = open(self.path, "xb", buffering=_BUFFER)  # noqa: SIM115 - closed by finish()/close()
+                self._file.write(header)
+            except OSError as exc:
+                self._give_up(exc)
+
+    @property
+    def dropping(self) -> bool:
+        return self.exceeded or self.refusal is not None
 
     def write(self, data: bytes | memoryview) -> int:
         self.size += len(data)
-        if self.exceeded:
+        if self.dropping:
             return len(data)
         if self.size > self.max_bytes:
             self.exceeded = True
-            self._file.seek(0)
-            self._file.truncate()  # keep neither the bytes nor the disk space
+            self._truncate()  # keep neither the bytes nor the disk space
             return len(data)
         self._digest.update(data)
-        return self._file.write(data)
+        try:
+            return self._file.write(data)
+        except OSError as exc:  # ENOSPC, EDQUOT, EIO: never raise into pynetdicom's reactor (it would abort)
+            self._give_up(exc)
+            return len(data)
 
     def flush(self) -> None:
         """Buffered: the file is flushed (and fsynced) once, in :meth:`finish`."""
 
     def finish(self, *, fsync: bool) -> str:
-        """Flush and close the file (fsync when asked); returns the SHA-256 of the whole file. Once finished,
+        """Flush and close the file (fsync when asked); returns the SHA-256 of the whole file. An
+        :class:`OSError` (the disk filled up on the last bytes) removes the file and is raised. Once finished,
         a second call only returns the digest (a STOW-RS part is finished when it ends, filed later)."""
-        if self._file.closed:
+        if self._file is not None and self._file.closed:
             return self._digest.hexdigest()
-        self._file.flush()
-        if fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            if fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            self._give_up(exc)
+            raise
         return self._digest.hexdigest()
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        if self._file is not None and not self._file.closed:
+            try:
+                self._file.close()
+            except OSError:  # the buffered tail could not be written: the file is being dropped anyway
+                pass
 
     def discard(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
 
+    def _truncate(self) -> None:
+        try:
+            self._file.seek(0)
+            self._file.truncate()
+        except OSError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        """A write failed: drop the file (and its disk space) and every further fragment."""
+        self.refusal = f"cannot write: {exc.strerror or exc}"
+        log.warning("spool %s: %s; the rest of the data set is dropped", self.path.name, self.refusal)
+        if self._file is not None:
+            try:
+                self._file.seek(0)
+                self._file.truncate()  # drops the unwritten buffer too, so close() does not fail again
+            except OSError:
+                pass
+        self.discard()
+
 
 class SpoolingDimse(DIMSEServiceProvider):
     """A DIMSE provider that receives every C-STORE data set into a :class:`Spool` of at most ``max_bytes``."""
 
-    def __init__(self, assoc, *, folder: Path, max_bytes: int, header_for: HeaderFor) -> None:  # noqa: ANN001
+    def __init__(self, assoc, *, folder: Path, max_bytes: int, header_for: HeaderFor,  # noqa: ANN001
+                 refusal_for: Callable[[], str | None] = lambda: None) -> None:
         super().__init__(assoc)
         self._folder = folder
         self._max_bytes = max_bytes
         self._header_for = header_for
+        self._refusal_for = refusal_for
         self._prepared: object | None = None
 
     def receive_primitive(self, primitive: P_DATA) -> None:
@@ -121,7 +170,7 @@ class SpoolingDimse(DIMSEServiceProvider):
                        if cx.context_id == message.context_id), "")
         header = self._header_for(str(command.get("AffectedSOPClassUID", "")),
                                   str(command.get("AffectedSOPInstanceUID", "")), syntax)
-        spool = Spool(self._folder, header, self._max_bytes)
+        spool = Spool(self._folder, header, self._max_bytes, refusal=self._refusal_for())
         message._data_set_file = spool
         message._data_set_path = spool.path
 

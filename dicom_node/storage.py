@@ -25,6 +25,11 @@ class InstanceStore:
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
 
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the storage root's file system (``statvfs``
+        ``f_bavail × f_frsize``)."""
+        return free_bytes(self.root)
+
     def remove_leftovers(self) -> int:
         """Delete temp files of receptions that never completed (no Success was answered for them)."""
         leftovers = list(self.incoming.glob("*.part"))
@@ -57,7 +62,16 @@ class InstanceStore:
     def commit(self, temp: Path, final: Path) -> None:
         """Atomically move a fsynced temp file into place and make the rename durable."""
         self._ensure_dir(final.parent)
-        os.replace(temp, final)
+        try:
+            os.replace(temp, final)
+        except FileNotFoundError:
+            if not temp.exists():
+                raise
+            # the folder was removed since it was made (the retention sweep removes emptied study folders)
+            with self._dirs_lock:
+                self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            os.replace(temp, final)
         if self.fsync:
             _fsync_dir(final.parent)
 
@@ -78,6 +92,12 @@ class InstanceStore:
                 for made in created:
                     _fsync_dir(made.parent)
             self._known_dirs.add(directory)
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes available to an unprivileged writer on the file system holding ``folder``."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 CONFIG_ENV = "RETINALGPT_CONFIG"
@@ -99,8 +99,22 @@ class DicomSettings(_Section):
 
 
 class StorageSettings(_Section):
+    """Where received instances live, how long their originals are kept, and the free space the node keeps."""
+
     path: Path = Path("studies")
     fsync: bool = True
+    retain_days: float | None = Field(default=None, gt=0, description="originals of a delivered study whose last "
+                                      "instance arrived longer ago than this are deleted (results and database rows "
+                                      "kept, the study marked purged); unset: kept for ever")
+    min_free_gb: float = Field(default=1.0, ge=0, description="below this much free space (GB, 10^9 bytes) on the "
+                               "storage folder's file system the node answers C-STORE with 0xA700 before writing "
+                               "anything; 0 turns the check off")
+    retention_sweep_seconds: float = Field(default=600.0, gt=0, description="how often the bookkeeper looks for "
+                                           "originals past retain_days")
+
+    @property
+    def min_free_bytes(self) -> int:
+        return int(self.min_free_gb * 1e9)
 
 
 class DatabaseSettings(_Section):
@@ -239,6 +253,8 @@ class Destination(_Section):
                                    "connection")
     max_attempts: int = Field(default=8, ge=1)
     backoff_seconds: float = Field(default=5.0, ge=0)
+    originals_first: bool = Field(default=True, description="a study's results go to this destination only once "
+                                  "the originals forwarded to it (routing rules) are delivered")
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> Destination:
@@ -248,6 +264,71 @@ class Destination(_Section):
         if missing:
             raise ValueError(f"destination {self.name!r} of kind {self.kind} needs {', '.join(missing)}")
         return self
+
+
+class ValueMatch(_Section):
+    """One test on a value (routing rules): exactly one of ``equals``, ``glob`` (fnmatch, case-sensitive),
+    ``regex`` (Python ``re.fullmatch``) or ``present`` (true: the value is there and not empty)."""
+
+    equals: str | None = None
+    glob: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> ValueMatch:
+        given = [name for name in ("equals", "glob", "regex", "present") if getattr(self, name) is not None]
+        if len(given) != 1:
+            got = ", ".join(given) or "none"
+            raise ValueError(f"a test takes exactly one of equals, glob, regex, present (got {got})")
+        if self.regex is not None:
+            import re
+
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        return self
+
+
+def _glob_from_string(value: Any) -> Any:
+    return {"glob": value} if isinstance(value, str) else value
+
+
+MatchValue = Annotated[ValueMatch, BeforeValidator(_glob_from_string)]
+"""A test; a plain string is a glob (an exact match when it holds no ``*``, ``?`` or ``[``)."""
+
+
+class Priority(StrEnum):
+    NORMAL = "normal"
+    URGENT = "urgent"
+
+
+class Rule(_Section):
+    """A routing rule (issue 15): what it matches and what it decides. Rules are tried in order for every
+    received instance; the first whose every given test passes decides; with none matching, the built-in
+    default (analyse, forward nowhere, normal priority: the behaviour without rules)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    calling_ae: MatchValue | None = None
+    called_ae: MatchValue | None = None
+    peer_host: MatchValue | None = None
+    modality: MatchValue | None = None
+    sop_class_uid: MatchValue | None = None
+    attributes: dict[str, MatchValue] = Field(default_factory=dict, description="DICOM keyword → test")
+    analyse: bool = True
+    forward: list[str] = Field(default_factory=list, description="names of DICOM destinations for the originals")
+    priority: Priority = Priority.NORMAL
+
+    @field_validator("attributes")
+    @classmethod
+    def _keywords(cls, attributes: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        from pydicom.datadict import tag_for_keyword
+
+        unknown = [k for k in attributes if tag_for_keyword(k) is None]
+        if unknown:
+            raise ValueError(f"not DICOM keywords: {', '.join(unknown)}")
+        return attributes
 
 
 class ApiToken(_Section):
@@ -306,6 +387,7 @@ class Settings(BaseSettings):
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
     reporting: ReportingSettings = Field(default_factory=ReportingSettings)
     destinations: list[Destination] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
@@ -335,6 +417,22 @@ class Settings(BaseSettings):
         if dupes:
             raise ValueError(f"destination names must be unique: {', '.join(dupes)}")
         return destinations
+
+    @model_validator(mode="after")
+    def _rules_name_destinations(self) -> Settings:
+        names = [rule.name for rule in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique: {', '.join(dupes)}")
+        kinds = {d.name: d.kind for d in self.destinations}
+        for rule in self.rules:
+            for name in rule.forward:
+                if name not in kinds:
+                    raise ValueError(f"rule {rule.name!r} forwards to {name!r}, which is not a configured destination")
+                if kinds[name] != "dicom":
+                    raise ValueError(f"rule {rule.name!r} forwards originals to {name!r}, a {kinds[name]} "
+                                     "destination: originals go to DICOM destinations only")
+        return self
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:

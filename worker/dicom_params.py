@@ -45,6 +45,7 @@ def listener_params(settings: Settings) -> ListenerParams:
         max_connections_per_host=dicom.max_connections_per_host,
         max_negotiating_connections=dicom.max_negotiating_connections,
         max_instance_bytes=int(dicom.max_instance_mb * (1 << 20)),
+        min_free_bytes=settings.storage.min_free_bytes,
         tls=tls_params(dicom.tls),
     )
 

@@ -13,6 +13,12 @@ study is a *UID conflict*, refused and audited (``instance.uid_conflict``); the 
 Our own result objects (SR, key images, PDF, SEG) sent back by a PACS are recognised by their SOP Instance UID
 or Series Instance UID (recorded in ``result_objects`` when they were built) or by our Manufacturer: they are
 stored, never analysed, and — like every instance that is not analysed — never open a revision.
+
+Every other instance is routed (:mod:`worker.routing`, the ``[[rules]]`` of the configuration): the deciding
+rule and its decision are recorded on the instance row (``route``), ``analyse = false`` files it as not analysed.
+When the study completes, the decisions of its instances are combined on the study row (``route``: forward
+destinations, priority) and audited (``study.routed``); a study with no analysable image ends ``not_applicable``
+(audit ``study.not_analysed``), is not queued and gets no SR.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from sqlalchemy import Connection, bindparam, func, insert, or_, select, update
@@ -40,11 +46,14 @@ from dicom_node.events import (
     RejectedInstance,
 )
 from dicom_node.listener import Listener
-from worker.config import Settings
+from worker.config import Rule, Settings
 from worker.db import (
     Analysis,
     AuditEvent,
     Database,
+    Delivery,
+    DeliveryObject,
+    DeliveryState,
     Instance,
     ResultObject,
     Series,
@@ -55,6 +64,7 @@ from worker.db import (
 )
 from worker.dicom_params import completion_params, listener_params
 from worker.logsetup import phi_enabled, remember_patient
+from worker.routing import DEFAULT, RouteInput, header_reader, route, study_route
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +78,13 @@ class IngestService:
     """Records received instances and study completion (thread-safe; one short transaction per call)."""
 
     def __init__(self, db: Database, on_complete: CompletionCallback | Iterable[CompletionCallback] | None = None,
-                 *, own_manufacturer: str | None = None):
+                 *, own_manufacturer: str | None = None, rules: Sequence[Rule] = (),
+                 on_forward: CompletionCallback | None = None):
         self.db = db
+        self.rules = tuple(rules)
+        self.on_forward = on_forward
+        """Called as ``on_forward(study_instance_uid, revision)`` after a completed revision's originals were
+        queued for forwarding (their delivery rows committed): the pipeline sends the delivery task."""
         self.own_manufacturer = (own_manufacturer or "").strip().casefold() or None
         if on_complete is None:
             self._callbacks: list[CompletionCallback] = []
@@ -123,12 +138,14 @@ class IngestService:
             try:
                 with self.db.engine.begin() as conn:
                     own = self._own_result(conn, instance)
-                    recorded = instance
+                    recorded, route = instance, None
                     if own is not None:
                         recorded = dataclasses.replace(instance, analysable=False, not_analysed_reason=own)
+                    else:
+                        recorded, route = self._routed(instance)
                     study_id, revision = self._receiving_study(conn, recorded)
                     series_id = self._series_id(conn, recorded, study_id)
-                    _upsert_instance(conn, recorded, study_id, series_id, revision)
+                    _upsert_instance(conn, recorded, study_id, series_id, revision, route)
                     if replaced:
                         conn.execute(insert(AuditEvent).values(_audit_values(
                             instance.calling_ae_title, instance.peer_host, "instance.replaced",
@@ -147,6 +164,32 @@ class IngestService:
                     raise
                 self._series_ids.pop(instance.series_instance_uid, None)
 
+    def _routed(self, instance: ReceivedInstance) -> tuple[ReceivedInstance, dict]:
+        """Apply the routing rules: the instance as it is recorded (not analysed when the deciding rule says
+        ``analyse = false``) and the decision to record with it."""
+        if not self.rules:
+            decision = DEFAULT
+        else:
+            read = header_reader(instance.path)
+
+            def attribute(keyword: str) -> str | None:
+                try:
+                    return read(keyword)
+                except Exception as exc:  # noqa: BLE001 - identified already; an unreadable header is "absent"
+                    log.warning("routing: cannot read %s of %s: %s", keyword, instance.sop_instance_uid, exc)
+                    return None
+
+            decision, _ = route(self.rules, RouteInput(
+                calling_ae=instance.calling_ae_title, called_ae=instance.called_ae_title,
+                peer_host=instance.peer_host, modality=instance.modality, sop_class_uid=instance.sop_class_uid,
+                attribute=attribute))
+        recorded = instance
+        if not decision.analyse and instance.analysable:
+            recorded = dataclasses.replace(instance, analysable=False,
+                                           not_analysed_reason=f"rule {decision.rule}: analyse = false")
+        return recorded, {"rule": decision.rule, "analyse": decision.analyse, "forward": list(decision.forward),
+                          "priority": decision.priority.value}
+
     def duplicate_ignored(self, instance: ReceivedInstance) -> None:
         with self.db.session() as session:
             session.add(_audit(instance.calling_ae_title, instance.peer_host, "instance.duplicate_ignored",
@@ -161,8 +204,10 @@ class IngestService:
                                sha256=instance.sha256, reason=reason))
 
     def instance_rejected(self, rejection: RejectedInstance) -> None:
+        """Audited as ``instance.rejected``, or ``instance.no_space`` when the storage was short of space."""
+        action = "instance.no_space" if rejection.no_space else "instance.rejected"
         with self.db.session() as session:
-            session.add(_audit(rejection.calling_ae_title, rejection.peer_host, "instance.rejected",
+            session.add(_audit(rejection.calling_ae_title, rejection.peer_host, action,
                                rejection.study_instance_uid, status=f"0x{rejection.status:04X}",
                                reason=rejection.reason, sop_class_uid=rejection.sop_class_uid,
                                sop_instance_uid=rejection.sop_instance_uid))
@@ -208,14 +253,33 @@ class IngestService:
                 Instance.study_id == study.id, Instance.revision == revision))
             analysable = session.scalar(select(func.count()).select_from(Instance).where(
                 Instance.study_id == study.id, Instance.revision <= revision, Instance.analysable.is_(True)))
+            routes = session.scalars(select(Instance.route).where(
+                Instance.study_id == study.id, Instance.revision <= revision, Instance.route.is_not(None))
+                .order_by(Instance.id)).all()
+            study.route = study_route(routes)
             session.add(AuditEvent(actor=ACTOR, action="study.complete", study_instance_uid=study_instance_uid,
                                    detail={"revision": revision, "instances": count, "analysable": analysable}))
+            if self.rules:
+                session.add(AuditEvent(actor=ACTOR, action="study.routed", study_instance_uid=study_instance_uid,
+                                       detail={"revision": revision, **study.route}))
+            forwarding = _queue_originals(session, study, revision, study.route["forward"])
             if not analysable:
+                check_transition(study.state, StudyState.NOT_APPLICABLE)
+                study.state = StudyState.NOT_APPLICABLE
+                reasons = sorted(set(session.scalars(select(Instance.not_analysed_reason).where(
+                    Instance.study_id == study.id, Instance.revision <= revision)).all()) - {None})
                 session.add(AuditEvent(actor=ACTOR, action="study.not_analysed", study_instance_uid=study_instance_uid,
-                                       detail={"revision": revision, "reason": "no analysable image"}))
+                                       detail={"revision": revision, "reason": "no analysable image",
+                                               "state": StudyState.NOT_APPLICABLE.value,
+                                               "instances_not_analysed": reasons}))
             patient = f" of patient {study.patient_id} ({study.patient_name})" if phi_enabled() else ""
-        log.info("study %s revision %d complete (%d instances, %d analysable)%s", study_instance_uid, revision, count,
-                 analysable, patient)
+        log.info("study %s revision %d complete (%d instances, %d analysable%s)%s", study_instance_uid, revision, count,
+                 analysable, "; not applicable: nothing to analyse" if not analysable else "", patient)
+        if forwarding and self.on_forward is not None:
+            try:
+                self.on_forward(study_instance_uid, revision)
+            except Exception:  # noqa: BLE001 - the rows are pending: the bookkeeper sends them
+                log.exception("cannot queue the forwarding of study %s; the bookkeeper will", study_instance_uid)
         if not analysable:
             return
         with self._callbacks_lock:
@@ -322,6 +386,23 @@ class IngestService:
         return cached[0]
 
 
+def _queue_originals(session, study: Study, revision: int, destinations: Sequence[str]) -> int:  # noqa: ANN001
+    """In the completion transaction (the outbox): a pending ``originals`` delivery row of this revision for
+    each destination the routing rules forward it to. Returns how many were created."""
+    existing = set(session.scalars(select(Delivery.destination).where(
+        Delivery.study_id == study.id, Delivery.revision == revision,
+        Delivery.object_kind == DeliveryObject.ORIGINALS)))
+    now = utcnow()
+    created = 0
+    for name in destinations:
+        if name not in existing:
+            session.add(Delivery(study_id=study.id, revision=revision, destination=name,
+                                 object_kind=DeliveryObject.ORIGINALS, state=DeliveryState.PENDING,
+                                 next_attempt_at=now, created_at=now, updated_at=now))
+            created += 1
+    return created
+
+
 def _other_patient(recorded: str | None, received: str | None) -> bool:
     """Two Patient IDs that are both present and differ (an absent one is filled in, never a conflict)."""
     return bool(recorded and received and recorded.strip() != received.strip())
@@ -371,7 +452,7 @@ instance names another Patient ID)."""
 _INSTANCE_COLUMNS = (
     "study_id", "series_id", "sop_class_uid", "transfer_syntax_uid", "instance_number", "laterality", "path",
     "size_bytes", "sha256", "calling_ae_title", "peer_host", "received_at", "revision", "analysable",
-    "not_analysed_reason",
+    "not_analysed_reason", "purged_at", "route",
 )
 
 
@@ -392,7 +473,7 @@ def _upsert_statement(dialect: str):
 
 
 def _upsert_instance(conn: Connection, instance: ReceivedInstance, study_id: int, series_id: int,
-                     revision: int) -> None:
+                     revision: int, route: dict | None = None) -> None:
     upserted = conn.execute(_upsert_statement(conn.dialect.name), {
         "sop_instance_uid": instance.sop_instance_uid,
         "study_id": study_id,
@@ -410,6 +491,8 @@ def _upsert_instance(conn: Connection, instance: ReceivedInstance, study_id: int
         "revision": revision,
         "analysable": instance.analysable,
         "not_analysed_reason": instance.not_analysed_reason,
+        "purged_at": None,  # an instance received again after its file was purged has its file again
+        "route": route,
     }).first()
     if upserted is None:
         raise InstanceConflict(f"SOP Instance UID {instance.sop_instance_uid} is recorded in another study or series")
@@ -498,11 +581,13 @@ def start_node(
     on_complete: CompletionCallback | Iterable[CompletionCallback] | None = None,
     *,
     db: Database | None = None,
+    on_forward: CompletionCallback | None = None,
 ) -> RunningNode:
     """Start the DICOM listener of ``settings`` recording into its database (already migrated), and the watcher
     that brings studies stored by DICOMweb STOW-RS (the API process) to completion."""
     db = db or Database(settings.database.url, echo=settings.database.echo)
-    service = IngestService(db, on_complete, own_manufacturer=settings.reporting.manufacturer)
+    service = IngestService(db, on_complete, own_manufacturer=settings.reporting.manufacturer, rules=settings.rules,
+                            on_forward=on_forward)
     listener = Listener(listener_params(settings), completion_params(settings), service)
     listener.start()
     watcher = ReceivingWatcher(db, listener.tracker.arm)

@@ -63,7 +63,7 @@ def start_node_role(settings: Settings) -> NodeRole:
 
     db = Database(settings.database.url, echo=settings.database.echo)
     pipeline = Pipeline(settings, db, make_celery(settings))
-    running = start_node(settings, pipeline.study_complete, db=db)
+    running = start_node(settings, pipeline.study_complete, db=db, on_forward=pipeline.send_delivery)
     bookkeeper = Bookkeeper(pipeline)
     bookkeeper.start()
     return NodeRole(running, bookkeeper)

@@ -262,7 +262,7 @@ def test_derived_images_are_stored_but_not_analysed_by_default(node, tmp_path):
     assert reasons[f"{dcmread(original).SOPInstanceUID}.dcm"] == (True, None)
 
 
-def test_study_of_images_none_of_them_analysable_is_complete_but_not_queued(node, tmp_path):
+def test_study_of_images_none_of_them_analysable_is_not_applicable_and_not_queued(node, tmp_path):
     running, completions, _ = node()
     study_uid = generate_uid()
     derived = _secondary_capture(tmp_path / "key.dcm", study_uid, image_type="DERIVED\\SECONDARY",
@@ -274,7 +274,7 @@ def test_study_of_images_none_of_them_analysable_is_complete_but_not_queued(node
     assert "study.not_analysed" in _actions(running)
     assert completions.calls == []
     with running.db.session() as session:
-        assert session.scalars(select(Study.state)).one() == StudyState.COMPLETE
+        assert session.scalars(select(Study.state)).one() == StudyState.NOT_APPLICABLE
 
 
 def _association(node: RunningNode):

@@ -42,7 +42,7 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
     )
     app.state.context = ctx
     registry = CollectorRegistry()
-    registry.register(PipelineCollector(ctx.db, ctx.celery))
+    registry.register(PipelineCollector(ctx.db, ctx.celery, settings))
     http_metrics = HttpMetrics(registry)
 
     _install_error_handlers(app)
@@ -65,10 +65,11 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
     @app.get("/readyz", tags=["operations"], responses={503: {"description": "a dependency is not ready"}})
     def readyz(ctx: Ctx, scope: Literal["pipeline", "api"] = "pipeline") -> JSONResponse:
         """Readiness. ``pipeline`` (default): database reachable and migrated, broker reachable, and an inference
-        and a delivery worker consuming (worker heartbeats); a missing one is named with its last problem.
+        and a delivery worker consuming (worker heartbeats); a missing one is named with its last problem; and
+        free space on the storage folder at least ``storage.min_free_gb`` (below it the node refuses C-STORE).
         ``api``: only what this API process needs (database and broker), for a load balancer's probe."""
         stale_after = ctx.settings.pipeline.stale_after_seconds if scope == "pipeline" else None
-        checks = readiness(ctx.db, ctx.celery, stale_after=stale_after)
+        checks = readiness(ctx.db, ctx.celery, stale_after=stale_after, settings=ctx.settings)
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503)
 

@@ -6,7 +6,8 @@ heartbeats, :mod:`worker.liveness`); ``/readyz?scope=api`` leaves the workers ou
 computed from the database at scrape time, so every API replica reports the same cluster-wide figures:
 instances received, studies by state, broker queue depth, job and delivery durations (histograms over all
 finished jobs and delivered objects) and failures, dead jobs and deliveries by reason, instances refused (UID
-conflicts included), plus this process's own HTTP request counters.
+conflicts and refusals for want of disk space included), free space of the storage folder against
+``storage.min_free_gb`` (also a ``/readyz`` check), plus this process's own HTTP request counters.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from sqlalchemy import ColumnElement, case, func, select, text
 from sqlalchemy.orm import Session
 
 from worker.celery_app import QUEUES
+from worker.config import Settings
 from worker.db import AuditEvent, Database, Delivery, DeliveryState, Instance, Job, JobState, Study, StudyState
 from worker.db.migrate import current_revision, head_revision
 from worker.db.session import READ_ONLY
+from worker.pipeline.retention import StorageSpace, storage_space
 
 log = logging.getLogger(__name__)
 
-_REFUSALS = {"instance.rejected": "rejected", "instance.uid_conflict": "uid_conflict"}
+_REFUSALS = {"instance.rejected": "rejected", "instance.uid_conflict": "uid_conflict", "instance.no_space": "no_space"}
 """Audit actions of refused C-STOREs and their metrics label."""
 
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -75,13 +78,16 @@ def queue_depths(celery: Celery) -> dict[str, int]:
 class PipelineCollector(Collector):
     """Cluster-wide figures from the database and the broker, read at scrape time."""
 
-    def __init__(self, db: Database, celery: Celery) -> None:
+    def __init__(self, db: Database, celery: Celery, settings: Settings | None = None) -> None:
         self.db = db
         self.celery = celery
+        self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
         with self.db.reading() as session:
             yield from self._database_metrics(session)
+        if self.settings is not None:
+            yield from _storage_metrics(storage_space(self.settings))
         up = GaugeMetricFamily("retinalgpt_broker_up", "1 when the broker answered this scrape")
         depth = GaugeMetricFamily("retinalgpt_queue_depth", "messages waiting in a Celery queue", labels=["queue"])
         try:
@@ -156,6 +162,20 @@ class PipelineCollector(Collector):
                          Delivery.delivered_at.is_not(None))
 
 
+def _storage_metrics(space: StorageSpace) -> Iterator[Metric]:
+    """Free space of the storage folder's file system, the minimum the node keeps, and whether C-STORE is
+    refused for want of it (``storage.min_free_gb``)."""
+    free = GaugeMetricFamily("retinalgpt_storage_free_bytes", "free bytes on the storage folder's file system "
+                             "(absent when it cannot be read)")
+    if space.free_bytes is not None:
+        free.add_metric([], space.free_bytes)
+    yield free
+    yield GaugeMetricFamily("retinalgpt_storage_min_free_bytes", "storage.min_free_gb in bytes: below it C-STORE is "
+                            "answered 0xA700", value=space.min_free_bytes)
+    yield GaugeMetricFamily("retinalgpt_storage_low", "1 while C-STORE is refused for want of free space",
+                            value=1 if space.low else 0)
+
+
 class HttpMetrics:
     """This process's request counters (per route template, not per URL, so cardinality stays bounded)."""
 
@@ -170,9 +190,11 @@ class HttpMetrics:
         self.latency.labels(route).observe(time.perf_counter() - started)
 
 
-def readiness(db: Database, celery: Celery, *, stale_after: float | None = None) -> dict[str, str]:
-    """``{"database": "ok" | reason, "broker": "ok" | reason, "inference_workers": …, "delivery_workers": …}``.
-    The worker checks (from the workers' heartbeats, fresher than ``stale_after`` seconds) are left out when
+def readiness(db: Database, celery: Celery, *, stale_after: float | None = None,
+              settings: Settings | None = None) -> dict[str, str]:
+    """``{"database": "ok" | reason, "broker": "ok" | reason, "inference_workers": …, "delivery_workers": …,
+    "storage": …}``. The worker checks (from the workers' heartbeats, fresher than ``stale_after`` seconds) and
+    the storage check (free space against ``storage.min_free_gb``, when ``settings`` are given) are left out when
     ``stale_after`` is None: what this API process itself needs to serve requests."""
     checks: dict[str, str] = {}
     try:
@@ -196,4 +218,6 @@ def readiness(db: Database, celery: Celery, *, stale_after: float | None = None)
                 checks.update(queue_readiness(session, QUEUES, stale_after))
         except Exception as exc:  # noqa: BLE001 - readiness reports any failure instead of raising
             checks.update({f"{queue}_workers": f"unknown: {type(exc).__name__}" for queue in QUEUES})
+        if settings is not None:
+            checks["storage"] = storage_space(settings).describe()
     return checks

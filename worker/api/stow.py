@@ -62,7 +62,8 @@ class StowService:
         params = listener_params(ctx.settings)
         self.params = params
         self.store = InstanceStore(params.storage_root, fsync=params.fsync)
-        self.sink = IngestService(ctx.db, own_manufacturer=ctx.settings.reporting.manufacturer)
+        self.sink = IngestService(ctx.db, own_manufacturer=ctx.settings.reporting.manufacturer,
+                                  rules=ctx.settings.rules)  # routing: calling AE = sender, called AE = ours
         self.intake = InstanceIntake(params, self.store, self.sink)
         self.spool_folder = self.store.incoming / "stow"  # not the node's: its start clears ``.incoming/*.part``
         self.spool_folder.mkdir(exist_ok=True)
@@ -135,7 +136,11 @@ class _Parts:
             part.refusal = part.receiver.refusal
 
     def _accept(self, meta: FileMeta) -> Refusal | None:
-        refused = self.service.intake.check_request(self.source, meta.sop_class_uid, meta.sop_instance_uid)
+        intake = self.service.intake
+        refused = intake.check_request(self.source, meta.sop_class_uid, meta.sop_instance_uid)
+        if refused is None and (low := intake.space_refusal()) is not None:  # before a byte of it is written
+            refused = intake.refuse(self.source, StoreStatus.OUT_OF_RESOURCES_STORAGE, low, meta.sop_class_uid,
+                                    meta.sop_instance_uid, no_space=True)
         return None if refused is None else Refusal(refused.status, refused.reason, meta, reported=True)
 
     def discard(self) -> None:

@@ -92,6 +92,12 @@ class Study(Base):
     released_at: Mapped[datetime | None] = mapped_column()
     """When an association that carried the study was last released normally (A-RELEASE). Older than
     ``last_instance_at`` (or absent) means its last sender was cut off: an abort or a node crash."""
+    purged_at: Mapped[datetime | None] = mapped_column()
+    """When the retention sweep deleted the study's originals (``storage.retain_days``); its results and rows
+    stay. A late instance still opens a new revision, analysed with the originals that are kept."""
+    route: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The routing decisions of its instances combined when it completed (``worker.routing.study_route``):
+    ``{"rules": [...], "forward": [destination, ...], "priority": "normal" | "urgent"}``."""
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
     instances: Mapped[list[Instance]] = relationship(back_populates="study", order_by="Instance.id")
@@ -136,6 +142,11 @@ class Instance(Base):
     revision: Mapped[int] = mapped_column(Integer)
     analysable: Mapped[bool] = mapped_column(Boolean)
     not_analysed_reason: Mapped[str | None] = mapped_column(String(128))
+    purged_at: Mapped[datetime | None] = mapped_column()
+    """When its file was deleted by the retention sweep (the row stays); None while the file is kept."""
+    route: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The routing rule that decided for it and what it decided (``{"rule", "analyse", "forward", "priority"}``);
+    None for our own result objects."""
 
     study: Mapped[Study] = relationship(back_populates="instances")
     series: Mapped[Series] = relationship(back_populates="instances")

@@ -69,6 +69,8 @@ def study_detail(study: Study) -> dict[str, Any]:
         study_description=study.study_description,
         created_at=study.created_at.isoformat(),
         receiving_since=study.receiving_since.isoformat(),
+        originals_purged_at=study.purged_at.isoformat() if study.purged_at else None,
+        route=study.route,
         series=[
             {
                 "series_instance_uid": s.series_instance_uid,
@@ -91,6 +93,8 @@ def study_detail(study: Study) -> dict[str, Any]:
                         "calling_ae_title": i.calling_ae_title,
                         "peer_host": i.peer_host,
                         "received_at": i.received_at.isoformat(),
+                        "purged_at": i.purged_at.isoformat() if i.purged_at else None,
+                        "route": i.route,
                     }
                     for i in s.instances
                 ],

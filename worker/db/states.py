@@ -3,8 +3,11 @@
 A study's *current revision* moves through::
 
     receiving → complete → queued → processing → analysed → delivering → delivered
-                                        ↘            ↘            ↘
-                                         failed ←──────────────────
+                   ↓                    ↘            ↘            ↘
+             not_applicable              failed ←──────────────────
+
+``not_applicable``: the study has no analysable image (OCT, visual fields, reports, or every image excluded
+by a routing rule); it is not analysed and gets no SR, and it is not a failure.
 
 A late instance after ``receiving`` opens revision N+1, which starts again at ``receiving``; the older
 revision's analyses are marked superseded. ``rerun`` sends a study back to ``queued``, ``resend`` to
@@ -25,6 +28,7 @@ class StudyState(StrEnum):
     DELIVERING = "delivering"
     DELIVERED = "delivered"
     FAILED = "failed"
+    NOT_APPLICABLE = "not_applicable"
 
 
 class JobKind(StrEnum):
@@ -68,6 +72,8 @@ class FailureReason(StrEnum):
     DESTINATION_REMOVED = "destination_removed"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     SUPERSEDED = "superseded"
+    ORIGINALS_FAILED = "originals_failed"
+    """A result for a destination that gets the originals first, whose originals delivery is dead."""
 
 
 class DeliveryObject(StrEnum):
@@ -79,6 +85,8 @@ class DeliveryObject(StrEnum):
     SEG = "seg"
     FHIR = "fhir"
     HL7 = "hl7"
+    ORIGINALS = "originals"
+    """The received instances of a study revision, forwarded unchanged to a DICOM destination (routing rules)."""
 
 
 S = StudyState
@@ -87,13 +95,14 @@ S = StudyState
 #: is not a transition: it is :func:`worker.ingest` resetting the study to ``receiving`` with revision + 1.
 STUDY_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     S.RECEIVING: frozenset({S.COMPLETE}),
-    S.COMPLETE: frozenset({S.QUEUED, S.FAILED}),
+    S.COMPLETE: frozenset({S.QUEUED, S.FAILED, S.NOT_APPLICABLE}),
     S.QUEUED: frozenset({S.PROCESSING, S.FAILED}),
     S.PROCESSING: frozenset({S.ANALYSED, S.QUEUED, S.FAILED}),
     S.ANALYSED: frozenset({S.DELIVERING, S.DELIVERED, S.QUEUED, S.FAILED}),
     S.DELIVERING: frozenset({S.DELIVERED, S.FAILED, S.QUEUED}),
     S.DELIVERED: frozenset({S.QUEUED, S.DELIVERING}),
     S.FAILED: frozenset({S.QUEUED, S.DELIVERING}),
+    S.NOT_APPLICABLE: frozenset(),
 }
 
 

@@ -21,6 +21,9 @@ timeout, kombu's SQLAlchemy transport never does), so the database decides. Each
   queued (or the study marked failed when the job is dead), or its delivery task sent.
 
 Re-sending is safe because jobs and deliveries are idempotent and claimed in the database.
+
+Every ``storage.retention_sweep_seconds`` (when ``storage.retain_days`` is set) it also runs the retention sweep
+(:mod:`worker.pipeline.retention`): originals of delivered studies past the retention are deleted.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 
 from sqlalchemy import and_, exists, or_, select, update
 
@@ -46,6 +50,7 @@ from worker.db import (
 )
 from worker.pipeline.delivery import create_outbox
 from worker.pipeline.jobs import Pipeline, move
+from worker.pipeline.retention import PurgedStudy, purge_expired
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ class Bookkeeper:
         self.stale_after = dt.timedelta(seconds=timing.stale_after_seconds)
         self.requeue_after = dt.timedelta(seconds=timing.requeue_after_seconds)
         self.failed_retry = dt.timedelta(seconds=timing.failed_retry_seconds)
+        self.retention_interval = pipeline.settings.storage.retention_sweep_seconds
+        self._next_retention = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,6 +87,10 @@ class Bookkeeper:
         for study_uid, revision in revisions:
             self.pipeline.send_delivery(study_uid, revision)
         return {"jobs": len(job_ids) + len(enqueue), "deliveries": len(revisions)}
+
+    def retention_sweep(self) -> list[PurgedStudy]:
+        """Delete originals past ``storage.retain_days`` (nothing when it is unset)."""
+        return purge_expired(self.pipeline.db, self.pipeline.settings)
 
     def _jobs(self) -> list[int]:
         now = utcnow()
@@ -210,3 +221,9 @@ class Bookkeeper:
                 self.sweep()
             except Exception:
                 log.exception("bookkeeper sweep failed")
+            if self.pipeline.settings.storage.retain_days is not None and time.monotonic() >= self._next_retention:
+                self._next_retention = time.monotonic() + self.retention_interval
+                try:
+                    self.retention_sweep()
+                except Exception:
+                    log.exception("retention sweep failed")

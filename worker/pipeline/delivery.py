@@ -16,6 +16,14 @@ backoff (``backoff_seconds · 2^(attempts-1)``); a permanent one (association re
 4xx) goes straight to the dead-letter state ``dead``, as does a row whose attempts are exhausted, each with its
 reason (:class:`~worker.db.FailureReason`). Only a worker holding claims builds the objects, and a failure to
 build them counts as a failed attempt of its claims, so it ends in ``dead`` with its error instead of looping.
+
+Originals (issue 15 item 2): a study revision that routing rules forward has one ``originals`` row per DICOM
+destination, created when the study completes (:mod:`worker.ingest`), before and independently of any
+analysis. :func:`forward_originals` sends the instances received in that revision as they are stored (the
+data set bytes, UIDs and transfer syntax unchanged; transcoded only when the peer accepts nothing else, by
+:func:`dicom_node.sender.send_files`), with the same claims, lease, retries, backoff and dead-letter state as
+results. For a destination with ``originals_first`` (the default) the results of a revision are not claimed
+before its originals were delivered there, and are dead-lettered (``originals_failed``) when the originals are.
 """
 
 from __future__ import annotations
@@ -261,6 +269,11 @@ def deliver_revision(
     """Claim the due deliveries of one revision, build its result objects (once) and send them; return the
     study state. Only the worker holding claims builds, so concurrent messages for one revision never build it
     twice at once; with no destination configured the results are only built."""
+    forward_originals(settings, db, study_instance_uid, revision)
+    with db.reading() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one()
+        if latest_analysis(session, study, revision) is None:
+            return study.state  # nothing analysed (yet, or ever: not_applicable): only originals to forward
     if not settings.destinations:
         return _results_only(settings, db, study_instance_uid, revision)
     claims = _claim(settings, db, study_instance_uid, revision)
@@ -376,7 +389,11 @@ def _claim(settings: Settings, db: Database, study_instance_uid: str, revision: 
         create_outbox(session, settings, study, revision)
         session.flush()
         now = utcnow()
+        originals = {name: state for name, state in session.execute(select(Delivery.destination, Delivery.state)
+                     .where(Delivery.study_id == study.id, Delivery.revision == revision,
+                            Delivery.object_kind == DeliveryObject.ORIGINALS)).all()}
         rows = session.scalars(select(Delivery).where(Delivery.study_id == study.id, Delivery.revision == revision,
+                                                      Delivery.object_kind != DeliveryObject.ORIGINALS,
                                                       Delivery.state.in_(OPEN_STATES))).all()
         for row in rows:
             destination = _destination(settings, row.destination)
@@ -384,6 +401,14 @@ def _claim(settings: Settings, db: Database, study_instance_uid: str, revision: 
                 _dead(session, row, study, FailureReason.DESTINATION_REMOVED,
                       f"destination {row.destination!r} is no longer configured")
                 continue
+            waiting_for = originals.get(row.destination) if destination.originals_first else None
+            if waiting_for == DeliveryState.DEAD:
+                _dead(session, row, study, FailureReason.ORIGINALS_FAILED,
+                      f"the originals of this revision could not be delivered to {row.destination!r} "
+                      "(destinations[].originals_first)")
+                continue
+            if waiting_for is not None and waiting_for != DeliveryState.DELIVERED:
+                continue  # the originals go first: claimed once they are delivered
             if row.next_attempt_at is not None and row.next_attempt_at > now:
                 continue
             if row.attempts >= destination.max_attempts:
@@ -396,6 +421,85 @@ def _claim(settings: Settings, db: Database, study_instance_uid: str, revision: 
             claimed.append(Claim(row.id, destination, row.object_kind, row.attempts))
         if study.state in (StudyState.ANALYSED, StudyState.DELIVERED, StudyState.FAILED) and claimed:
             study.state = StudyState.DELIVERING
+    return claimed
+
+
+def forward_originals(settings: Settings, db: Database, study_instance_uid: str, revision: int) -> int:
+    """Claim the due ``originals`` rows of a revision and send its received instances to each destination;
+    returns how many were claimed. Never needs an analysis or the model."""
+    from dicom_node.sender import Failure, send_files
+    from worker.dicom_params import peer_params
+
+    claims = _claim_originals(settings, db, study_instance_uid, revision)
+    if not claims:
+        return 0
+    with db.reading() as session:
+        study_id = session.scalars(select(Study.id).where(Study.study_instance_uid == study_instance_uid)).one()
+        rows = session.execute(select(Instance.path, Instance.purged_at).where(
+            Instance.study_id == study_id, Instance.revision == revision,
+            or_(Instance.not_analysed_reason.is_(None),
+                ~Instance.not_analysed_reason.startswith(OWN_RESULT_REASON))).order_by(Instance.id)).all()
+    paths = [Path(row.path) for row in rows if row.purged_at is None]
+    purged = len(rows) - len(paths)
+    active = list(claims)
+    with Lease(db, _renewal(active), settings.pipeline.heartbeat_seconds,
+               f"originals of {study_instance_uid} r{revision}"):
+        for claim in claims:
+            if not _still_ours(db, claim):
+                log.warning("delivery %d to %s: the claim was taken over before its send; not sending",
+                            claim.delivery_id, claim.destination.name)
+            elif purged:
+                _record(db, claim, SendOutcome(ok=False, permanent=True, detail=(
+                    f"{purged} original(s) of this revision were purged (storage.retain_days) before forwarding")))
+            else:
+                try:
+                    result = send_files(peer_params(settings, claim.destination), paths)
+                    if result.ok:
+                        outcome = SendOutcome(ok=True, detail=f"{len(result.instances)} original(s) stored")
+                    else:
+                        failed = [r for r in result.instances if not r.ok]
+                        detail = result.association_error or "; ".join(
+                            f"{r.sop_instance_uid}: {r.message}" for r in failed)
+                        outcome = SendOutcome(ok=False, permanent=result.failure == Failure.PERMANENT,
+                                              detail=detail[:500])
+                except Exception as exc:  # a bug or an unexpected environment problem: retried
+                    log.exception("forwarding %d to %s failed unexpectedly", claim.delivery_id,
+                                  claim.destination.name)
+                    outcome = SendOutcome(ok=False, detail=f"{type(exc).__name__}: {exc}")
+                _record(db, claim, outcome)
+            active.remove(claim)
+    return len(claims)
+
+
+OWN_RESULT_REASON = "our own result object"
+"""How :mod:`worker.ingest` starts the not-analysed reason of our own objects sent back (never forwarded)."""
+
+
+def _claim_originals(settings: Settings, db: Database, study_instance_uid: str, revision: int) -> list[Claim]:
+    """Move the due ``originals`` rows of a revision to ``sending`` (one transaction), dead-lettering rows
+    whose destination is gone or whose attempts are exhausted."""
+    claimed: list[Claim] = []
+    with db.session() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)
+                                .with_for_update()).one()
+        now = utcnow()
+        rows = session.scalars(select(Delivery).where(
+            Delivery.study_id == study.id, Delivery.revision == revision,
+            Delivery.object_kind == DeliveryObject.ORIGINALS, Delivery.state.in_(OPEN_STATES))).all()
+        for row in rows:
+            destination = _destination(settings, row.destination)
+            if destination is None or destination.kind != "dicom":
+                _dead(session, row, study, FailureReason.DESTINATION_REMOVED,
+                      f"destination {row.destination!r} is no longer configured as a DICOM destination")
+                continue
+            if row.next_attempt_at is not None and row.next_attempt_at > now:
+                continue
+            if row.attempts >= destination.max_attempts:
+                _dead(session, row, study, FailureReason.ATTEMPTS_EXHAUSTED,
+                      f"{row.attempts} of {destination.max_attempts} attempts used; last error: {row.last_error}")
+                continue
+            row.state, row.attempts, row.updated_at = DeliveryState.SENDING, row.attempts + 1, now
+            claimed.append(Claim(row.id, destination, row.object_kind, row.attempts))
     return claimed
 
 

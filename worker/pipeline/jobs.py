@@ -14,14 +14,16 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from worker.celery_app import DELIVER_STUDY, PROCESS_STUDY
+from worker.celery_app import DELIVER_STUDY, PROCESS_STUDY, analysis_priority
 from worker.config import Settings
 from worker.db import (
     Analysis,
     AuditEvent,
     Database,
     Delivery,
+    DeliveryObject,
     DeliveryState,
+    Instance,
     Job,
     JobKind,
     JobState,
@@ -115,7 +117,13 @@ class Pipeline:
         return job_id
 
     def send_job(self, job_id: int) -> None:
-        result = self.celery.send_task(PROCESS_STUDY, kwargs={"job_id": job_id})
+        """Send the analysis task of a job, with the priority its study was routed with (``route``)."""
+        with self.db.reading() as session:
+            route = session.scalar(select(Study.route).join(Job, Job.study_id == Study.id).where(Job.id == job_id))
+        urgent = bool(route) and route.get("priority") == "urgent"
+        priority = analysis_priority(self.settings.broker.url, urgent)
+        options = {} if priority is None else {"priority": priority}
+        result = self.celery.send_task(PROCESS_STUDY, kwargs={"job_id": job_id}, **options)
         with self.db.session() as session:
             session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=result.id, updated_at=utcnow()))
 
@@ -128,6 +136,14 @@ class Pipeline:
             study = study_by_uid(session, study_instance_uid, lock=True)
             if study.state in (StudyState.RECEIVING, StudyState.COMPLETE):
                 raise PipelineError(f"study {study_instance_uid} is still {study.state}; nothing to rerun yet")
+            if study.state == StudyState.NOT_APPLICABLE:
+                raise PipelineError(f"study {study_instance_uid} is not_applicable: it has no analysable image")
+            if study.purged_at is not None and not session.scalars(select(Instance.id).where(
+                    Instance.study_id == study.id, Instance.analysable.is_(True),
+                    Instance.purged_at.is_(None))).first():
+                raise PipelineError(
+                    f"the originals of study {study_instance_uid} were deleted on {study.purged_at:%Y-%m-%d} "
+                    "(storage.retain_days); send them again (e.g. from the PACS) before re-running it")
             study.revision += 1
             study.state = StudyState.COMPLETE
             session.execute(update(Analysis).where(Analysis.study_id == study.id).values(superseded=True))
@@ -143,12 +159,16 @@ class Pipeline:
             study = study_by_uid(session, study_instance_uid, lock=True)
             has_analysis = session.scalars(select(Analysis.id).where(
                 Analysis.study_id == study.id, Analysis.revision == study.revision)).first()
-            if has_analysis is None:
+            originals = session.scalars(select(Delivery.id).where(
+                Delivery.study_id == study.id, Delivery.revision == study.revision,
+                Delivery.object_kind == DeliveryObject.ORIGINALS)).first()
+            if has_analysis is None and originals is None:
                 raise PipelineError(f"study {study_instance_uid} revision {study.revision} has no results to send")
             session.execute(update(Delivery).where(Delivery.study_id == study.id, Delivery.revision == study.revision)
                             .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow(),
                                     last_error=None, failure=None))
-            move(study, StudyState.DELIVERING)
+            if has_analysis is not None:
+                move(study, StudyState.DELIVERING)  # else only its forwarded originals are sent again
             session.add(AuditEvent(actor=actor, action="study.resend", study_instance_uid=study_instance_uid,
                                    detail={"revision": study.revision}))
             revision = study.revision

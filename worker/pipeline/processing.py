@@ -88,14 +88,20 @@ def _start(settings: Settings, db: Database, job_id: int) -> tuple[str, int] | J
 
 
 def _instance_paths(db: Database, study_instance_uid: str, revision: int) -> list[str]:
-    """Analysable instances of the study up to this revision (a late instance adds to the earlier ones)."""
+    """Analysable instances of the study up to this revision (a late instance adds to the earlier ones) whose
+    files are kept: originals deleted by the retention sweep are left out, with a warning."""
     with db.session() as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one()
-        return list(session.scalars(
-            select(Instance.path)
+        rows = session.execute(
+            select(Instance.path, Instance.purged_at)
             .where(Instance.study_id == study.id, Instance.revision <= revision, Instance.analysable.is_(True))
             .order_by(Instance.instance_number, Instance.id)
-        ))
+        ).all()
+    purged = sum(1 for row in rows if row.purged_at is not None)
+    if purged:
+        log.warning("study %s revision %d: %d analysable original(s) were purged (storage.retain_days); analysing "
+                    "the %d kept", study_instance_uid, revision, purged, len(rows) - purged)
+    return [row.path for row in rows if row.purged_at is None]
 
 
 def run_job(settings: Settings, db: Database, job_id: int) -> JobOutcome:

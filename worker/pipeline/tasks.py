@@ -29,15 +29,19 @@ from worker.pipeline.limits import analysis_options, chat_options, delivery_opti
 
 log = logging.getLogger(__name__)
 
-_databases: dict[int, Database] = {}
+_databases: dict[tuple[int, str], Database] = {}
 
 
 def _db(settings: Settings) -> Database:
-    pid = os.getpid()
-    if pid not in _databases:
-        _databases.clear()
-        _databases[pid] = Database(settings.database.url)
-    return _databases[pid]
+    """This process's engine for the database of ``settings``: one per (process, URL), so a forked pool
+    process opens its own connections and tasks registered for another configuration in the same process
+    (:func:`register_tasks` is called once per app) never read the first configuration's database."""
+    key = (os.getpid(), settings.database.url)
+    if key not in _databases:
+        for stale in [k for k in _databases if k[0] != key[0]]:
+            del _databases[stale]  # inherited from the parent across fork: never used here
+        _databases[key] = Database(settings.database.url)
+    return _databases[key]
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
