@@ -40,3 +40,40 @@ def test_node_start_keeps_api_spools_and_the_api_removes_only_stale_ones(tmp_pat
     finally:
         db.dispose()
     assert in_flight.exists() and not stale.exists()
+
+
+def test_stow_under_the_free_space_minimum_is_refused_before_writing(tmp_path: Path, op_file) -> None:
+    """``storage.min_free_gb`` holds for STOW-RS as for C-STORE: 0xA700 once the part's File Meta Information
+    has arrived, no spool file, audited ``instance.no_space``."""
+    import uuid
+
+    import pydicom
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    from tests.api.conftest import sha
+    from worker.api import create_app
+    from worker.db import AuditEvent
+
+    settings = load_settings(None, home=tmp_path / "home", storage={"min_free_gb": 1e9},
+                             api={"tokens": [{"name": "router", "sha256": sha("s3nder-token"), "role": "sender"}]})
+    upgrade(settings.database.url)
+    data = op_file("eye.dcm").read_bytes()
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
+            + f"\r\n--{boundary}--\r\n".encode())
+    db = Database(settings.database.url)
+    try:
+        with TestClient(create_app(settings, db=db)) as client:
+            response = client.post("/dicomweb/studies", content=body, headers={
+                "Authorization": "Bearer s3nder-token",
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        assert response.status_code == 409, response.text
+        (failed,) = pydicom.Dataset.from_json(response.json()).FailedSOPSequence
+        assert failed.FailureReason == 0xA700 and "storage low" in response.headers["warning"]
+        assert not [p for p in (settings.storage.path / ".incoming").rglob("*") if p.is_file()]
+        with db.reading() as session:
+            actions = session.scalars(select(AuditEvent.action)).all()
+        assert "instance.no_space" in actions and "study.receiving" not in actions
+    finally:
+        db.dispose()
