@@ -1,10 +1,15 @@
-"""Query/Retrieve SCU (PS3.4 Annex C): C-FIND and C-MOVE in the Study Root information model.
+"""Query/Retrieve SCU (PS3.4 Annex C): C-FIND, C-GET and C-MOVE in the Study Root information model.
 
 Used to fetch a study back from a PACS (``studies rerun`` of a study whose originals were purged, ``studies
-fetch``). The retrieve is a C-MOVE whose Move Destination is our own AE title: the peer opens a second
-association to our listener and sends the instances by C-STORE, so they take the node's normal receive path
-(fsync, rename, database row, UID and Patient ID checks, PS3.4 C.4.2). This module only drives the query and the
-move and reports what the peer said; it never writes an instance itself.
+fetch``). Two ways to retrieve, both through the node's normal receive path (fsync, rename, database row, UID and
+Patient ID checks):
+
+- **C-GET** (PS3.4 C.4.3): the peer sends the instances as C-STORE sub-operations on our own association; we
+  propose the photograph and SR storage SOP classes with the SCP role (SCP/SCU Role Selection, PS3.7 D.3.3.4)
+  and the caller passes the event handlers that store them (:meth:`dicom_node.listener.Listener.retrieval_handlers`);
+- **C-MOVE** (PS3.4 C.4.2) to our own AE title: the peer opens a second association to our running listener.
+
+This module drives the query and the retrieve and reports what the peer said; it never writes an instance itself.
 
 Errors are raised as :class:`RetrieveError` with one line saying what went wrong (peer down, association
 rejected, the peer refusing the query or the move, e.g. 0xA801 Move Destination unknown).
@@ -17,12 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pynetdicom import build_role
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
 from dicom_node.params import PeerParams
+from dicom_node.sop import ANALYSABLE_SOP_CLASSES, FALLBACK_TRANSFER_SYNTAXES, SR_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicom_node.sender import _application_entity, _associate, _describe, _release
 
 _PENDING = (0xFF00, 0xFF01)
@@ -114,31 +122,72 @@ def move_study(peer: PeerParams, study_instance_uid: str, destination_ae_title: 
     ae = _application_entity(peer)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     assoc = _established(ae, peer)
-    final: MoveResult | None = None
     try:
-        for status, _identifier in assoc.send_c_move(query, destination_ae_title,
-                                                     StudyRootQueryRetrieveInformationModelMove):
-            code = _code(status, peer, "C-MOVE")
-            counts = _counts(status)
-            if code in _PENDING:
-                if progress is not None:
-                    remaining = status.get("NumberOfRemainingSuboperations")
-                    done = counts[0] + counts[1] + counts[2]
-                    progress(done, done + int(remaining) if remaining is not None else None)
-                continue
-            final = MoveResult(code, *counts, error_comment=str(status.get("ErrorComment") or ""))
+        final = _final(assoc.send_c_move(query, destination_ae_title, StudyRootQueryRetrieveInformationModelMove),
+                       peer, "C-MOVE", progress)
     finally:
         _release(assoc)
+    return final
+
+
+RETRIEVED_SOP_CLASSES: tuple[str, ...] = (*ANALYSABLE_SOP_CLASSES, *SR_SOP_CLASSES)
+"""Storage SOP classes offered (SCP role) on a C-GET association: the photographs we analyse and our result
+objects; a study's other instances (OCT, visual fields) are not retrieved by C-GET."""
+
+
+def get_study(peer: PeerParams, study_instance_uid: str, handlers: list, progress: Progress | None = None,
+              ) -> MoveResult:
+    """C-GET (Study Root, STUDY level) one study; ``handlers`` (pynetdicom event handlers, EVT_C_STORE among
+    them) store the instances the peer sends on this association. Returns the final response."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_instance_uid
+    ae = _application_entity(peer)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for context in _get_contexts():
+        ae.add_requested_context(*context)
+    roles = [build_role(sop_class, scp_role=True) for sop_class in RETRIEVED_SOP_CLASSES]
+    assoc = _established(ae, peer, ext_neg=roles, evt_handlers=handlers)
+    try:
+        final = _final(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet), peer, "C-GET", progress)
+    finally:
+        _release(assoc)
+    return final
+
+
+def _get_contexts() -> list[tuple[str, list[str]]]:
+    """The storage contexts of a C-GET association: one per photograph class and transfer syntax (the peer
+    accepts one syntax per context, so offering each alone lets it send every instance in the syntax it holds,
+    byte for byte, instead of transcoding to the first one it likes), one per SR/result class with the
+    uncompressed syntaxes: 7 × 13 + 7 = 98 contexts, under the 128 of PS3.8 §9.3.2.2 with the C-GET one."""
+    contexts = [(sop_class, [str(syntax)]) for sop_class in ANALYSABLE_SOP_CLASSES for syntax in TRANSFER_SYNTAXES]
+    contexts += [(sop_class, [str(ts) for ts in FALLBACK_TRANSFER_SYNTAXES]) for sop_class in SR_SOP_CLASSES]
+    return contexts
+
+
+def _final(responses, peer: PeerParams, what: str, progress: Progress | None) -> MoveResult:  # noqa: ANN001
+    """Read the pending responses of a C-GET or C-MOVE (progress) up to the final one."""
+    final: MoveResult | None = None
+    for status, _identifier in responses:
+        code = _code(status, peer, what)
+        counts = _counts(status)
+        if code in _PENDING:
+            if progress is not None:
+                remaining = status.get("NumberOfRemainingSuboperations")
+                done = counts[0] + counts[1] + counts[2]
+                progress(done, done + int(remaining) if remaining is not None else None)
+            continue
+        final = MoveResult(code, *counts, error_comment=str(status.get("ErrorComment") or ""))
     if final is None:
-        raise RetrieveError(f"{_describe(peer)} sent no final C-MOVE response")
+        raise RetrieveError(f"{_describe(peer)} sent no final {what} response")
     if final.status in _MOVE_FAILURES:
-        raise RetrieveError(f"{_describe(peer)} refused the C-MOVE with status 0x{final.status:04X}: "
+        raise RetrieveError(f"{_describe(peer)} refused the {what} with status 0x{final.status:04X}: "
                             f"{_MOVE_FAILURES[final.status]}{_comment_text(final.error_comment)}")
     return final
 
 
-def _established(ae, peer: PeerParams):  # noqa: ANN001, ANN202
-    assoc, error, _failure = _associate(ae, peer)
+def _established(ae, peer: PeerParams, **options):  # noqa: ANN001, ANN003, ANN202
+    assoc, error, _failure = _associate(ae, peer, **options)
     if assoc is None:
         raise RetrieveError(error or f"cannot associate with {_describe(peer)}")
     return assoc

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -257,10 +258,11 @@ def _application_entity(peer: PeerParams) -> AE:
     return ae
 
 
-def _associate(ae: AE, peer: PeerParams) -> tuple[Association | None, str | None, Failure | None]:
+def _associate(ae: AE, peer: PeerParams, **options: Any) -> tuple[Association | None, str | None, Failure | None]:
+    """Request an association (``options``: further ``AE.associate`` arguments, e.g. ``ext_neg``)."""
     tls_args = (client_context(peer.tls), peer.host) if peer.tls is not None else None
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args, **options)
     except OSError as exc:
         return None, f"cannot connect to {_describe(peer)}: {exc}", Failure.TRANSIENT
     if assoc.is_established:

@@ -275,6 +275,9 @@ class Archive(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    retrieve: Literal["get", "move"] = Field(default="get", description="get: C-GET, the instances come back on "
+                                             "our own association (no listener needed); move: C-MOVE to "
+                                             "move_destination, received by the running node's listener")
     move_destination: AETitle | None = Field(default=None, description="the AE title the peer sends the "
                                              "instances to (C-MOVE Move Destination); default: dicom.ae_title")
     timeout: float = Field(default=30.0, gt=0, description="seconds per network operation (association, each "
@@ -456,9 +459,9 @@ class Settings(BaseSettings):
             raise ValueError(f"archive names must be unique: {', '.join(dupes)}")
         callers = {caller.ae_title for caller in self.dicom.allowed_callers}
         for archive in self.archives:
-            if archive.ae_title not in callers:
+            if archive.retrieve == "move" and archive.ae_title not in callers:
                 raise ValueError(f"archive {archive.name!r}: its AE title {archive.ae_title!r} must be in "
-                                 "dicom.allowed_callers (it sends the retrieved instances to our listener)")
+                                 "dicom.allowed_callers (with retrieve = \"move\" it sends the instances to our listener)")
         return self
 
     @model_validator(mode="after")

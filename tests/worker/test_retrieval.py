@@ -32,7 +32,8 @@ from worker.roles import start_node_role
 pytestmark = pytest.mark.timeout(180)
 
 
-def write_config(tmp_path: Path, node_port: int, archive_port: int, archive_ae: str = "ORTHANC") -> Path:
+def write_config(tmp_path: Path, node_port: int, archive_port: int, archive_ae: str = "ORTHANC",
+                 retrieve: str = "get") -> Path:
     config = tmp_path / "node.toml"
     config.write_text(
         f'home = "{tmp_path / "home"}"\n'
@@ -47,17 +48,18 @@ def write_config(tmp_path: Path, node_port: int, archive_port: int, archive_ae: 
         "retention_sweep_seconds = 0.5\n"
         "[[archives]]\n"
         f'name = "pacs"\nae_title = "{archive_ae}"\nhost = "127.0.0.1"\nport = {archive_port}\ntimeout = 10\n'
-        "record_timeout = 20\n"
+        f'record_timeout = 20\nretrieve = "{retrieve}"\n'
     )
     upgrade(load_settings(config).database.url)
     return config
 
 
-@pytest.fixture
-def world(tmp_path):
+@pytest.fixture(params=["get", "move"])
+def world(tmp_path, request):
+    """Orthanc as the archive, the node role running; each test runs with C-GET and with C-MOVE."""
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", modalities={"retinalgpt": ["RETINALGPT", "127.0.0.1", node_port]})
-    config = write_config(tmp_path, node_port, pacs.dicom_port)
+    config = write_config(tmp_path, node_port, pacs.dicom_port, retrieve=request.param)
     settings = load_settings(config)
     with pacs:
         role = start_node_role(settings)
@@ -102,7 +104,7 @@ def received_and_purged(role, op_file, name: str, patient: str) -> tuple[str, Pa
     return uid, stored_path, stored_bytes
 
 
-def test_purged_study_is_rerun_from_orthanc_via_c_move(world, op_file):
+def test_purged_study_is_rerun_from_orthanc(world, op_file):
     pacs, config, role = world
     db = role.running.db
     uid, stored_path, stored_bytes = received_and_purged(role, op_file, "eye", "PAT-R")
@@ -119,7 +121,7 @@ def test_purged_study_is_rerun_from_orthanc_via_c_move(world, op_file):
         study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
         instance = session.scalars(select(Instance).where(Instance.study_id == study.id)).one()
         assert (instance.purged_at, study.purged_at, study.revision) == (None, None, 2)
-        assert instance.calling_ae_title == "ORTHANC"
+        assert instance.calling_ae_title == "ORTHANC"  # C-GET: the peer of our association; C-MOVE: the caller
         analyses = session.scalars(select(Analysis).where(Analysis.study_id == study.id)).all()
         assert [(a.revision, a.superseded) for a in analyses] == [(1, True)]
     events = audit(db, "study.retrieved")
@@ -134,6 +136,7 @@ def test_purged_study_is_rerun_from_orthanc_via_c_move(world, op_file):
     wait_for(job_queued, 20, "the revision-2 analysis queued at completion")
 
 
+@pytest.mark.parametrize("world", ["get"], indirect=True)  # the retrieve method plays no part
 def test_archive_holding_the_study_for_another_patient_is_refused(world, op_file):
     pacs, config, role = world
     db = role.running.db
@@ -151,6 +154,7 @@ def test_archive_holding_the_study_for_another_patient_is_refused(world, op_file
     assert not audit(db, "instance.uid_conflict")  # refused before anything was moved
 
 
+@pytest.mark.parametrize("world", ["get"], indirect=True)  # C-MOVE: the same path as the re-run
 def test_fetch_by_patient_since_pulls_only_the_matching_studies(world, op_file, tmp_path):
     pacs, config, role = world
     db = role.running.db
@@ -198,7 +202,7 @@ def test_archive_down_is_one_clear_error_and_records_nothing(tmp_path):
 
 def test_association_rejected_by_the_archive_is_one_clear_error(tmp_path):
     with Orthanc(tmp_path / "orthanc") as pacs:  # checks the called AE title: ours calls it by a wrong one
-        config = write_config(tmp_path, free_port(), pacs.dicom_port, archive_ae="NOTORTHANC")
+        config = write_config(tmp_path, free_port(), pacs.dicom_port, archive_ae="NOTORTHANC", retrieve="move")
         out = retinalgpt("studies", "fetch", "--study", generate_uid(), config=config, check=False)
     assert out.returncode == 1
     assert re.search(r"error: archive pacs: association rejected by NOTORTHANC@127\.0\.0\.1:\d+ \(.*Called AE",
@@ -223,9 +227,10 @@ def test_instances_the_node_refuses_make_a_partial_retrieve_and_are_never_filed_
 
     out = retinalgpt("studies", "fetch", "--study", study_uid, config=config, check=False)
     assert out.returncode == 1, out.stdout
-    # Orthanc stops the move at the refused instance with 0xC000 (its order decides whether "good" went first)
+    # C-GET: 0xB000, one sent and one failed; C-MOVE: Orthanc stops at the refused instance with 0xC000 (its
+    # order decides whether "good" went first)
     assert re.search(rf"study {study_uid}: FAILED: incomplete retrieve of study {study_uid} from archive pacs "
-                     r"\(C-MOVE status 0x[AC]\w{3}.*\): \d instance\(s\) sent, \d failed", out.stdout), out.stdout
+                     r"\(C-(GET|MOVE) status 0x[ABC]\w{3}.*\): \d instance\(s\) sent, [01] failed", out.stdout), out.stdout
     with db.reading() as session:
         placed = dict(session.execute(select(Instance.sop_instance_uid, Study.study_instance_uid)
                                       .join(Study, Study.id == Instance.study_id)).all())
@@ -237,8 +242,14 @@ def test_instances_the_node_refuses_make_a_partial_retrieve_and_are_never_filed_
 
 def test_archives_are_validated(tmp_path):
     config = tmp_path / "bad.toml"
-    config.write_text('[[archives]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n')
+    archive = '[[archives]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+    config.write_text(archive + 'retrieve = "move"\n')
     with pytest.raises(ConfigError, match="archive 'pacs': its AE title 'PACS' must be in dicom.allowed_callers"):
+        load_settings(config)
+    config.write_text(archive)  # C-GET (the default): the archive never calls us
+    assert load_settings(config).archives[0].retrieve == "get"
+    config.write_text(archive + 'retrieve = "fetch"\n')
+    with pytest.raises(ConfigError, match="archives.0.retrieve: Input should be 'get' or 'move'"):
         load_settings(config)
     config.write_text('[dicom]\nallowed_callers = [{ ae_title = "PACS" }]\n'
                       '[[archives]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n')

@@ -1,9 +1,11 @@
 """Retrieval from a query/retrieve peer (issue 15 item 4): ``studies rerun`` of a purged study and ``studies
 fetch``.
 
-A study is fetched by C-FIND (to check what the archive holds) and C-MOVE to our own AE title
-(:mod:`dicom_node.retrieve`, PS3.4 Annex C): the archive sends the instances to the running node's listener, which
-files them like any C-STORE. That is what keeps retrieval safe:
+A study is fetched by C-FIND (to check what the archive holds), then C-GET (``archives[].retrieve = "get"``, the
+default: the instances come back on our own association and are stored by this process through the node's receive
+path, :meth:`dicom_node.listener.Listener.retrieval_handlers`) or C-MOVE to our own AE title (``"move"``: the
+archive sends them to the running node's listener), :mod:`dicom_node.retrieve`, PS3.4 Annex C. Either way they are
+filed like any C-STORE, which is what keeps retrieval safe:
 
 - an instance of a purged study comes back under the same UIDs and path and its row is un-purged; an analysable
   one opens the study's next revision (older analyses superseded), which is analysed at completion, so its new
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from dicom_node.retrieve import FoundStudy, MoveResult, RetrieveError, find_studies, move_study
+from dicom_node.retrieve import FoundStudy, MoveResult, RetrieveError, find_studies, get_study, move_study
 from worker.config import Archive, Settings
 from worker.db import AuditEvent, Database, Instance, Study, utcnow
 from worker.dicom_params import archive_params
@@ -80,12 +82,15 @@ def retrieve_study(settings: Settings, db: Database, archive: Archive, found: Fo
         raise RetrievalError(reason)
     destination = archive.move_destination or settings.dicom.ae_title
     try:
-        result = move_study(archive_params(settings, archive), uid, destination, progress)
+        if archive.retrieve == "get":
+            result = _get(settings, db, archive, uid, progress)
+        else:
+            result = move_study(archive_params(settings, archive), uid, destination, progress)
     except RetrieveError as exc:
         _audit(db, actor, "study.retrieve_failed", uid, archive=archive.name, reason=str(exc))
         raise RetrievalError(f"archive {archive.name}: {exc}") from None
     if not result.ok or result.completed + result.warning == 0:
-        reason = _move_failure(archive, uid, destination, result)
+        reason = _retrieve_failure(archive, uid, destination, result)
         _audit(db, actor, "study.retrieve_failed", uid, archive=archive.name, reason=reason,
                completed=result.completed, failed=result.failed, warning=result.warning)
         raise RetrievalError(reason)
@@ -140,14 +145,37 @@ def _wait_recorded(db: Database, uid: str, sent: int, timeout: float) -> int:
         time.sleep(_POLL)
 
 
-def _move_failure(archive: Archive, uid: str, destination: str, result: MoveResult) -> str:
+def _get(settings: Settings, db: Database, archive: Archive, uid: str, progress: Progress | None) -> MoveResult:
+    """C-GET the study into this process: a listener that is never started stores what the archive sends (the
+    node's receive path and ingest service, so the rows, routing and revisions are the node's own), then each
+    study it received is completed here (queued for analysis), whatever the outcome of the retrieve."""
+    from dicom_node.listener import Listener
+    from worker.celery_app import make_celery
+    from worker.dicom_params import completion_params, listener_params
+    from worker.ingest import IngestService
+    from worker.pipeline.jobs import Pipeline
+
+    pipeline = Pipeline(settings, db, make_celery(settings))
+    service = IngestService(db, pipeline.study_complete, own_manufacturer=settings.reporting.manufacturer,
+                            rules=settings.rules, on_forward=pipeline.send_delivery)
+    receiver = Listener(listener_params(settings), completion_params(settings), service)
+    try:
+        return get_study(archive_params(settings, archive), uid, receiver.retrieval_handlers(), progress)
+    finally:
+        for received in receiver.tracker.tracked():
+            service.study_stable(received)
+
+
+def _retrieve_failure(archive: Archive, uid: str, destination: str, result: MoveResult) -> str:
     comment = f" ({result.error_comment})" if result.error_comment else ""
+    how = "C-GET" if archive.retrieve == "get" else "C-MOVE"
     if result.failed or result.status != 0x0000:
-        return (f"incomplete retrieve of study {uid} from archive {archive.name} (C-MOVE status "
+        where = ("" if archive.retrieve == "get" else
+                 f"; else check that the node is listening as {destination} and that the archive knows that AE title")
+        return (f"incomplete retrieve of study {uid} from archive {archive.name} ({how} status "
                 f"0x{result.status:04X}{comment}): {result.completed + result.warning} instance(s) sent, "
                 f"{result.failed} failed; what was stored stays stored. The node's audit trail says why it refused "
-                f"an instance (instance.uid_conflict, instance.rejected); else check that the node is listening as "
-                f"{destination} and that the archive knows that AE title")
+                f"an instance (instance.uid_conflict, instance.rejected){where}")
     return f"archive {archive.name} sent no instance of study {uid} (status 0x{result.status:04X}{comment})"
 
 
