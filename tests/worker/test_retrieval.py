@@ -112,7 +112,7 @@ def test_purged_study_is_rerun_from_orthanc(world, op_file):
 
     out = retinalgpt("studies", "rerun", uid, config=config, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(rf"study {uid}: 1 original\(s\) retrieved from pacs; revision 2 opened", out.stdout)
+    assert re.search(rf"study {uid}: 1 instance\(s\) retrieved from pacs; revision 2 opened", out.stdout)
 
     # same path, same data set bytes (UIDs, pixel data, transfer syntax kept); the File Meta Information names
     # the AE title that sent it (Source Application Entity Title): now the archive

@@ -122,8 +122,8 @@ ArchiveOption = Annotated[str | None, typer.Option(
 @one_line_errors
 def rerun_command(study_uids: UidsArgument, config: ConfigOption = None, archive: ArchiveOption = None) -> None:
     """Analyse studies again as a new revision whose results supersede the old ones. A study whose originals
-    were purged (storage.retain_days) is first retrieved from the archive (C-FIND + C-MOVE to our AE title;
-    the node must be running to receive it)."""
+    were purged (storage.retain_days) is first retrieved from the [[archives]] peer (C-FIND, then C-GET, or
+    C-MOVE to our AE title which needs the node running); its instances open the new revision."""
     from worker.pipeline.jobs import PipelineError
     from worker.pipeline.operations import rerun_studies
 
@@ -161,9 +161,9 @@ def fetch_command(
                                                    "date (Study Date) on.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Fetch studies from a query/retrieve archive for analysis (e.g. a backlog): C-FIND, then C-MOVE of each
-    matching study to the node (which must be running), with a progress bar. Exits 1 when any study could not be
-    fetched whole."""
+    """Fetch studies from a query/retrieve archive for analysis (e.g. a backlog): C-FIND, then C-GET (or C-MOVE
+    to the running node) of each matching study not stored here, with a progress bar; each is analysed once
+    complete. Exits 1 when any study could not be fetched whole."""
     from worker.pipeline.jobs import PipelineError
     from worker.pipeline.operations import fetch_studies
 

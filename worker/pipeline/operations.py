@@ -93,8 +93,8 @@ def retry_jobs(settings: Settings, ids: Sequence[int], progress: Console | None 
 def rerun_studies(settings: Settings, uids: Sequence[str], progress: Console | None = None,
                   archive: str | None = None) -> list[str]:
     """Open a new revision of each study and queue its analysis. A study whose originals retention purged is
-    first fetched back from the archive (``archive``, or the only ``[[archives]]`` entry): its instances, received
-    by the node, open the new revision themselves."""
+    first fetched back from the archive (``archive``, or the only ``[[archives]]`` entry): its instances, filed
+    through the node's receive path, open the new revision themselves."""
     pipeline = pipeline_for(settings)
     lines = []
     try:
@@ -116,14 +116,14 @@ def _rerun_from_archive(settings: Settings, db: Database, archive: Archive, uid:
 
     with _transfer(console, f"retrieving {uid} from {archive.name}") as advance:
         done = retrieve_for_rerun(settings, db, archive, uid, actor=operator(), progress=advance)
-    return (f"study {uid}: {done.sent} original(s) retrieved from {archive.name}; revision {done.revision} "
+    return (f"study {uid}: {done.sent} instance(s) retrieved from {archive.name}; revision {done.revision} "
             "opened, analysed once the study is complete")
 
 
 def fetch_studies(settings: Settings, archive_name: str | None, *, study_uid: str | None = None,
                   patient_id: str | None = None, since: dt.date | None = None,
                   console: Console | None = None) -> tuple[list[str], bool]:
-    """Fetch studies from an archive for analysis (C-FIND, then C-MOVE of each match to our listener). Studies
+    """Fetch studies from an archive for analysis (C-FIND, then C-GET or C-MOVE of each match). Studies
     whose originals are all stored here already are skipped. Returns the lines to print and whether every
     matching study was fetched (or already here)."""
     from worker.pipeline.retrieval import RetrievalError, find, retrieve_study
