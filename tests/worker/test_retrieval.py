@@ -5,7 +5,8 @@ moves, and the ``retinalgpt`` CLI as a separate process.
 - a study whose originals retention purged is re-run: ``studies rerun`` finds it in Orthanc, moves it to our AE
   title, the instances come back byte-equal under the same UIDs and path and are un-purged, and they open
   revision 2 (revision 1's analysis superseded, the revision-2 analysis job queued);
-- the archive holding the study under another Patient ID: refused, nothing moved, the study stays purged;
+- the archive holding the study under another Patient ID: refused, nothing moved, the study stays purged; the
+  archive down: the re-run fails with one line and the study is unchanged;
 - ``studies fetch --patient ID --since DATE`` pulls only that patient's studies from that date on;
 - the archive down: one clear line, exit 1, nothing recorded.
 """
@@ -152,6 +153,13 @@ def test_archive_holding_the_study_for_another_patient_is_refused(world, op_file
     assert study.purged_at is not None and study.revision == 1
     assert [e.detail["archive"] for e in audit(db, "study.retrieve_failed")] == ["pacs"]
     assert not audit(db, "instance.uid_conflict")  # refused before anything was moved
+
+    pacs.stop()  # the archive down: the re-run says so, the study stays as it was
+    down = retinalgpt("studies", "rerun", uid, config=config, check=False)
+    assert down.returncode == 1
+    assert re.search(r"error: archive pacs: cannot connect to ORTHANC@127\.0\.0\.1:\d+", down.stderr), down.stderr
+    study = study_row(db, uid)
+    assert study.purged_at is not None and study.revision == 1 and study.state == StudyState.DELIVERED
 
 
 @pytest.mark.parametrize("world", ["get"], indirect=True)  # C-MOVE: the same path as the re-run
