@@ -184,6 +184,28 @@ class Listener:
         assoc.dimse = SpoolingDimse(assoc, folder=self.store.incoming, max_bytes=self.params.max_instance_bytes,
                                     header_for=header_for, refusal_for=self.space_refusal)
 
+    def retrieval_handlers(self) -> list[tuple[Any, Any]]:
+        """Event handlers for an association *we* request to retrieve instances with C-GET (PS3.4 C.4.3): the
+        C-STORE sub-operations the peer sends on it take exactly this listener's receive path (spooled write,
+        size and space limits, identification, UID and Patient ID checks, fsync and rename, the sink's row) and
+        count for the completion tracker. The listener need not be started (the ``retinalgpt`` CLI uses one
+        without binding a port); its sink's ``study_stable`` completes the retrieved studies."""
+        return [(evt.EVT_CONN_OPEN, self._on_retrieve_opened), (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_CONN_CLOSE, self._on_closed)]
+
+    def _on_retrieve_opened(self, event: Event) -> None:
+        assoc = event.assoc
+        peer_ae = assoc.acceptor.ae_title.strip()
+        peer_host = str(event.address[0])
+        with self._stats_lock:
+            self._stats[id(assoc)] = _AssociationStats(peer_ae, peer_host, assoc.requestor.ae_title.strip())
+
+        def header_for(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+            return file_header(sop_class_uid, sop_instance_uid, transfer_syntax, peer_ae)
+
+        assoc.dimse = SpoolingDimse(assoc, folder=self.store.incoming, max_bytes=self.params.max_instance_bytes,
+                                    header_for=header_for, refusal_for=self.space_refusal)
+
     def space_refusal(self) -> str | None:
         """Why nothing may be written now (:meth:`dicom_node.intake.InstanceIntake.space_refusal`), or None."""
         return self.intake.space_refusal()

@@ -18,7 +18,9 @@ Metrics (:mod:`training.metrics`): DR grade accuracy and quadratic-weighted kapp
 the dataset has with a bootstrap 95 % interval, expected calibration error, sensitivity and specificity of
 referable DR at the model's operating point (Wilson intervals), the share of images whose findings cover every
 trained condition, lesion box AP at IoU 0.5, answer-parse failure rate. Written as ``metrics.json``,
-``report.md``, ROC curves, reliability diagrams and confusion matrices (PNG).
+``report.md``, ROC curves, reliability diagrams and confusion matrices (PNG). ``metrics.json`` also records, per
+condition, a histogram of the test images' probabilities (``score_histograms``): the reference distribution the
+worker's drift check (:mod:`worker.monitoring`) compares production probabilities with.
 """
 
 from __future__ import annotations
@@ -307,6 +309,7 @@ def evaluate(model_dir: Path, datasets: Sequence[tuple[str, list[Record]]], outp
         report["datasets"][name] = dataset_metrics(records, outcomes, threshold)
         raw[name] = (records, outcomes)
     report["calibration"] = pooled_calibration(raw)
+    report["score_histograms"] = score_histograms(raw)
     answers = [p for _, outs in raw.values() for o in outs for _, _, p in o.answers]
     report["parse_failure_rate"] = metrics.failure_rate(answers)
     report["answers"] = len(answers)
@@ -318,6 +321,24 @@ def evaluate(model_dir: Path, datasets: Sequence[tuple[str, list[Record]]], outp
 def _labelled_scores(records: Sequence[Record], outcomes: Sequence[ImageOutcome], task: str) -> list[tuple[int, float]]:
     pairs = [(TASKS_BY_NAME[task].label(r), o.scores.get(task)) for r, o in zip(records, outcomes, strict=True)]
     return [(int(y), float(p)) for y, p in pairs if y is not None and p is not None]
+
+
+SCORE_BINS = 10
+"""Equal-width bins of [0, 1] in :func:`score_histograms`."""
+
+
+def score_histograms(raw: dict[str, Any], bins: int = SCORE_BINS) -> dict[str, Any]:
+    """Per condition task, pooled over the evaluated datasets: how many test images' P(present) fall in each of
+    ``bins`` equal-width bins of [0, 1] (every scored image, labelled or not; the last bin includes 1.0).
+    ``{"edges": [0.0, 0.1, …, 1.0], "conditions": {task: {"counts": [...], "n": N}}}``."""
+    out: dict[str, Any] = {"edges": [round(float(e), 6) for e in np.linspace(0.0, 1.0, bins + 1)], "conditions": {}}
+    for task in CONDITION_TASKS:
+        scores = np.asarray([o.scores[task] for _, outcomes in raw.values() for o in outcomes if task in o.scores],
+                            dtype=float)
+        if scores.size:
+            index = np.clip((np.clip(scores, 0.0, 1.0) * bins).astype(int), 0, bins - 1)
+            out["conditions"][task] = {"counts": np.bincount(index, minlength=bins).tolist(), "n": int(scores.size)}
+    return out
 
 
 def pooled_calibration(raw: dict[str, Any]) -> dict[str, Any]:

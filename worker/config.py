@@ -266,6 +266,26 @@ class Destination(_Section):
         return self
 
 
+class Archive(_Section):
+    """A query/retrieve peer (a PACS) that studies are fetched back from: C-FIND and C-MOVE in the Study Root
+    model (PS3.4 Annex C), the instances sent by the peer to our own listener (``move_destination``)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    retrieve: Literal["get", "move"] = Field(default="get", description="get: C-GET, the instances come back on "
+                                             "our own association (no listener needed); move: C-MOVE to "
+                                             "move_destination, received by the running node's listener")
+    move_destination: AETitle | None = Field(default=None, description="the AE title the peer sends the "
+                                             "instances to (C-MOVE Move Destination); default: dicom.ae_title")
+    timeout: float = Field(default=30.0, gt=0, description="seconds per network operation (association, each "
+                           "C-FIND/C-MOVE response)")
+    record_timeout: float = Field(default=60.0, gt=0, description="seconds to wait, after the peer reported the "
+                                  "move complete, for the node to have recorded every instance")
+
+
 class ValueMatch(_Section):
     """One test on a value (routing rules): exactly one of ``equals``, ``glob`` (fnmatch, case-sensitive),
     ``regex`` (Python ``re.fullmatch``) or ``present`` (true: the value is there and not empty)."""
@@ -369,6 +389,31 @@ class AuditSettings(_Section):
         "their SHA-256 and length (a question may name the patient)")
 
 
+class MonitoringSettings(_Section):
+    """Model monitoring (worker/monitoring.py): per model version distributions over a bounded window of the most
+    recent stored analyses, and the drift check against the model's evaluation distribution."""
+
+    enabled: bool = Field(default=True, description="expose the per model version metrics and the drift check")
+    window_analyses: int = Field(default=500, ge=10, le=100_000, description="most recent analyses per model "
+                                 "version in the window")
+    window_days: float = Field(default=30.0, gt=0, le=3650, description="only analyses stored this recently")
+    drift_threshold: float = Field(default=0.25, gt=0, le=10, description="population stability index above "
+                                   "which a condition's recent distribution counts as drifted")
+    drift_min_samples: int = Field(default=50, ge=10, description="fewest image probabilities of a condition in "
+                                   "the window before its drift is judged")
+    drift_fails_readiness: bool = Field(default=False, description="a drifted condition makes /readyz answer 503 "
+                                        "(default: reported in its detail only)")
+    drift_references: list[Path] = Field(default_factory=list, description="evaluation metrics.json files (from "
+                                         "`retinalgpt evaluate`) besides those found in the model directories")
+
+    @model_validator(mode="after")
+    def _samples_fit_window(self) -> MonitoringSettings:
+        if self.drift_min_samples > self.window_analyses:
+            raise ValueError("monitoring.drift_min_samples must not exceed monitoring.window_analyses (a study of "
+                             "one image must be able to reach it)")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration."""
 
@@ -388,9 +433,11 @@ class Settings(BaseSettings):
     reporting: ReportingSettings = Field(default_factory=ReportingSettings)
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
+    archives: list[Archive] = Field(default_factory=list)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     _toml_file: Path | None = None
 
@@ -435,6 +482,19 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _archives_can_send_to_us(self) -> Settings:
+        names = [a.name for a in self.archives]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"archive names must be unique: {', '.join(dupes)}")
+        callers = {caller.ae_title for caller in self.dicom.allowed_callers}
+        for archive in self.archives:
+            if archive.retrieve == "move" and archive.ae_title not in callers:
+                raise ValueError(f"archive {archive.name!r}: its AE title {archive.ae_title!r} must be in "
+                                 "dicom.allowed_callers (with retrieve = \"move\" it sends the instances to our listener)")
+        return self
+
+    @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
         self.home = self.home.expanduser().absolute()
         self.storage.path = self._below_home(self.storage.path)
@@ -463,6 +523,18 @@ class Settings(BaseSettings):
                 return dest
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"unknown destination {name!r} (known: {known})")
+
+    def archive(self, name: str | None) -> Archive:
+        """The archive called ``name`` (the only one when ``name`` is None); :class:`ConfigError` otherwise."""
+        known = ", ".join(a.name for a in self.archives) or "none configured"
+        if name is None:
+            if len(self.archives) == 1:
+                return self.archives[0]
+            raise ConfigError(f"name the archive to retrieve from with --from (configured: {known})")
+        for archive in self.archives:
+            if archive.name == name:
+                return archive
+        raise ConfigError(f"unknown archive {name!r} (configured [[archives]]: {known})")
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data with secrets masked: ``SecretStr`` values and the

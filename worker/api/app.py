@@ -22,6 +22,7 @@ from worker.api.ops import HttpMetrics, PipelineCollector, readiness
 from worker.config import Settings
 from worker.db import Database
 from worker.logsetup import ACCESS_LOGGER, access_line
+from worker.monitoring import ModelCollector, ModelMonitor
 
 FHIR_PREFIX = "/fhir/"
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -43,6 +44,9 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
     app.state.context = ctx
     registry = CollectorRegistry()
     registry.register(PipelineCollector(ctx.db, ctx.celery, settings))
+    monitor = ModelMonitor(ctx.db, settings) if settings.monitoring.enabled else None
+    if monitor is not None:
+        registry.register(ModelCollector(monitor))
     http_metrics = HttpMetrics(registry)
 
     _install_error_handlers(app)
@@ -67,10 +71,19 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
         """Readiness. ``pipeline`` (default): database reachable and migrated, broker reachable, and an inference
         and a delivery worker consuming (worker heartbeats); a missing one is named with its last problem; and
         free space on the storage folder at least ``storage.min_free_gb`` (below it the node refuses C-STORE).
-        ``api``: only what this API process needs (database and broker), for a load balancer's probe."""
+        ``api``: only what this API process needs (database and broker), for a load balancer's probe.
+        ``pipeline`` also reports ``model_drift`` (the drift check of :mod:`worker.monitoring`), informational:
+        it makes readiness fail only when ``monitoring.drift_fails_readiness`` is set and a condition drifted."""
         stale_after = ctx.settings.pipeline.stale_after_seconds if scope == "pipeline" else None
         checks = readiness(ctx.db, ctx.celery, stale_after=stale_after, settings=ctx.settings)
         ready = all(v == "ok" for v in checks.values())
+        if scope == "pipeline" and monitor is not None:
+            try:
+                drift = monitor.drift()
+                checks["model_drift"] = drift.describe()
+                ready = ready and not (drift.drifted and ctx.settings.monitoring.drift_fails_readiness)
+            except Exception as exc:  # noqa: BLE001 - informational: an unreadable window is reported, not raised
+                checks["model_drift"] = f"not checked: {type(exc).__name__}"
         return JSONResponse({"status": "ready" if ready else "not ready", **checks}, status_code=200 if ready else 503)
 
     def metrics_endpoint() -> Response:

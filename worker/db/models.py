@@ -184,7 +184,8 @@ class Analysis(Base):
     """A :class:`model.schema.StudyAnalysis` (as JSON) for one study revision and model."""
 
     __tablename__ = "analyses"
-    __table_args__ = (Index("ix_analyses_study_revision", "study_id", "revision"),)
+    __table_args__ = (Index("ix_analyses_study_revision", "study_id", "revision"),
+                      Index("ix_analyses_created_at", "created_at"))  # the monitoring window (worker/monitoring.py)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
