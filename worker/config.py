@@ -234,6 +234,11 @@ class Hl7Settings(_Section):
     include_pdf: bool = Field(default=False, description="send the PDF report as an ED OBX")
 
 
+FORWARD_KINDS = ("dicom", "dicomweb")
+"""Destination kinds that take DICOM instances: the result objects (one delivery row per object kind) and the
+originals that routing rules forward (C-STORE or STOW-RS)."""
+
+
 class Destination(_Section):
     """Where results go: a DICOM peer (C-STORE), a DICOMweb origin server (STOW-RS), a FHIR server
     (transaction), an HL7 v2 receiver (ORU^R01 over MLLP), or a folder."""
@@ -337,7 +342,8 @@ class Rule(_Section):
     sop_class_uid: MatchValue | None = None
     attributes: dict[str, MatchValue] = Field(default_factory=dict, description="DICOM keyword → test")
     analyse: bool = True
-    forward: list[str] = Field(default_factory=list, description="names of DICOM destinations for the originals")
+    forward: list[str] = Field(default_factory=list, description="names of dicom or dicomweb destinations for the "
+                               "originals")
     priority: Priority = Priority.NORMAL
 
     @field_validator("attributes")
@@ -476,9 +482,10 @@ class Settings(BaseSettings):
             for name in rule.forward:
                 if name not in kinds:
                     raise ValueError(f"rule {rule.name!r} forwards to {name!r}, which is not a configured destination")
-                if kinds[name] != "dicom":
+                if kinds[name] not in FORWARD_KINDS:
                     raise ValueError(f"rule {rule.name!r} forwards originals to {name!r}, a {kinds[name]} "
-                                     "destination: originals go to DICOM destinations only")
+                                     "destination: originals go only to destinations of kind "
+                                     f"{' or '.join(FORWARD_KINDS)} (DIMSE C-STORE or DICOMweb STOW-RS)")
         return self
 
     @model_validator(mode="after")
