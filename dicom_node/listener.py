@@ -6,7 +6,8 @@ never held in memory whole, to a temp file that starts with our File Meta Inform
 are read in place and checked (:mod:`dicom_node.instance`), the sink is asked how the instance relates to what
 is recorded (new, duplicate, or a UID conflict that would move data to another study or patient: refused with
 0xC004), the file is renamed into place, reported to the :class:`~dicom_node.events.IngestSink` (the database
-row), and only then is Success answered. Any failure — a database error in the duplicate check included —
+row), and only then is Success answered (those steps live in :mod:`dicom_node.intake`, shared with the
+DICOMweb STOW-RS service). Any failure — a database error in the duplicate check included —
 answers a failure status with an Error Comment and the association carries on. Connections are admitted by
 :mod:`dicom_node.guard`. When an association ends, whether it was released (A-RELEASE) or cut off is passed to
 the completion tracker: a cut-off sender does not end its studies.
@@ -15,12 +16,10 @@ the completion tracker: a cut-off sender does not end its studies.
 from __future__ import annotations
 
 import logging
-import mmap
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -31,26 +30,13 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 
 from dicom_node.completion import CompletionTracker
-from dicom_node.events import (
-    AssociationSummary,
-    IngestSink,
-    InstanceConflict,
-    PlacementKind,
-    ReceivedInstance,
-    RejectedAssociation,
-    RejectedInstance,
-)
+from dicom_node.events import AssociationSummary, IngestSink, RejectedAssociation
 from dicom_node.guard import AdmissionParams, ConnectionGuard, GuardedAssociationServer
-from dicom_node.instance import Identified, InvalidInstance, file_header, identify, is_valid_uid
-from dicom_node.params import CompletionParams, DuplicatePolicy, ListenerParams, UnsupportedSopPolicy
+from dicom_node.instance import file_header
+from dicom_node.intake import InstanceIntake, Source
+from dicom_node.params import CompletionParams, ListenerParams
 from dicom_node.receive import Spool, SpoolingDimse
-from dicom_node.sop import (
-    ANALYSABLE_SOP_CLASSES,
-    SR_SOP_CLASSES,
-    TRANSFER_SYNTAXES,
-    VERIFICATION,
-    all_storage_sop_classes,
-)
+from dicom_node.sop import TRANSFER_SYNTAXES, VERIFICATION
 from dicom_node.status import StoreStatus
 from dicom_node.storage import InstanceStore
 from dicom_node.tls import server_context
@@ -62,7 +48,6 @@ log = logging.getLogger(__name__)
 _REJECT_PERMANENT, _REJECT_TRANSIENT, _SOURCE_SERVICE_USER, _SOURCE_PROVIDER_PRESENTATION = 0x01, 0x02, 0x01, 0x03
 _CALLING_AE_NOT_RECOGNIZED, _CALLED_AE_NOT_RECOGNIZED, _LOCAL_LIMIT_EXCEEDED = 0x03, 0x07, 0x02
 _UNLIMITED = 2**30  # pynetdicom's own association count includes connections that never negotiated
-_LOCK_STRIPES = 64
 _RELEASE_FLAG_WAIT = 2.0
 """Seconds to wait, when a connection closes, for pynetdicom's reactor thread to say whether the association
 was released or aborted (the close is seen on the DUL thread, sometimes a moment before the flag is set)."""
@@ -119,15 +104,7 @@ class Listener:
         self._server: GuardedAssociationServer | None = None
         self._stats: dict[int, _AssociationStats] = {}
         self._stats_lock = threading.Lock()
-        self._sop_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._low_space = False
-        self._accepted_classes = set(ANALYSABLE_SOP_CLASSES) | set(SR_SOP_CLASSES)
-        if params.unsupported_sop_classes is UnsupportedSopPolicy.STORE:
-            self._accepted_classes = all_storage_sop_classes()
-
-    @property
-    def _limit_text(self) -> str:
-        return f"{self.params.max_instance_bytes / (1 << 20):g} MiB"
+        self.intake = InstanceIntake(params, self.store, sink)
 
     @property
     def port(self) -> int:
@@ -171,7 +148,7 @@ class Listener:
         log.info(
             "DICOM node %s listening on %s:%d%s (%d storage SOP classes)",
             self.params.ae_title, self.params.bind_address, self.port, " with TLS" if ssl_context else "",
-            len(self._accepted_classes),
+            len(self.intake.accepted_classes),
         )
 
     def stop(self) -> None:
@@ -193,7 +170,7 @@ class Listener:
 
     def _supported_contexts(self) -> list[PresentationContext]:
         contexts = [_SupportedContext(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])]
-        contexts += [_SupportedContext(uid, TRANSFER_SYNTAXES) for uid in sorted(self._accepted_classes)]
+        contexts += [_SupportedContext(uid, TRANSFER_SYNTAXES) for uid in sorted(self.intake.accepted_classes)]
         return contexts
 
     def _on_opened(self, event: Event) -> None:
@@ -207,29 +184,31 @@ class Listener:
         assoc.dimse = SpoolingDimse(assoc, folder=self.store.incoming, max_bytes=self.params.max_instance_bytes,
                                     header_for=header_for, refusal_for=self.space_refusal)
 
+    def retrieval_handlers(self) -> list[tuple[Any, Any]]:
+        """Event handlers for an association *we* request to retrieve instances with C-GET (PS3.4 C.4.3): the
+        C-STORE sub-operations the peer sends on it take exactly this listener's receive path (spooled write,
+        size and space limits, identification, UID and Patient ID checks, fsync and rename, the sink's row) and
+        count for the completion tracker. The listener need not be started (the ``retinalgpt`` CLI uses one
+        without binding a port); its sink's ``study_stable`` completes the retrieved studies."""
+        return [(evt.EVT_CONN_OPEN, self._on_retrieve_opened), (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_CONN_CLOSE, self._on_closed)]
+
+    def _on_retrieve_opened(self, event: Event) -> None:
+        assoc = event.assoc
+        peer_ae = assoc.acceptor.ae_title.strip()
+        peer_host = str(event.address[0])
+        with self._stats_lock:
+            self._stats[id(assoc)] = _AssociationStats(peer_ae, peer_host, assoc.requestor.ae_title.strip())
+
+        def header_for(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+            return file_header(sop_class_uid, sop_instance_uid, transfer_syntax, peer_ae)
+
+        assoc.dimse = SpoolingDimse(assoc, folder=self.store.incoming, max_bytes=self.params.max_instance_bytes,
+                                    header_for=header_for, refusal_for=self.space_refusal)
+
     def space_refusal(self) -> str | None:
-        """Why nothing may be written now (free space on the storage file system under ``min_free_bytes``),
-        or None. Asked when each C-STORE request's command arrives, before a byte of its data set is written;
-        entering and leaving the low-space state is logged once each."""
-        if self.params.min_free_bytes <= 0:
-            return None
-        try:
-            free = self.store.free_bytes()
-        except OSError as exc:
-            reason = f"cannot read the free space of the storage folder: {exc.strerror or exc}"
-        else:
-            if free >= self.params.min_free_bytes:
-                if self._low_space:
-                    self._low_space = False
-                    log.warning("storage has %.3g GB free again (at least %.3g GB): receiving instances again",
-                                free / 1e9, self.params.min_free_bytes / 1e9)
-                return None
-            reason = (f"storage low: {free / 1e9:.3g} GB free, under the "
-                      f"{self.params.min_free_bytes / 1e9:g} GB minimum")
-        if not self._low_space:
-            self._low_space = True
-            log.error("%s: every C-STORE is answered 0xA700 (Out of Resources) until space is freed", reason)
-        return reason
+        """Why nothing may be written now (:meth:`dicom_node.intake.InstanceIntake.space_refusal`), or None."""
+        return self.intake.space_refusal()
 
     def _on_requested(self, event: Event) -> None:
         """Called-AE check, calling-AE allow-list optionally bound to host, then a free association slot
@@ -306,144 +285,32 @@ class Listener:
         request = event.request
         sop_class_uid = str(request.AffectedSOPClassUID)
         sop_instance_uid = str(request.AffectedSOPInstanceUID)
-        transfer_syntax = str(event.context.transfer_syntax)
-
-        def refuse(status: StoreStatus, reason: str, study_uid: str | None = None, *,
-                   no_space: bool = False) -> Dataset:
-            stats.failed += 1
-            log.warning(
-                "C-STORE %s from %s@%s refused with 0x%04X: %s",
-                sop_instance_uid or "(no SOP Instance UID)", stats.calling_ae_title, stats.peer_host, status, reason,
-            )
-            rejection = RejectedInstance(
-                int(status), reason, stats.calling_ae_title, stats.peer_host,
-                sop_class_uid or None, sop_instance_uid or None, study_uid, no_space=no_space,
-            )
-            self._report(self.sink.instance_rejected, rejection)
-            return _status(status, reason)
-
-        def conflict(instance: ReceivedInstance, reason: str) -> Dataset:
-            stats.failed += 1
-            log.error("C-STORE %s from %s@%s refused with 0x%04X (UID conflict): %s", instance.sop_instance_uid,
-                      stats.calling_ae_title, stats.peer_host, StoreStatus.UID_CONFLICT, reason)
-            self._sink_call(self.sink.uid_conflict, instance, reason)
-            return _status(StoreStatus.UID_CONFLICT, reason)
-
-        if sop_class_uid not in self._accepted_classes:
-            return refuse(StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class_uid} is not accepted")
-        if not (is_valid_uid(sop_class_uid) and is_valid_uid(sop_instance_uid)):
-            return refuse(StoreStatus.INVALID_IDENTIFIER, "the request's Affected SOP Class/Instance UID is not a UID")
+        source = Source(stats.calling_ae_title, stats.peer_host, called_ae_title=stats.called_ae_title)
+        outcome = self.intake.check_request(source, sop_class_uid, sop_instance_uid)
         spool = getattr(request, "_dataset_file", None)
-        if not isinstance(spool, Spool):
-            return refuse(StoreStatus.CANNOT_UNDERSTAND, "the C-STORE request carries no data set")
-        if spool.refusal is not None:
+        if outcome is None and not isinstance(spool, Spool):
+            outcome = self.intake.refuse(source, StoreStatus.CANNOT_UNDERSTAND,
+                                         "the C-STORE request carries no data set", sop_class_uid, sop_instance_uid)
+        if outcome is None:
+            assert isinstance(spool, Spool)
+            outcome = self.intake.file(
+                spool, transfer_syntax=str(event.context.transfer_syntax), sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid, source=source,
+                on_received=lambda study: self.tracker.instance_received(study, id(assoc)),
+                on_duplicate=lambda study: self.tracker.duplicate_received(study, id(assoc)),
+            )
+        elif isinstance(spool, Spool):
             spool.discard()
-            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, spool.refusal, no_space=True)
-        if spool.exceeded:
-            spool.discard()
-            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"data set of {spool.size} bytes exceeds the "
-                                                                f"{self._limit_text} instance limit")
-        try:
-            sha256 = spool.finish(fsync=self.params.fsync)
-        except OSError as exc:
-            return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot write: {exc.strerror or exc}", no_space=True)
-        temp = spool.path
-        try:
-            ident = self._identify(spool, transfer_syntax, sop_class_uid, sop_instance_uid)
-        except InvalidInstance as exc:
-            return refuse(exc.status, exc.reason)
-
-        final = self.store.path_for(ident.study_instance_uid, ident.series_instance_uid, ident.sop_instance_uid)
-        not_analysed = self._not_analysed_reason(ident)
-        instance = ReceivedInstance(
-            sop_class_uid=ident.sop_class_uid,
-            sop_instance_uid=ident.sop_instance_uid,
-            study_instance_uid=ident.study_instance_uid,
-            series_instance_uid=ident.series_instance_uid,
-            transfer_syntax_uid=transfer_syntax,
-            path=final,
-            size=spool.header_length + spool.size,
-            sha256=sha256,
-            calling_ae_title=stats.calling_ae_title,
-            peer_host=stats.peer_host,
-            called_ae_title=stats.called_ae_title or self.params.ae_title,
-            received_at=datetime.now(UTC),
-            analysable=not_analysed is None,
-            not_analysed_reason=not_analysed,
-            patient_id=ident.patient_id,
-            patient_name=ident.patient_name,
-            accession_number=ident.accession_number,
-            study_date=ident.study_date,
-            study_description=ident.study_description,
-            modality=ident.modality,
-            series_number=ident.series_number,
-            series_description=ident.series_description,
-            instance_number=ident.instance_number,
-            laterality=ident.laterality,
-            image_type=ident.image_type,
-            burned_in_annotation=ident.burned_in_annotation,
-            manufacturer=ident.manufacturer,
-        )
-        with self._sop_locks[hash(ident.sop_instance_uid) % _LOCK_STRIPES]:
-            try:
-                placement = self.sink.placement(instance)
-            except Exception as exc:  # noqa: BLE001 - never answer Success without knowing what is recorded
-                log.exception("cannot tell whether %s is already recorded", ident.sop_instance_uid)
-                self.store.discard(temp)
-                return refuse(StoreStatus.OUT_OF_RESOURCES_DATABASE, f"cannot check what is recorded: {exc}",
-                              ident.study_instance_uid)
-            if placement.kind is PlacementKind.CONFLICT:
-                self.store.discard(temp)
-                return conflict(instance, placement.reason)
-            duplicate = placement.kind is PlacementKind.DUPLICATE
-            if duplicate and self.params.duplicate_policy is DuplicatePolicy.KEEP_FIRST and final.exists():
-                self.store.discard(temp)
-                stats.duplicates += 1
-                stats.studies.add(ident.study_instance_uid)
-                self.tracker.duplicate_received(ident.study_instance_uid, id(assoc))
-                log.info("duplicate SOP Instance UID %s from %s ignored (keep first)", ident.sop_instance_uid,
-                         stats.calling_ae_title)
-                self._report(self.sink.duplicate_ignored, instance)
-                return int(StoreStatus.SUCCESS)
-            try:
-                self.store.commit(temp, final)
-            except OSError as exc:
-                self.store.discard(temp)
-                return refuse(StoreStatus.OUT_OF_RESOURCES_STORAGE, f"cannot store: {exc.strerror or exc}",
-                              ident.study_instance_uid, no_space=True)
-            self.tracker.instance_received(ident.study_instance_uid, id(assoc))
-            try:
-                self.sink.instance_stored(instance, replaced=duplicate)
-            except InstanceConflict as exc:
-                if not duplicate:
-                    self.store.discard(final)
-                return conflict(instance, exc.reason)
-            except Exception as exc:
-                log.exception("recording instance %s failed", ident.sop_instance_uid)
-                if not duplicate:
-                    self.store.discard(final)
-                return refuse(StoreStatus.OUT_OF_RESOURCES_DATABASE, f"cannot record: {exc}", ident.study_instance_uid)
-        stats.stored += 1
-        stats.studies.add(ident.study_instance_uid)
+        if not outcome.ok:
+            stats.failed += 1
+            return _status(outcome.status, outcome.reason)
+        if outcome.duplicate:
+            stats.duplicates += 1
+        else:
+            stats.stored += 1
+        if outcome.study_instance_uid:
+            stats.studies.add(outcome.study_instance_uid)
         return int(StoreStatus.SUCCESS)
-
-    def _not_analysed_reason(self, ident: Identified) -> str | None:
-        """Why an instance is stored but not analysed, or None when it goes to analysis: only photographs of
-        the analysable SOP classes, and (unless ``analyse_derived_images``) only original ones."""
-        if ident.sop_class_uid not in ANALYSABLE_SOP_CLASSES:
-            return "SOP class is not a photograph class"
-        if ident.derived and not self.params.analyse_derived_images:
-            if ident.image_type[:1] == ("DERIVED",):
-                return "derived image (Image Type DERIVED)"
-            return "burned-in annotation"
-        return None
-
-    def _identify(self, spool: Spool, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> Identified:
-        """Identify the received data set in place (memory-mapped, never read into memory whole)."""
-        with open(spool.path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as received:
-            return identify(received, transfer_syntax, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
-                            offset=spool.header_length, max_inflated=self.params.max_instance_bytes,
-                            scratch=self.store.incoming)
 
     def _report(self, method: Any, payload: Any) -> None:
         """Tell the sink something that must never stop the node."""

@@ -95,7 +95,10 @@ class Spool:
 
     def finish(self, *, fsync: bool) -> str:
         """Flush and close the file (fsync when asked); returns the SHA-256 of the whole file. An
-        :class:`OSError` (the disk filled up on the last bytes) removes the file and is raised."""
+        :class:`OSError` (the disk filled up on the last bytes) removes the file and is raised. Once finished,
+        a second call only returns the digest (a STOW-RS part is finished when it ends, filed later)."""
+        if self._file is not None and self._file.closed:
+            return self._digest.hexdigest()
         try:
             self._file.flush()
             if fsync:

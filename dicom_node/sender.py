@@ -11,10 +11,12 @@ resources) or *permanent* (association rejected-permanent, SOP class or transfer
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -256,10 +258,11 @@ def _application_entity(peer: PeerParams) -> AE:
     return ae
 
 
-def _associate(ae: AE, peer: PeerParams) -> tuple[Association | None, str | None, Failure | None]:
+def _associate(ae: AE, peer: PeerParams, **options: Any) -> tuple[Association | None, str | None, Failure | None]:
+    """Request an association (``options``: further ``AE.associate`` arguments, e.g. ``ext_neg``)."""
     tls_args = (client_context(peer.tls), peer.host) if peer.tls is not None else None
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args, **options)
     except OSError as exc:
         return None, f"cannot connect to {_describe(peer)}: {exc}", Failure.TRANSIENT
     if assoc.is_established:
@@ -275,8 +278,21 @@ def _associate(ae: AE, peer: PeerParams) -> tuple[Association | None, str | None
     if accepted is not None and accepted.result == 0x00:
         return None, f"{_describe(peer)} accepted none of the proposed presentation contexts", Failure.PERMANENT
     if assoc.is_aborted:
+        unreachable = _unreachable(peer) if accepted is None else None
+        if unreachable:  # pynetdicom reports a refused connection as an aborted association
+            return None, f"cannot connect to {_describe(peer)}: {unreachable}", Failure.TRANSIENT
         return None, f"association with {_describe(peer)} aborted during negotiation", Failure.TRANSIENT
     return None, f"cannot associate with {_describe(peer)} (connection refused or timed out)", Failure.TRANSIENT
+
+
+def _unreachable(peer: PeerParams) -> str | None:
+    """Why a TCP connection to the peer cannot be opened now, or None when it can (then the peer itself ended
+    the negotiation)."""
+    try:
+        with socket.create_connection((peer.host, peer.port), timeout=min(peer.timeout, 5.0)):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _release(assoc: Association) -> None:

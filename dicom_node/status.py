@@ -17,6 +17,9 @@ class StoreStatus(IntEnum):
     MISSING_IDENTIFIER = 0xC001
     INVALID_IDENTIFIER = 0xC002
     PIXEL_DATA_TRUNCATED = 0xC003
+    TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+    """STOW-RS only (PS3.18 Table 10.5.3-3 "Referenced Transfer Syntax not supported"): a DIMSE sender can only
+    use a transfer syntax we accepted at association."""
     UID_CONFLICT = 0xC004
     """The SOP Instance UID (or the Series Instance UID) is already stored under another study, series or
     patient, or the study is recorded for another Patient ID: nothing is moved between studies or patients."""

@@ -234,6 +234,11 @@ class Hl7Settings(_Section):
     include_pdf: bool = Field(default=False, description="send the PDF report as an ED OBX")
 
 
+FORWARD_KINDS = ("dicom", "dicomweb")
+"""Destination kinds that take DICOM instances: the result objects (one delivery row per object kind) and the
+originals that routing rules forward (C-STORE or STOW-RS)."""
+
+
 class Destination(_Section):
     """Where results go: a DICOM peer (C-STORE), a DICOMweb origin server (STOW-RS), a FHIR server
     (transaction), an HL7 v2 receiver (ORU^R01 over MLLP), or a folder."""
@@ -264,6 +269,26 @@ class Destination(_Section):
         if missing:
             raise ValueError(f"destination {self.name!r} of kind {self.kind} needs {', '.join(missing)}")
         return self
+
+
+class Archive(_Section):
+    """A query/retrieve peer (a PACS) that studies are fetched back from: C-FIND and C-MOVE in the Study Root
+    model (PS3.4 Annex C), the instances sent by the peer to our own listener (``move_destination``)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    retrieve: Literal["get", "move"] = Field(default="get", description="get: C-GET, the instances come back on "
+                                             "our own association (no listener needed); move: C-MOVE to "
+                                             "move_destination, received by the running node's listener")
+    move_destination: AETitle | None = Field(default=None, description="the AE title the peer sends the "
+                                             "instances to (C-MOVE Move Destination); default: dicom.ae_title")
+    timeout: float = Field(default=30.0, gt=0, description="seconds per network operation (association, each "
+                           "C-FIND/C-MOVE response)")
+    record_timeout: float = Field(default=60.0, gt=0, description="seconds to wait, after the peer reported the "
+                                  "move complete, for the node to have recorded every instance")
 
 
 class ValueMatch(_Section):
@@ -317,7 +342,8 @@ class Rule(_Section):
     sop_class_uid: MatchValue | None = None
     attributes: dict[str, MatchValue] = Field(default_factory=dict, description="DICOM keyword → test")
     analyse: bool = True
-    forward: list[str] = Field(default_factory=list, description="names of DICOM destinations for the originals")
+    forward: list[str] = Field(default_factory=list, description="names of dicom or dicomweb destinations for the "
+                               "originals")
     priority: Priority = Priority.NORMAL
 
     @field_validator("attributes")
@@ -336,7 +362,9 @@ class ApiToken(_Section):
 
     name: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    role: Literal["read", "clinician", "admin"] = "read"
+    role: Literal["read", "clinician", "admin", "sender"] = Field(
+        default="read", description="read: GET routes; clinician: also sign-off; admin: everything but sign-off; "
+        "sender: STOW-RS ingest only")
     observer_name: str | None = Field(default=None, max_length=64, description="clinician tokens: the DICOM "
                                       "person name (Family^Given) written as the SR's Verifying Observer")
     organisation: str | None = Field(default=None, max_length=64, description="clinician tokens: the "
@@ -352,6 +380,9 @@ class ApiSettings(_Section):
     base_url: str | None = Field(default=None, description="public base URL used in FHIR links")
     chat_timeout_seconds: float = Field(default=120.0, gt=0, description="how long a chat request waits for the answer")
     metrics_public: bool = Field(default=True, description="serve /metrics without a token")
+    stow_max_request_mb: float = Field(default=4096.0, gt=0, description="largest STOW-RS request body (MiB), "
+                                       "spooled to disk, never held in memory; larger ones get 413 and nothing "
+                                       "of them is stored")
 
 
 class LoggingSettings(_Section):
@@ -413,6 +444,7 @@ class Settings(BaseSettings):
     reporting: ReportingSettings = Field(default_factory=ReportingSettings)
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=list)
+    archives: list[Archive] = Field(default_factory=list)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
@@ -455,9 +487,23 @@ class Settings(BaseSettings):
             for name in rule.forward:
                 if name not in kinds:
                     raise ValueError(f"rule {rule.name!r} forwards to {name!r}, which is not a configured destination")
-                if kinds[name] != "dicom":
+                if kinds[name] not in FORWARD_KINDS:
                     raise ValueError(f"rule {rule.name!r} forwards originals to {name!r}, a {kinds[name]} "
-                                     "destination: originals go to DICOM destinations only")
+                                     "destination: originals go only to destinations of kind "
+                                     f"{' or '.join(FORWARD_KINDS)} (DIMSE C-STORE or DICOMweb STOW-RS)")
+        return self
+
+    @model_validator(mode="after")
+    def _archives_can_send_to_us(self) -> Settings:
+        names = [a.name for a in self.archives]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"archive names must be unique: {', '.join(dupes)}")
+        callers = {caller.ae_title for caller in self.dicom.allowed_callers}
+        for archive in self.archives:
+            if archive.retrieve == "move" and archive.ae_title not in callers:
+                raise ValueError(f"archive {archive.name!r}: its AE title {archive.ae_title!r} must be in "
+                                 "dicom.allowed_callers (with retrieve = \"move\" it sends the instances to our listener)")
         return self
 
     @model_validator(mode="after")
@@ -489,6 +535,18 @@ class Settings(BaseSettings):
                 return dest
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"unknown destination {name!r} (known: {known})")
+
+    def archive(self, name: str | None) -> Archive:
+        """The archive called ``name`` (the only one when ``name`` is None); :class:`ConfigError` otherwise."""
+        known = ", ".join(a.name for a in self.archives) or "none configured"
+        if name is None:
+            if len(self.archives) == 1:
+                return self.archives[0]
+            raise ConfigError(f"name the archive to retrieve from with --from (configured: {known})")
+        for archive in self.archives:
+            if archive.name == name:
+                return archive
+        raise ConfigError(f"unknown archive {name!r} (configured [[archives]]: {known})")
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data with secrets masked: ``SecretStr`` values and the

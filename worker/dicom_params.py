@@ -11,7 +11,7 @@ from dicom_node.params import (
     TlsParams,
     UnsupportedSopPolicy,
 )
-from worker.config import ConfigError, Destination, Settings, TlsSettings
+from worker.config import Archive, ConfigError, Destination, Settings, TlsSettings
 
 
 def tls_params(tls: TlsSettings) -> TlsParams | None:
@@ -69,4 +69,17 @@ def peer_params(settings: Settings, destination: Destination | str) -> PeerParam
         timeout=dest.timeout,
         max_pdu_size=settings.dicom.max_pdu_size,
         tls=tls_params(dest.tls),
+    )
+
+
+def archive_params(settings: Settings, archive: Archive) -> PeerParams:
+    """The query/retrieve peer of an ``[[archives]]`` entry; our AE title calls it."""
+    return PeerParams(
+        ae_title=archive.ae_title,
+        host=archive.host,
+        port=archive.port,
+        calling_ae_title=settings.dicom.ae_title,
+        timeout=archive.timeout,
+        max_pdu_size=settings.dicom.max_pdu_size,
+        tls=tls_params(archive.tls),
     )

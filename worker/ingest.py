@@ -512,15 +512,66 @@ def _audit(calling: str, host: str, action: str, study_uid: str | None, **detail
     return AuditEvent(**_audit_values(calling, host, action, study_uid, **detail))
 
 
+class ReceivingWatcher:
+    """Tells the node's completion tracker about instances recorded by another process: the API's DICOMweb
+    STOW-RS service files instances through the same store and :class:`IngestService`, but the tracker lives in
+    the node. Every ``interval`` seconds the studies still ``receiving`` are read (one small query); a study
+    whose ``last_instance_at`` changed since the last look is armed (its stable window starts again from the
+    moment the change was seen, on this process's clock, so clocks of other hosts do not matter). Instances the
+    listener received itself are already tracked; arming them again changes nothing but a sub-second shift of
+    their window, and never ends an interruption."""
+
+    def __init__(self, db: Database, arm: Callable[[str], None], interval: float = 1.0) -> None:
+        self.db = db
+        self._arm = arm
+        self.interval = interval
+        self._seen: dict[str, object] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> list[str]:
+        """One look; returns the studies armed."""
+        with self.db.reading() as session:
+            rows = session.execute(select(Study.study_instance_uid, Study.last_instance_at)
+                                   .where(Study.state == StudyState.RECEIVING)).all()
+        armed = [row.study_instance_uid for row in rows
+                 if self._seen.get(row.study_instance_uid) != row.last_instance_at]
+        self._seen = {row.study_instance_uid: row.last_instance_at for row in rows}
+        for study_uid in armed:
+            self._arm(study_uid)
+        return armed
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="receiving-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the watching
+                log.exception("cannot read the studies still receiving; trying again")
+
+
 @dataclass
 class RunningNode:
-    """A started listener with its ingest service and database; ``stop()`` shuts all three down."""
+    """A started listener with its ingest service, the watcher of instances filed by other processes, and its
+    database; ``stop()`` shuts them down."""
 
     listener: Listener
     service: IngestService
     db: Database
+    watcher: ReceivingWatcher | None = None
 
     def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.listener.stop()
         self.db.dispose()
 
@@ -532,10 +583,14 @@ def start_node(
     db: Database | None = None,
     on_forward: CompletionCallback | None = None,
 ) -> RunningNode:
-    """Start the DICOM listener of ``settings`` recording into its database (already migrated)."""
+    """Start the DICOM listener of ``settings`` recording into its database (already migrated), and the watcher
+    that brings studies stored by DICOMweb STOW-RS (the API process) to completion."""
     db = db or Database(settings.database.url, echo=settings.database.echo)
     service = IngestService(db, on_complete, own_manufacturer=settings.reporting.manufacturer, rules=settings.rules,
                             on_forward=on_forward)
     listener = Listener(listener_params(settings), completion_params(settings), service)
     listener.start()
-    return RunningNode(listener, service, db)
+    watcher = ReceivingWatcher(db, listener.tracker.arm)
+    watcher.check()  # the baseline: what pending_studies() already armed
+    watcher.start()
+    return RunningNode(listener, service, db, watcher)

@@ -18,9 +18,10 @@ PROBE = (
 @pytest.mark.parametrize(
     ("modules", "forbidden"),
     [
-        ("dicom_node.listener, dicom_node.sender, dicom_node.completion",
+        ("dicom_node.listener, dicom_node.sender, dicom_node.completion, dicom_node.part10",
          {"worker", "model", "training", "reporting", "torch"}),
-        ("worker.ingest, worker.cli.dicom, worker.cli.studies, worker.cli.db", {"torch", "transformers"}),
+        ("worker.ingest, worker.cli.dicom, worker.cli.studies, worker.cli.db, worker.api.stow, worker.api.dicomweb",
+         {"torch", "transformers"}),
     ],
 )
 def test_listener_side_imports(modules, forbidden):

@@ -3,12 +3,15 @@
 Orthanc sends an OP study to our node through its REST ``modalities/…/store``; the node, an inference worker
 and a delivery worker (real processes) analyse it and deliver the SR, key images and PDF back into the same
 study in Orthanc and the FHIR transaction to the FHIR server. Run on the embedded default (SQLite + kombu's
-SQLAlchemy broker), on PostgreSQL + Redis and on PostgreSQL + RabbitMQ.
+SQLAlchemy broker), on PostgreSQL + Redis and on PostgreSQL + RabbitMQ. On the embedded default the study's
+originals are then purged by retention and ``studies rerun`` fetches them back from Orthanc (the query/retrieve
+archive, C-GET): the revision-2 SR names the first as its predecessor and the FHIR report is amended.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import json
 import signal
@@ -31,7 +34,8 @@ from tests.support.orthanc import Orthanc
 from tests.support.roles import Roles, retinalgpt, wait_for
 from tests.support.services import postgres_database, rabbitmq_vhost, redis_database
 from worker.config import load_settings
-from worker.db import Analysis, Database, Delivery, DeliveryState, Job, JobState, Study, StudyState
+from worker.db import Analysis, Database, Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
+from worker.pipeline.retention import purge_expired
 from worker.pipeline.sources import ophthalmic_photograph
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("e2e")]
@@ -98,6 +102,8 @@ def write_config(home: Path, *, node_port: int, pacs: Orthanc, fhir_url: str, da
         'host = "127.0.0.1"', f"port = {pacs.dicom_port}", "backoff_seconds = 0.5", "max_attempts = 40",
         "[[destinations]]", 'name = "ehr"', 'kind = "fhir"', f'url = "{fhir_url}"', "backoff_seconds = 0.5",
         "[[destinations]]", 'name = "archive"', 'kind = "folder"', 'path = "delivered"',
+        "[[archives]]", 'name = "pacs"', f'ae_title = "{pacs_ae or pacs.ae_title}"', 'host = "127.0.0.1"',
+        f"port = {pacs.dicom_port}",
     ]
     config = home / "config.toml"
     config.write_text("\n".join(lines) + "\n")
@@ -224,8 +230,17 @@ def test_camera_to_pacs_and_ehr_on_embedded_default_with_rerun(tmp_path: Path, r
         assert len(reports) == 1 and reports[0]["status"] == "preliminary"  # unsigned AI result
         first_sr = _srs(s, study_uid)[0]
 
+        # retention purges the delivered study's originals; the re-run fetches them back from Orthanc (C-GET)
+        settings = load_settings(s.config)
+        settings.storage = settings.storage.model_copy(update={"retain_days": 1})
+        db = s.db
+        try:
+            purged = purge_expired(db, settings, now=utcnow() + dt.timedelta(days=2))
+        finally:
+            db.dispose()
+        assert [p.study_instance_uid for p in purged] == [study_uid] and purged[0].files == 2
         out = retinalgpt("studies", "rerun", study_uid, config=s.config).stdout
-        assert "revision 2" in out
+        assert "retrieved from pacs; revision 2 opened" in out
         wait_for(lambda: s.pacs.sop_classes_in_study(study_uid).count(COMPREHENSIVE_3D_SR) == 2, 420,
                  "the revision-2 SR in Orthanc", interval=1, diagnostics=s.diagnostics)
         wait_for(lambda: (st := s.study(study_uid)) and st.state == StudyState.DELIVERED and st.revision == 2, 120,

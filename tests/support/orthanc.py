@@ -19,12 +19,13 @@ DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class Orthanc:
-    """``with Orthanc(tmp, modalities={...}) as pacs:`` — DICOM on ``pacs.dicom_port``, REST on ``pacs.url``."""
+    """``with Orthanc(tmp, modalities={...}) as pacs:`` — DICOM on ``pacs.dicom_port``, REST on ``pacs.url``.
+    ``dicomweb_servers``: remote DICOMweb servers Orthanc can STOW to and QIDO/WADO from (DicomWeb.Servers)."""
 
     def __init__(self, folder: Path, *, ae_title: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None,
                  check_called_aet: bool = True, dicom_port: int | None = None,
                  known_callers_only: bool = False, dicomweb: bool = False,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, dicomweb_servers: dict[str, Any] | None = None) -> None:
         self.folder = folder
         self.ae_title = ae_title
         self.dicom_port = dicom_port or free_port()
@@ -33,7 +34,8 @@ class Orthanc:
         self.modalities = modalities or {}
         self.check_called_aet = check_called_aet
         self.known_callers_only = known_callers_only
-        self.dicomweb = dicomweb
+        self.dicomweb = dicomweb or bool(dicomweb_servers)
+        self.dicomweb_servers = dicomweb_servers or {}
         self.users = users or {}
         self.auth = next(iter(self.users.items())) if self.users else None
         self.process: subprocess.Popen | None = None
@@ -71,7 +73,8 @@ class Orthanc:
                                 "orthanc-dicomweb)")
             config["Plugins"] = [DICOMWEB_PLUGIN]
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
-                                  "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
+                                  "StudiesMetadata": "Full", "SeriesMetadata": "Full",
+                                  "Servers": self.dicomweb_servers}
         return config
 
     def start(self) -> Orthanc:

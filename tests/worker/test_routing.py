@@ -233,6 +233,40 @@ def test_config_check_and_rules_test_commands(tmp_path, op_file):
     assert "analysed: no (rule oct-camera: analyse = false); forward: pacs; priority: normal" in text
 
 
+FORWARD_TARGETS = """
+[[destinations]]
+name = "cloud"
+kind = "dicomweb"
+url = "https://archive.example.org/dicom-web"
+
+[[destinations]]
+name = "ris"
+kind = "hl7v2"
+host = "127.0.0.1"
+port = 2575
+"""
+
+
+@pytest.mark.parametrize(("forward", "error"), [
+    ('["pacs", "cloud"]', None),
+    ('["cloud", "ris"]', "rule 'a' forwards originals to 'ris', a hl7v2 destination: originals go only to "
+                         "destinations of kind dicom or dicomweb (DIMSE C-STORE or DICOMweb STOW-RS)"),
+    ('["ehr"]', "rule 'a' forwards originals to 'ehr', a fhir destination: originals go only to destinations of "
+                "kind dicom or dicomweb"),
+])
+def test_config_check_takes_dicomweb_as_a_forward_target_and_refuses_kinds_without_originals(tmp_path, forward,
+                                                                                              error):
+    config = write_config(tmp_path, 11112, RULES.split("[[rules]]")[0] + FORWARD_TARGETS
+                          + f'[[rules]]\nname = "a"\nforward = {forward}\n')
+    checked = retinalgpt("config", "check", config=config, check=False)
+    if error is None:
+        assert checked.returncode == 0, checked.stderr
+    else:
+        assert checked.returncode == 1
+        assert error in checked.stderr
+        assert len(checked.stderr.strip().splitlines()) == 1
+
+
 def test_match_operators():
     assert passes("CAM*", "CAMERA1") and not passes("CAM*", "cam1") and passes("CAMERA1", "CAMERA1")
     assert passes(ValueMatch(equals="OP"), "OP") and not passes(ValueMatch(equals="OP"), "OPT")

@@ -201,3 +201,46 @@ def test_completion_log_names_the_patient_only_with_logging_phi(tmp_path, caplog
     lines = [r.getMessage() for r in caplog.records if r.name == "worker.ingest"]
     assert any(study in line and "complete" in line for line in lines), lines
     assert any("PAT-LOG-77" in line for line in lines) is phi
+
+
+def test_instances_filed_by_another_process_complete_through_the_node(node_factory, op_file):
+    """What the API's STOW-RS does: its own IngestService and database connection file the instances with the
+    node's intake code; the running node notices them (ReceivingWatcher) and completes the study once, after
+    stable_seconds, with the sender recorded as given."""
+    from dicom_node.intake import InstanceIntake, Source
+    from dicom_node.part10 import Part10Receiver
+    from dicom_node.storage import InstanceStore
+
+    node, completions = node_factory()
+    params = node.listener.params
+    other_db = Database(node.db.engine.url.render_as_string(hide_password=False))
+    store = InstanceStore(params.storage_root, fsync=params.fsync)
+    intake = InstanceIntake(params, store, IngestService(other_db))
+    study_uid, series_uid = generate_uid(), generate_uid()
+    source = Source("router-7", "192.0.2.7", "STOW-RS")
+    try:
+        for eye in "RL":
+            data = op_file(f"{eye}.dcm", study_uid=study_uid, series_uid=series_uid, laterality=eye).read_bytes()
+            receiver = Part10Receiver(store.incoming, max_bytes=params.max_instance_bytes, source_ae_title="router-7",
+                                      accept=lambda meta: None, fsync=params.fsync)
+            for start in range(0, len(data), 4096):
+                receiver.write(data[start : start + 4096])
+            receiver.close()
+            assert receiver.refusal is None and receiver.meta is not None
+            outcome = intake.file(receiver.spool, transfer_syntax=receiver.meta.transfer_syntax,
+                                  sop_class_uid=receiver.meta.sop_class_uid,
+                                  sop_instance_uid=receiver.meta.sop_instance_uid, source=source)
+            assert outcome.ok, outcome
+        started = time.monotonic()
+        assert completions.wait_for(1) == [(study_uid, 1)]
+        assert time.monotonic() - started >= 0.9  # the stable window ran after the node saw the instances
+        time.sleep(1.5)
+        assert completions.calls == [(study_uid, 1)]  # completed once
+        with node.db.reading() as session:
+            rows = session.scalars(select(Instance)).all()
+            assert {(r.calling_ae_title, r.peer_host, r.analysable) for r in rows} == {("router-7", "192.0.2.7", True)}
+            assert len(rows) == 2 and not list(store.incoming.iterdir())
+            stored = dcmread(rows[0].path)
+            assert stored.file_meta.SourceApplicationEntityTitle == "router-7" and stored.StudyInstanceUID == study_uid
+    finally:
+        other_db.dispose()

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.api import fhir, routes, ui
+from worker.api import dicomweb, fhir, routes, stow, ui
 from worker.api.auth import SESSION_COOKIE, Reader
 from worker.api.context import ApiContext, Ctx
 from worker.api.limits import RequestSizeLimit
@@ -39,7 +39,7 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
         version=fhir.software_version(),
         description=("FHIR R4 read/search of fundus analysis results, the ophthalmology worklist, follow-up "
                      "questions about a study, and the review page. Authenticate with `Authorization: Bearer "
-                     "<token>`; tokens have the read or admin role."),
+                     "<token>`; tokens have the read, admin or sender role (sender: DICOMweb STOW-RS only)."),
     )
     app.state.context = ctx
     registry = CollectorRegistry()
@@ -52,6 +52,8 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
     _install_error_handlers(app)
     app.include_router(fhir.router())
     app.include_router(routes.router())
+    app.include_router(stow.router())
+    app.include_router(dicomweb.router())
     app.include_router(ui.router())
     app.mount("/ui/static", ui.static_files(), name="static")
 
@@ -115,7 +117,8 @@ def create_app(settings: Settings, *, db: Database | None = None, celery: Celery
         app.add_middleware(CORSMiddleware, allow_origins=settings.api.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["ETag", "Last-Modified"])
-    app.add_middleware(RequestSizeLimit, max_bytes=settings.api.max_request_bytes)
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.api.max_request_bytes, upload_paths=(stow.STOW_PATH,),
+                       upload_max_bytes=int(settings.api.stow_max_request_mb * (1 << 20)))
     return app
 
 

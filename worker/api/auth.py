@@ -1,7 +1,10 @@
-"""Bearer-token authentication with ``read``, ``clinician`` and ``admin`` roles (RFC 6750).
+"""Bearer-token authentication with ``read``, ``clinician``, ``admin`` and ``sender`` roles (RFC 6750).
 
-``read`` may read everything; ``clinician`` may also sign off results (issue 17 item 1; the token's name is the
-signing identity recorded in the SR, FHIR and the audit trail); ``admin`` may also operate the node (not sign).
+``read`` may use every GET route; ``clinician`` may also sign off results (issue 17 item 1; the token's name is
+the signing identity recorded in the SR, FHIR and the audit trail); ``admin`` may also operate the node and store
+instances, but not sign; ``sender`` (a modality, router or PACS that pushes studies by DICOMweb STOW-RS) may only
+store instances (``POST /dicomweb/studies``), and is the one thing ``read`` may not do. A sender's token
+therefore cannot read results or patient data.
 
 Tokens are configured as SHA-256 hex digests (``[[api.tokens]]``), so the configuration never holds a usable
 secret; a presented token is hashed and compared in constant time. The review page keeps the token in an
@@ -24,13 +27,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from worker.api.context import ApiContext, Ctx
 from worker.config import ApiToken
 
-Role = Literal["read", "clinician", "admin"]
+Role = Literal["read", "clinician", "admin", "sender"]
 SESSION_COOKIE = "retinalgpt_session"
 CSRF_HEADER = "X-Requested-With"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_GRANTS: dict[str, frozenset[str]] = {"read": frozenset({"read"}), "clinician": frozenset({"read", "clinician"}),
-                                      "admin": frozenset({"read", "admin"})}
-"""What each token role may do: signing is a clinician's act, not an operator's."""
+_GRANTS: dict[str, frozenset[str]] = {
+    "read": frozenset({"read"}),
+    "clinician": frozenset({"read", "clinician"}),
+    "admin": frozenset({"read", "admin", "sender"}),
+    "sender": frozenset({"sender"}),
+}
+"""What each token role may do: signing is a clinician's act, not an operator's; storing is a sender's or an
+administrator's, not a reader's."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,8 @@ def authenticate(request: Request, ctx: ApiContext) -> Principal:
     return principal
 
 
-BEARER = HTTPBearer(auto_error=False, description="an API token from api.tokens (read, clinician or admin role)")
+BEARER = HTTPBearer(auto_error=False,
+                    description="an API token from api.tokens (read, clinician, admin or sender role)")
 """Declares the scheme in the OpenAPI schema; :func:`authenticate` does the checking (header or cookie)."""
 
 
@@ -114,9 +123,12 @@ def require(role: Role) -> Callable[..., Principal]:
 require_read = require("read")
 require_admin = require("admin")
 require_clinician = require("clinician")
+require_sender = require("sender")
 Reader = Annotated[Principal, Depends(require_read)]
 """Handler parameter type: an authenticated principal with at least the read role."""
 Admin = Annotated[Principal, Depends(require_admin)]
 """Handler parameter type: an authenticated principal with the admin role."""
 Clinician = Annotated[Principal, Depends(require_clinician)]
 """Handler parameter type: an authenticated principal with the clinician role (may sign off results)."""
+Sender = Annotated[Principal, Depends(require_sender)]
+"""Handler parameter type: an authenticated principal allowed to store instances (sender or admin role)."""

@@ -123,9 +123,14 @@ def router() -> APIRouter:
         form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
         token = (form.get("token") or [""])[0].strip()
         target = _safe_next((form.get("next") or [None])[0])
-        if not token or principal_for(token, ctx.settings.api.tokens) is None:
+        principal = principal_for(token, ctx.settings.api.tokens) if token else None
+        if principal is None:
             return templates.TemplateResponse(request, "login.html", {"next": target, "error": "Unknown token."},
                                               status_code=401)
+        if not principal.may("read"):
+            return templates.TemplateResponse(request, "login.html", {
+                "next": target, "error": "This token may only send studies (DICOMweb STOW-RS), not read them."},
+                status_code=403)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_SECONDS, path="/", httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")

@@ -3,6 +3,7 @@ current result says."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -113,15 +114,21 @@ def _print_result(analysis: StudyAnalysis | None, revision: int) -> None:
 UidsArgument = Annotated[list[str], typer.Argument(help="Study Instance UIDs.")]
 
 
+ArchiveOption = Annotated[str | None, typer.Option(
+    "--from", help="The [[archives]] peer to retrieve from (default: the only one configured).")]
+
+
 @studies_app.command("rerun")
 @one_line_errors
-def rerun_command(study_uids: UidsArgument, config: ConfigOption = None) -> None:
-    """Analyse studies again as a new revision whose results supersede the old ones."""
+def rerun_command(study_uids: UidsArgument, config: ConfigOption = None, archive: ArchiveOption = None) -> None:
+    """Analyse studies again as a new revision whose results supersede the old ones. A study whose originals
+    were purged (storage.retain_days) is first retrieved from the [[archives]] peer (C-FIND, then C-GET, or
+    C-MOVE to our AE title which needs the node running); its instances open the new revision."""
     from worker.pipeline.jobs import PipelineError
     from worker.pipeline.operations import rerun_studies
 
     try:
-        lines = rerun_studies(settings(config), study_uids, progress=console)
+        lines = rerun_studies(settings(config), study_uids, progress=console, archive=archive)
     except PipelineError as exc:
         raise CommandError(str(exc)) from None
     for line in lines:
@@ -141,6 +148,38 @@ def resend_command(study_uids: UidsArgument, config: ConfigOption = None) -> Non
         raise CommandError(str(exc)) from None
     for line in lines:
         console.print(line, highlight=False)
+
+
+@studies_app.command("fetch")
+@one_line_errors
+def fetch_command(
+    archive: Annotated[str | None, typer.Option("--from", help="The [[archives]] peer to fetch from (default: the "
+                                                "only one configured).")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    patient: Annotated[str | None, typer.Option("--patient", help="Patient ID: every study of the patient.")] = None,
+    since: Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help="With --patient: studies from this "
+                                                   "date (Study Date) on.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Fetch studies from a query/retrieve archive for analysis (e.g. a backlog): C-FIND, then C-GET (or C-MOVE
+    to the running node) of each matching study not stored here, with a progress bar; each is analysed once
+    complete. Exits 1 when any study could not be fetched whole."""
+    from worker.pipeline.jobs import PipelineError
+    from worker.pipeline.operations import fetch_studies
+
+    if (study is None) == (patient is None):
+        raise CommandError("give either --study UID or --patient ID (with --since DATE)")
+    if since is not None and patient is None:
+        raise CommandError("--since goes with --patient")
+    try:
+        lines, ok = fetch_studies(settings(config), archive, study_uid=study, patient_id=patient,
+                                  since=since.date() if since else None, console=console)
+    except PipelineError as exc:
+        raise CommandError(str(exc)) from None
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+    if not ok:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,9 @@ destination, created when the study completes (:mod:`worker.ingest`), before and
 analysis. :func:`forward_originals` sends the instances received in that revision as they are stored (the
 data set bytes, UIDs and transfer syntax unchanged; transcoded only when the peer accepts nothing else, by
 :func:`dicom_node.sender.send_files`), with the same claims, lease, retries, backoff and dead-letter state as
-results. For a destination with ``originals_first`` (the default) the results of a revision are not claimed
+results; to a ``dicomweb`` destination the stored files go by STOW-RS
+(:func:`worker.pipeline.dicomweb_delivery.send_originals_stow`), byte for byte. For a destination with
+``originals_first`` (the default) the results of a revision are not claimed
 before its originals were delivered there, and are dead-lettered (``originals_failed``) when the originals are.
 """
 
@@ -44,7 +46,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy import ColumnElement, and_, or_, update
 
 from model.schema import StudyAnalysis
-from worker.config import ConfigError, Destination, Settings
+from worker.config import FORWARD_KINDS, ConfigError, Destination, Settings
 from worker.db import (
     Analysis,
     AuditEvent,
@@ -73,8 +75,8 @@ SOURCE_DEFER_SIZE = "256 KB"
 """Source elements larger than this (Pixel Data) stay on disk until a builder needs them: the SR and FHIR
 Bundle never do, a key image reads its own source's."""
 OPEN_STATES = (DeliveryState.PENDING, DeliveryState.RETRYING)
-DICOM_KINDS = ("dicom", "dicomweb")
-"""Destinations that receive the DICOM result objects, one delivery row per object kind."""
+DICOM_KINDS = FORWARD_KINDS
+"""Destinations that receive the DICOM result objects (one delivery row per object kind) and forwarded originals."""
 
 
 @dataclass(frozen=True)
@@ -434,9 +436,6 @@ def _claim(settings: Settings, db: Database, study_instance_uid: str, revision: 
 def forward_originals(settings: Settings, db: Database, study_instance_uid: str, revision: int) -> int:
     """Claim the due ``originals`` rows of a revision and send its received instances to each destination;
     returns how many were claimed. Never needs an analysis or the model."""
-    from dicom_node.sender import Failure, send_files
-    from worker.dicom_params import peer_params
-
     claims = _claim_originals(settings, db, study_instance_uid, revision)
     if not claims:
         return 0
@@ -460,15 +459,7 @@ def forward_originals(settings: Settings, db: Database, study_instance_uid: str,
                     f"{purged} original(s) of this revision were purged (storage.retain_days) before forwarding")))
             else:
                 try:
-                    result = send_files(peer_params(settings, claim.destination), paths)
-                    if result.ok:
-                        outcome = SendOutcome(ok=True, detail=f"{len(result.instances)} original(s) stored")
-                    else:
-                        failed = [r for r in result.instances if not r.ok]
-                        detail = result.association_error or "; ".join(
-                            f"{r.sop_instance_uid}: {r.message}" for r in failed)
-                        outcome = SendOutcome(ok=False, permanent=result.failure == Failure.PERMANENT,
-                                              detail=detail[:500])
+                    outcome = _forward(settings, claim.destination, study_instance_uid, paths)
                 except Exception as exc:  # a bug or an unexpected environment problem: retried
                     log.exception("forwarding %d to %s failed unexpectedly", claim.delivery_id,
                                   claim.destination.name)
@@ -476,6 +467,24 @@ def forward_originals(settings: Settings, db: Database, study_instance_uid: str,
                 _record(db, claim, outcome)
             active.remove(claim)
     return len(claims)
+
+
+def _forward(settings: Settings, destination: Destination, study_instance_uid: str, paths: list[Path]) -> SendOutcome:
+    """One attempt to send a revision's stored originals, unchanged: C-STORE to a ``dicom`` destination, STOW-RS
+    of the stored files to a ``dicomweb`` one."""
+    if destination.kind == "dicomweb":
+        from worker.pipeline.dicomweb_delivery import send_originals_stow
+
+        return send_originals_stow(destination, study_instance_uid, paths)
+    from dicom_node.sender import Failure, send_files
+    from worker.dicom_params import peer_params
+
+    result = send_files(peer_params(settings, destination), paths)
+    if result.ok:
+        return SendOutcome(ok=True, detail=f"{len(result.instances)} original(s) stored")
+    failed = [r for r in result.instances if not r.ok]
+    detail = result.association_error or "; ".join(f"{r.sop_instance_uid}: {r.message}" for r in failed)
+    return SendOutcome(ok=False, permanent=result.failure == Failure.PERMANENT, detail=detail[:500])
 
 
 OWN_RESULT_REASON = "our own result object"
@@ -495,9 +504,9 @@ def _claim_originals(settings: Settings, db: Database, study_instance_uid: str, 
             Delivery.object_kind == DeliveryObject.ORIGINALS, Delivery.state.in_(OPEN_STATES))).all()
         for row in rows:
             destination = _destination(settings, row.destination)
-            if destination is None or destination.kind != "dicom":
+            if destination is None or destination.kind not in FORWARD_KINDS:
                 _dead(session, row, study, FailureReason.DESTINATION_REMOVED,
-                      f"destination {row.destination!r} is no longer configured as a DICOM destination")
+                      f"destination {row.destination!r} is no longer configured as a dicom or dicomweb destination")
                 continue
             if row.next_attempt_at is not None and row.next_attempt_at > now:
                 continue

@@ -14,12 +14,16 @@ queue (:mod:`worker.pipeline.delivery`) owns retries, backoff, dead-letter and i
   the row is retried when every reason is transient (0xA7xx out of resources, 0x0110 processing failure,
   0x021x), dead when one is not (0x0122 SOP class not supported, 0xA9xx, 0xCxxx). The 409 answer's list is
   recorded the same way.
+
+Forwarded originals (issue 16, routing rules' ``forward``): :func:`send_originals_stow` posts the stored files
+of a study revision as they are (:func:`store_files`: the Part 10 bytes, so UIDs, transfer syntax and pixel data
+are unchanged, never transcoded), classified the same way; the delivery queue's ``originals`` rows call it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +36,7 @@ from worker.config import Destination
 
 if TYPE_CHECKING:
     import requests
+    from dicomweb_client.api import DICOMwebClient
 
     from worker.pipeline.delivery import SendOutcome
 
@@ -117,7 +122,55 @@ def _describe(failed: list[tuple[str, int | None]]) -> str:
 
 
 def store(destination: Destination, study_instance_uid: str, datasets: Sequence[Dataset]) -> StowResult:
-    """POST ``datasets`` to ``{url}/studies/{study_instance_uid}`` once and classify the answer."""
+    """POST ``datasets`` to ``{url}/studies/{study_instance_uid}`` once and classify the answer (dicomweb-client
+    encodes each data set with pydicom)."""
+    return _post(destination, study_instance_uid,
+                 lambda client: client.store_instances(list(datasets), study_instance_uid=study_instance_uid))
+
+
+def store_files(destination: Destination, study_instance_uid: str, paths: Sequence[Path]) -> StowResult:
+    """POST the stored Part 10 files themselves, byte for byte (preamble, File Meta Information, data set: UIDs
+    and transfer syntax as received), to ``{url}/studies/{study_instance_uid}``, in requests of at most
+    :data:`STOW_BATCH_BYTES` (one file more when a single file is larger). dicomweb-client writes the multipart
+    body; its public ``store_instances`` would re-encode each data set with pydicom, so its multipart POST of
+    encoded instances is used directly. Stops at the first request that does not succeed."""
+    stored: list[str] = []
+    for batch in _batches(paths):
+        result = _post(destination, study_instance_uid, lambda client, batch=batch: _post_encoded(
+            client, study_instance_uid, [path.read_bytes() for path in batch]))
+        stored += result.stored
+        if not result.ok:
+            return StowResult(result.status, stored, result.failed, result.detail, result.permanent)
+    return StowResult(200, stored, [], "", False)
+
+
+STOW_BATCH_BYTES = 64 * 1024 * 1024
+"""The most file bytes one STOW-RS request of originals carries (the body is built in memory)."""
+
+
+def _batches(paths: Sequence[Path]) -> list[list[Path]]:
+    batches: list[list[Path]] = [[]]
+    size = 0
+    for path in paths:
+        length = path.stat().st_size
+        if batches[-1] and size + length > STOW_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(path)
+        size += length
+    return [batch for batch in batches if batch]
+
+
+def _post_encoded(client: DICOMwebClient, study_instance_uid: str, parts: list[bytes]) -> Dataset:
+    from dicomweb_client.web import _Transaction
+
+    url = client._get_studies_url(_Transaction.STORE, study_instance_uid)  # noqa: SLF001
+    return client._http_post_multipart_application_dicom(url, parts)  # noqa: SLF001
+
+
+def _post(destination: Destination, study_instance_uid: str,
+          send: Callable[[DICOMwebClient], Dataset]) -> StowResult:
+    """One STOW-RS request made by ``send`` with a client for the destination; its answer classified."""
     import requests
     from dicomweb_client.api import DICOMwebClient
 
@@ -126,7 +179,7 @@ def store(destination: Destination, study_instance_uid: str, datasets: Sequence[
                             timeout=(destination.connect_timeout, destination.timeout))
     client.set_http_retry_params(retry=False)
     try:
-        response = client.store_instances(list(datasets), study_instance_uid=study_instance_uid)
+        response = send(client)
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         body = _body(exc.response) if exc.response is not None else None
@@ -165,4 +218,15 @@ def send_stow(destination: Destination, paths: list[Path]) -> SendOutcome:
     if result.ok:
         return SendOutcome(ok=True, detail=f"{len(result.stored)} instance(s) stored by STOW-RS",
                            remote_id=f"{destination.url}/studies/{study}"[:255])
+    return SendOutcome(ok=False, permanent=result.permanent, detail=result.detail[:2000])
+
+
+def send_originals_stow(destination: Destination, study_instance_uid: str, paths: list[Path]) -> SendOutcome:
+    """One forwarding attempt of a revision's originals (issue 16): the stored files by STOW-RS, unchanged."""
+    from worker.pipeline.delivery import SendOutcome
+
+    result = store_files(destination, study_instance_uid, paths)
+    if result.ok:
+        return SendOutcome(ok=True, detail=f"{len(paths)} original(s) stored by STOW-RS",
+                           remote_id=f"{destination.url}/studies/{study_instance_uid}"[:255])
     return SendOutcome(ok=False, permanent=result.permanent, detail=result.detail[:2000])

@@ -77,6 +77,12 @@ def study_by_uid(session: Session, study_instance_uid: str, *, lock: bool = Fals
     return study
 
 
+def originals_missing(session: Session, study: Study) -> bool:
+    """True when retention purged the study and none of its analysable originals is stored any more."""
+    return study.purged_at is not None and not session.scalars(select(Instance.id).where(
+        Instance.study_id == study.id, Instance.analysable.is_(True), Instance.purged_at.is_(None))).first()
+
+
 @dataclass
 class Pipeline:
     """Enqueues work for study revisions on Celery and records it in the database."""
@@ -138,12 +144,11 @@ class Pipeline:
                 raise PipelineError(f"study {study_instance_uid} is still {study.state}; nothing to rerun yet")
             if study.state == StudyState.NOT_APPLICABLE:
                 raise PipelineError(f"study {study_instance_uid} is not_applicable: it has no analysable image")
-            if study.purged_at is not None and not session.scalars(select(Instance.id).where(
-                    Instance.study_id == study.id, Instance.analysable.is_(True),
-                    Instance.purged_at.is_(None))).first():
+            if originals_missing(session, study):
                 raise PipelineError(
                     f"the originals of study {study_instance_uid} were deleted on {study.purged_at:%Y-%m-%d} "
-                    "(storage.retain_days); send them again (e.g. from the PACS) before re-running it")
+                    "(storage.retain_days); fetch them back from an [[archives]] peer (`studies rerun` does when "
+                    "one is configured) or send them again before re-running it")
             study.revision += 1
             study.state = StudyState.COMPLETE
             session.execute(update(Analysis).where(Analysis.study_id == study.id).values(superseded=True))

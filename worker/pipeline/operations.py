@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import getpass
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from sqlalchemy import select
 
 from worker.celery_app import make_celery
-from worker.config import Settings
+from worker.config import Archive, Settings
 from worker.db import Database, Delivery, DeliveryState, Job, JobState, Study
-from worker.pipeline.jobs import Pipeline, PipelineError
+from worker.pipeline.jobs import Pipeline, PipelineError, originals_missing, study_by_uid
 
 
 def operator() -> str:
@@ -88,9 +90,90 @@ def retry_jobs(settings: Settings, ids: Sequence[int], progress: Console | None 
     return lines or ["nothing to retry"]
 
 
-def rerun_studies(settings: Settings, uids: Sequence[str], progress: Console | None = None) -> list[str]:
-    """Open a new revision of each study and queue its analysis."""
-    return _per_study(settings, uids, "rerun", progress)
+def rerun_studies(settings: Settings, uids: Sequence[str], progress: Console | None = None,
+                  archive: str | None = None) -> list[str]:
+    """Open a new revision of each study and queue its analysis. A study whose originals retention purged is
+    first fetched back from the archive (``archive``, or the only ``[[archives]]`` entry): its instances, filed
+    through the node's receive path, open the new revision themselves."""
+    pipeline = pipeline_for(settings)
+    lines = []
+    try:
+        for uid in uids:
+            with pipeline.db.reading() as session:
+                purged = originals_missing(session, study_by_uid(session, uid))
+            if purged and settings.archives:
+                lines.append(_rerun_from_archive(settings, pipeline.db, settings.archive(archive), uid, progress))
+            else:
+                lines.append(f"study {uid}: revision {pipeline.rerun(uid, actor=operator())} queued")
+    finally:
+        pipeline.db.dispose()
+    return lines
+
+
+def _rerun_from_archive(settings: Settings, db: Database, archive: Archive, uid: str,
+                        console: Console | None) -> str:
+    from worker.pipeline.retrieval import retrieve_for_rerun
+
+    with _transfer(console, f"retrieving {uid} from {archive.name}") as advance:
+        done = retrieve_for_rerun(settings, db, archive, uid, actor=operator(), progress=advance)
+    return (f"study {uid}: {done.sent} instance(s) retrieved from {archive.name}; revision {done.revision} "
+            "opened, analysed once the study is complete")
+
+
+def fetch_studies(settings: Settings, archive_name: str | None, *, study_uid: str | None = None,
+                  patient_id: str | None = None, since: dt.date | None = None,
+                  console: Console | None = None) -> tuple[list[str], bool]:
+    """Fetch studies from an archive for analysis (C-FIND, then C-GET or C-MOVE of each match). Studies
+    whose originals are all stored here already are skipped. Returns the lines to print and whether every
+    matching study was fetched (or already here)."""
+    from worker.pipeline.retrieval import RetrievalError, find, retrieve_study
+
+    archive = settings.archive(archive_name)
+    db = Database(settings.database.url)
+    lines: list[str] = []
+    ok = True
+    try:
+        found = [m for m in find(settings, archive, study_instance_uid=study_uid, patient_id=patient_id, since=since)
+                 if (study_uid is None or m.study_instance_uid == study_uid)
+                 and (patient_id is None or (m.patient_id or "").strip() == patient_id.strip())]
+        if not found:
+            what = f"study {study_uid}" if study_uid else f"study of patient {patient_id}" + (
+                f" since {since:%Y-%m-%d}" if since else "")
+            raise RetrievalError(f"archive {archive.name} has no {what} (C-FIND found no match)")
+        for match in found:
+            uid = match.study_instance_uid
+            with db.reading() as session:
+                study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one_or_none()
+                here = study is not None and study.purged_at is None and (
+                    study.patient_id or "").strip() == (match.patient_id or "").strip()
+            if here:
+                lines.append(f"study {uid}: already stored here, not fetched")
+                continue
+            try:
+                with _transfer(console, f"fetching {uid}", match.instances) as advance:
+                    done = retrieve_study(settings, db, archive, match, actor=operator(), progress=advance)
+            except RetrievalError as exc:
+                ok = False
+                lines.append(f"study {uid}: FAILED: {exc}")
+                continue
+            lines.append(f"study {uid} (patient {done.patient_id or '?'}): {done.sent} instance(s) fetched from "
+                         f"{archive.name}; analysed once complete")
+    finally:
+        db.dispose()
+    return lines, ok
+
+
+@contextlib.contextmanager
+def _transfer(console: Console | None, description: str, total: int | None = None) -> Iterator[Any]:
+    """A rich progress bar over the instances of one retrieve, advanced by the archive's pending responses."""
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console or Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(description, total=total)
+
+        def advance(done: int, of: int | None) -> None:
+            progress.update(task, completed=done, total=of if of is not None else total)
+
+        yield advance
 
 
 def resend_studies(settings: Settings, uids: Sequence[str], progress: Console | None = None) -> list[str]:
