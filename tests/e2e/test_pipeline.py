@@ -5,7 +5,8 @@ and a delivery worker (real processes) analyse it and deliver the SR, key images
 study in Orthanc and the FHIR transaction to the FHIR server. Run on the embedded default (SQLite + kombu's
 SQLAlchemy broker), on PostgreSQL + Redis and on PostgreSQL + RabbitMQ. On the embedded default the study's
 originals are then purged by retention and ``studies rerun`` fetches them back from Orthanc (the query/retrieve
-archive, C-GET): the revision-2 SR names the first as its predecessor and the FHIR report is amended.
+archive, C-GET): the revision-2 SR names the first as its predecessor and the same FHIR report is updated (still
+preliminary: nobody signed it).
 """
 
 from __future__ import annotations
