@@ -370,6 +370,17 @@ class ApiToken(_Section):
     organisation: str | None = Field(default=None, max_length=64, description="clinician tokens: the "
                                      "Verifying Organization (default: reporting.institution_name)")
 
+    @model_validator(mode="after")
+    def _observer(self) -> ApiToken:
+        """A clinician signs as a person (PS3.5 6.2 PN, at least Family^Given): the SR's Verifying Observer Name."""
+        if self.role == "clinician" and (self.observer_name is None or "^" not in self.observer_name
+                                         or not self.observer_name.split("^")[0].strip()):
+            raise ValueError(f"api token {self.name!r}: a clinician token needs observer_name as a DICOM person "
+                             "name, Family^Given (the verifying observer of the SRs it signs)")
+        if self.role != "clinician" and (self.observer_name or self.organisation):
+            raise ValueError(f"api token {self.name!r}: observer_name and organisation are for clinician tokens")
+        return self
+
 
 class ApiSettings(_Section):
     host: str = "127.0.0.1"

@@ -133,7 +133,8 @@ def signoff_for(session: Session, study_id: int, revision: int) -> SignOff | Non
 
 def observer(token: ApiToken, settings: Settings) -> tuple[str, str]:
     """(DICOM person name, organisation) of a clinician token."""
-    name = token.observer_name or token.name
+    assert token.observer_name is not None  # required for clinician tokens (worker.config.ApiToken)
+    name = token.observer_name
     organisation = token.organisation or settings.reporting.institution_name
     if not organisation:
         raise NotSignable(f"token {token.name!r} has no organisation and reporting.institution_name is unset: "

@@ -243,3 +243,17 @@ def test_a_study_without_a_result_cannot_be_signed(world, client) -> None:
     assert answer.status_code == 409
     assert client.post("/api/studies/1.2.3.4/signoff", json={"revision": 1, "decision": "confirm"},
                        headers=_auth("dr-smith")).status_code == 404
+
+
+@pytest.mark.parametrize("token, problem", [
+    ({"role": "clinician"}, "needs observer_name"),
+    ({"role": "clinician", "observer_name": "drsmith"}, "needs observer_name"),
+    ({"role": "read", "observer_name": "Smith^Jane"}, "are for clinician tokens"),
+])
+def test_clinician_tokens_need_a_person_name(token: dict, problem: str) -> None:
+    from pydantic import ValidationError
+
+    from worker.config import ApiToken
+
+    with pytest.raises(ValidationError, match=problem):
+        ApiToken(name="t", sha256="0" * 64, **token)
