@@ -20,7 +20,7 @@ from sqlalchemy import select
 from model.schema import Referral
 from tests.api.api_fixtures import SPECS, populate
 from tests.api.conftest import READ_TOKEN, ServerThread, sha
-from tests.api.test_review_page import CHROMIUM, CHROMIUM_ARGS
+from tests.api.test_review_page import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 from tests.support.services import service_missing
 from worker.api import create_app
 from worker.config import Settings, load_settings
@@ -99,6 +99,8 @@ def test_clinician_corrects_and_signs_in_chromium(site: Site) -> None:
             expect(left_card.locator("svg rect.missed")).to_have_count(1)
             expect(left_card.locator(".missed-count")).to_have_text("1 missed lesion drawn")
             page.fill("#signoff-comment", "Second box is a vessel crossing.")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "review-signoff.png"), full_page=True)
             page.click("#signoff-correct")
             expect(page.locator("#signoff-status")).to_contain_text("Signed as revision 2 (3 correction(s))")
 
