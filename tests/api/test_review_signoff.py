@@ -80,6 +80,7 @@ def test_clinician_corrects_and_signs_in_chromium(site: Site) -> None:
             page.click("#sign-in")
             expect(page.locator("#signoff")).to_be_visible()
             expect(page.locator("#verification")).to_have_text("AI result, not verified (preliminary)")
+            expect(page.locator("header .notice")).to_have_text("AI result, not verified by a clinician")
             expect(page.locator("select.grade")).to_have_count(4)  # DR and glaucoma, each eye
             page.wait_for_load_state("load")
 
@@ -108,6 +109,7 @@ def test_clinician_corrects_and_signs_in_chromium(site: Site) -> None:
             expect(page.locator("#study-state")).to_contain_text("revision 2")
             expect(page.locator("#verification")).to_contain_text("signed by Smith^Jane (Eye Clinic)")
             expect(page.locator("#verification")).to_contain_text("corrected")
+            expect(page.locator("header .notice")).to_have_text("Signed off by a clinician (revision 2)")
             expect(page.locator("section.impression")).to_contain_text("Verified by a clinician: Smith^Jane (Eye Clinic)")
             expect(page.locator("section.impression")).to_contain_text("Second box is a vessel crossing.")
             expect(page.locator("svg.overlay rect.lesion")).to_have_count(2)  # one AI box kept + the drawn one
