@@ -75,6 +75,43 @@ def data_build(
         console.print(f"  refused (evaluation-only): {source} {count}")
 
 
+@data_app.command("export-feedback")
+@one_line_errors
+def data_export_feedback(
+    since: Annotated[str, typer.Option("--since", help="first sign-off date (YYYY-MM-DD, UTC) to export")],
+    out: Annotated[Path, typer.Option("--out", help="new folder for images/ and labels.csv (generic format)")],
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="share of patients (hashed) in the test split")] = 0.2,
+    max_side: Annotated[int, typer.Option("--max-side", help="longest image side written, pixels")] = 2048,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Write clinician-signed cases as a dataset the training adapters read (kind "generic"; docs/training.md)."""
+    import datetime as dt
+
+    from worker.cli.studies import _database
+    from worker.feedback import ExportError, export_feedback
+
+    loaded = settings(config)
+    try:
+        start = dt.datetime.combine(dt.date.fromisoformat(since), dt.time(), tzinfo=dt.UTC)
+    except ValueError:
+        raise CommandError(f"--since {since!r} is not a date (YYYY-MM-DD)") from None
+    db = _database(config)
+    try:
+        with db.session() as session:
+            summary = export_feedback(session, loaded, start, out, test_fraction=test_fraction, max_side=max_side)
+    except ExportError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        db.dispose()
+    if json_output:
+        print_json(summary.as_dict())
+        return
+    console.print(f"{summary.images} images of {summary.studies} signed studies → {out}")
+    for line in summary.skipped:
+        console.print(f"  skipped {line}")
+
+
 def train(
     recipe: RecipeArgument,
     config: ConfigOption = None,
