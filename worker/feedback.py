@@ -118,21 +118,23 @@ def _boxes(lesions: list[Any]) -> list[dict[str, Any]]:
     return [{"label": lesion.type.value, "box": [round(v, 6) for v in lesion.box]} for lesion in lesions]
 
 
-def _row(image: Any, ai_image: Any | None, ai: StudyAnalysis, signed: StudyAnalysis, signoff: SignOff,
-         file_name: str, patient: str, split: str) -> dict[str, str]:
+def _row(image: Any, ai_image: Any | None, read_image: Any | None, ai: StudyAnalysis, signed: StudyAnalysis,
+         signoff: SignOff, file_name: str, patient: str, split: str) -> dict[str, str]:
+    """One CSV row; ``read_image`` is the image as the clinician read it (their verdicts index its lesions)."""
     uid = image.sop_instance_uid
     grades = _graded(image)
     ai_grades = _graded(ai_image) if ai_image is not None else {}
     changes = signoff.corrections.get("changes", [])
     right = [v for v in signoff.corrections.get("lesions_right", []) if v.get("sop_instance_uid") == uid]
     ai_lesions = ai_image.lesions if ai_image is not None else []
+    read_lesions = read_image.lesions if read_image is not None else []
     row = {
         "image": f"images/{file_name}", "split": split, "eye": image.laterality.value
         if image.laterality.value != "unknown" else "", "patient": patient, "sop_instance_uid": uid or "",
         "boxes": json.dumps(_boxes(image.lesions)), "referral": signed.referral.value,
         "decision": signoff.corrections.get("decision", ""), "changed": str(int(signoff.changed)),
-        "lesions_right": json.dumps(_boxes([ai_lesions[v["index"]] for v in right
-                                            if v["index"] < len(ai_lesions)])),
+        "lesions_right": json.dumps(_boxes([read_lesions[v["index"]] for v in right
+                                            if v["index"] < len(read_lesions)])),
         "lesions_wrong": json.dumps([{"label": c["type"], "box": c["box"]} for c in changes
                                      if c.get("kind") == "lesion_wrong" and c.get("sop_instance_uid") == uid]),
         "lesions_missed": json.dumps([{"label": c["type"], "box": c["box"]} for c in changes
@@ -178,6 +180,8 @@ def export_feedback(session: Session, settings: Settings, since: dt.datetime, ou
         signed = StudyAnalysis.model_validate(analysis.result)
         ai = StudyAnalysis.model_validate(ai_original(session, signoff))
         ai_by_uid = {img.sop_instance_uid: img for img in ai.images if img.sop_instance_uid}
+        read = StudyAnalysis.model_validate(signoff.original)
+        read_by_uid = {img.sop_instance_uid: img for img in read.images if img.sop_instance_uid}
         patient = keyed_hash(key, "patient", study.patient_id or f"study:{study.study_instance_uid}")
         split = split_of(patient, test_fraction)
         exported = 0
@@ -196,8 +200,8 @@ def export_feedback(session: Session, settings: Settings, since: dt.datetime, ou
             except Exception as exc:  # pydicom and the decoders raise many types for undecodable data
                 summary.skipped.append(f"image {file_key}: {exc}")
                 continue
-            rows.append(_row(image, ai_by_uid.get(image.sop_instance_uid), ai, signed, signoff, file_name,
-                             patient, split))
+            rows.append(_row(image, ai_by_uid.get(image.sop_instance_uid), read_by_uid.get(image.sop_instance_uid),
+                             ai, signed, signoff, file_name, patient, split))
             exported += 1
         summary.images += exported
         summary.studies += bool(exported)

@@ -147,3 +147,26 @@ def test_a_purged_original_is_skipped_and_named_without_identifiers(signed: Worl
     assert summary["images"] == 1 and summary["studies"] == 1 and len(summary["skipped"]) == 1
     assert "purged" in summary["skipped"][0] and signed.uids[1] not in summary["skipped"][0]
     assert [r.eye.value for r in load_dataset("generic", tmp_path / "feedback")] == ["R"]
+
+
+def test_a_re_signed_study_exports_the_latest_labels_and_the_first_ai_answers(signed: World, tmp_path: Path) -> None:
+    right, _ = signed.uids
+    jones = ApiToken(name="dr-jones", sha256="1" * 64, role="clinician", observer_name="Jones^Tom",
+                     organisation="Eye Clinic")
+    again = SignOffRequest(revision=2, decision="correct",  # revision 2 lists [haemorrhage, microaneurysm]
+                           grades=[{"eye": "R", "condition": "diabetic_retinopathy", "grade": 4}],
+                           lesions=[{"sop_instance_uid": right, "index": 0, "verdict": "wrong"},
+                                    {"sop_instance_uid": right, "index": 1, "verdict": "right"}])
+    with signed.db.session() as session:
+        sign(session, signed.settings, signed.study_uid, again, jones, "api:dr-jones")
+    result = _export(signed, tmp_path / "feedback")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["images"] == 2  # one study, its latest sign-off only
+    rows = {r["eye"]: r for r in csv.DictReader((tmp_path / "feedback" / "labels.csv").open())}
+    assert rows["R"]["diabetic_retinopathy"] == "4" and rows["R"]["ai_diabetic_retinopathy"] == "2"
+    assert json.loads(rows["R"]["boxes"]) == [{"label": "microaneurysm", "box": list(MISSED)}]
+    assert json.loads(rows["R"]["lesions_wrong"]) == [{"label": "haemorrhage", "box": list(HAEM)}]
+    assert json.loads(rows["R"]["lesions_right"]) == [{"label": "microaneurysm", "box": list(MISSED)}]
+    assert {b["label"] for b in json.loads(rows["R"]["ai_boxes"])} == {"haemorrhage", "hard_exudate"}
+    assert rows["R"]["ai_referral"] == "routine" and rows["R"]["referral"] == "urgent"
+    assert rows["R"]["haemorrhage"] == "" and rows["R"]["microaneurysm"] == "1"
