@@ -16,6 +16,7 @@ Interfaces (the training module promotes models with these)::
     reg.register(model_dir, version=None, move=False, activate=False) -> ModelVersion
     reg.activate(version) -> ModelVersion ; reg.rollback() -> ModelVersion
     reg.list() -> list[ModelVersion] ; reg.get(version) ; reg.active() -> ModelVersion | None
+    reg.set_shadow(version | None) -> ModelVersion | None ; reg.shadow() -> ModelVersion | None
 """
 
 from __future__ import annotations
@@ -165,6 +166,11 @@ class ModelRegistry:
         index = self._index()
         return self._version(index, index["active"]) if index.get("active") else None
 
+    def shadow(self) -> ModelVersion | None:
+        """The candidate version inference workers run in shadow mode next to the active one, or None."""
+        index = self._index()
+        return self._version(index, index["shadow"]) if index.get("shadow") else None
+
     # changes ------------------------------------------------------------------------------------------------------
 
     def register(
@@ -212,6 +218,16 @@ class ModelRegistry:
             self._version(index, version)
             _set_active(index, version)
         return self.get(version)
+
+    def set_shadow(self, version: str | None) -> ModelVersion | None:
+        """Run ``version`` in shadow mode (None: stop); the active version cannot be its own shadow."""
+        with self._locked() as index:
+            if version is not None:
+                self._version(index, version)
+                if index.get("active") == version:
+                    raise RegistryError(f"version {version!r} is the active version; shadow a candidate")
+            index["shadow"] = version
+        return self.get(version) if version is not None else None
 
     def rollback(self) -> ModelVersion:
         """Re-activate the version that was active before the current one."""

@@ -22,10 +22,12 @@ QUEUES = (INFERENCE_QUEUE, DELIVERY_QUEUE)
 PROCESS_STUDY = "retinalgpt.process_study"
 DELIVER_STUDY = "retinalgpt.deliver_study"
 ANSWER_QUESTION = "retinalgpt.answer_question"
+SHADOW_STUDY = "retinalgpt.shadow_study"
 
 TASK_ROUTES = {
     PROCESS_STUDY: {"queue": INFERENCE_QUEUE},
     ANSWER_QUESTION: {"queue": INFERENCE_QUEUE},
+    SHADOW_STUDY: {"queue": INFERENCE_QUEUE},
     DELIVER_STUDY: {"queue": DELIVERY_QUEUE},
 }
 
@@ -44,6 +46,16 @@ def analysis_priority(broker_url: str, urgent: bool) -> int | None:
         return 0 if urgent else 6
     if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
         return 9 if urgent else 0
+    return None
+
+
+def shadow_priority(broker_url: str) -> int | None:
+    """The priority of a shadow analysis (a candidate model next to the active one): below every study's own
+    analysis — Redis 9 (popped last), RabbitMQ 0 (AMQP's lowest, ties with normal), no priority on SQLAlchemy."""
+    if broker_url.startswith(URGENT_FIRST_BROKERS):
+        return 9
+    if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        return 0
     return None
 
 

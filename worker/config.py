@@ -167,6 +167,19 @@ class ModelSettings(_Section):
         description="decode the protocol questions under their canonical grammar; auto: when the model's metadata "
         "says it was trained on canonical answers",
     )
+    promotion_margin: float = Field(
+        default=0.02, ge=0.0, le=0.5,
+        description="`retinalgpt model activate` refuses a candidate whose AUC or sensitivity on the site's signed "
+        "cases is below the active version's by more than this (per condition), unless --force",
+    )
+    promotion_min_cases: int = Field(
+        default=20, ge=1, description="signed images of a condition (both classes present) needed before the "
+        "promotion gate judges that condition",
+    )
+    operating_threshold: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="P(present) at or above which a finding counts as present in "
+        "`retinalgpt model compare` and the promotion gate (sensitivity, specificity, agreement)",
+    )
 
 
 class AnalysisSettings(_Section):

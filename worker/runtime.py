@@ -99,3 +99,17 @@ def analyzer(settings: Settings) -> StudyAnalyzer:
         if not _cached or _cached[0][0] is not settings:
             _cached[:] = [(settings, build_analyzer(settings))]
         return _cached[0][1]
+
+
+_shadow_cached: list[tuple[Settings, Path, StudyAnalyzer]] = []
+
+
+def shadow_analyzer(settings: Settings, path: Path) -> StudyAnalyzer:
+    """The process-wide analyzer running the candidate model at ``path`` in shadow mode (issue 17 item 3), kept
+    next to the active one; a new shadow version replaces the old one."""
+    with _lock:
+        if not _shadow_cached or _shadow_cached[0][0] is not settings or _shadow_cached[0][1] != path:
+            candidate = settings.model_copy(update={"model": settings.model.model_copy(update={"path": path,
+                                                                                             "enabled": True})})
+            _shadow_cached[:] = [(settings, path, build_analyzer(candidate))]
+        return _shadow_cached[0][2]

@@ -45,7 +45,7 @@ def _current_analysis() -> Any:
     """Subquery: the newest non-superseded analysis id of each study revision that is current."""
     return (select(Analysis.study_id, func.max(Analysis.id).label("analysis_id"))
             .join(Study, and_(Study.id == Analysis.study_id, Study.revision == Analysis.revision))
-            .where(Analysis.superseded.is_(False)).group_by(Analysis.study_id).subquery())
+            .where(Analysis.superseded.is_(False), Analysis.shadow.is_(False)).group_by(Analysis.study_id).subquery())
 
 
 def _worklist_select(query: WorklistQuery) -> tuple[Select[Any], Any]:

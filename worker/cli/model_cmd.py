@@ -28,7 +28,7 @@ from worker.cli.common import (
 from worker.config import Settings
 
 model_app = typer.Typer(
-    help="RetinalGPT model versions: list, import, activate, roll back, inspect.", no_args_is_help=True
+    help="RetinalGPT model versions: list, import, activate, roll back, inspect, shadow, compare.", no_args_is_help=True
 )
 
 
@@ -122,19 +122,234 @@ def import_command(
         console.print(f"note: config.json names no vision tower; read with {settings_text}, as the authors' scripts do")
 
 
+def _comparison(effective: Settings, candidate: str, active: str, threshold: float | None,
+                resamples: int = 2000) -> Any:
+    """``candidate`` against ``active`` on the stored analyses and sign-offs (:mod:`worker.model_compare`)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from worker.db import Database
+    from worker.model_compare import compare, load
+
+    db = Database(effective.database.url)
+    try:
+        with db.reading() as session:
+            data = load(session, candidate, active)
+    except SQLAlchemyError as exc:
+        raise CommandError(
+            f"database error ({type(exc).__name__}); is the schema current? run `retinalgpt db upgrade`"
+        ) from None
+    finally:
+        db.dispose()
+    chosen = effective.model.operating_threshold if threshold is None else threshold
+    return compare(data, candidate, active, threshold=chosen, resamples=resamples)
+
+
+def _active_version(config: Path | None, against: str | None) -> str:
+    from model.registry import RegistryError
+
+    if against is not None:
+        return against
+    try:
+        active = _registry(config).active()
+    except RegistryError as exc:
+        raise _wrap(exc) from None
+    if active is None:
+        raise CommandError("no active model version; name the reference with --against")
+    return active.version
+
+
 @model_app.command("activate")
 @one_line_errors
 def activate_command(
-    version: Annotated[str, typer.Argument(help="Version to activate.")], config: ConfigOption = None
+    version: Annotated[str, typer.Argument(help="Version to activate.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Activate even if the promotion gate refuses (audited).")
+    ] = False,
+    config: ConfigOption = None,
 ) -> None:
-    """Make VERSION the model workers run (picked up when a worker process next loads its model)."""
+    """Make VERSION the model workers run (picked up when a worker process next loads its model).
+
+    Promotion gate: refused when VERSION is worse than the active version on the site's signed cases (AUC or
+    sensitivity lower by more than ``[model] promotion_margin`` for a condition with at least
+    ``[model] promotion_min_cases`` signed images), unless --force; a forced activation is audited."""
     from model.registry import RegistryError
 
+    effective = settings(config)
+    registry = _registry(config)
     try:
-        chosen = _registry(config).activate(version)
+        registry.get(version)
+        current = registry.active()
     except RegistryError as exc:
         raise _wrap(exc) from None
+    reasons: list[str] = []
+    if current is not None and current.version != version and _has_signoffs(effective):
+        comparison = _comparison(effective, version, current.version, None, resamples=200)
+        model = effective.model
+        reasons = comparison.regressions(model.promotion_margin, model.promotion_min_cases)
+        if not reasons:
+            judged = comparison.judged(model.promotion_min_cases)
+            console.print(f"promotion gate: {version} is not worse than {current.version} on the signed cases "
+                          f"(judged: {', '.join(judged) or 'no condition has enough signed images'})")
+    if reasons and not force:
+        raise CommandError(
+            f"{version} is worse than the active {current.version} on the signed cases beyond the margin "
+            f"{effective.model.promotion_margin:g}: {'; '.join(reasons)} (see `retinalgpt model compare "
+            f"{version}`; --force to activate anyway)"
+        )
+    try:
+        chosen = registry.activate(version)
+    except RegistryError as exc:
+        raise _wrap(exc) from None
+    if reasons:
+        _audit(effective, "model.activated_forced",
+               {"version": version, "previous": current.version if current else None, "reasons": reasons,
+                "margin": effective.model.promotion_margin})
+        console.print(f"forced past the promotion gate: {'; '.join(reasons)}", highlight=False)
     console.print(f"active model version: {chosen.version} (Device UID {chosen.device_uid})")
+
+
+def _has_signoffs(effective: Settings) -> bool:
+    """Whether the database holds the sign-off table (a deployment that never ran `db upgrade` has no signed
+    cases for the gate to judge)."""
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from worker.db import Database
+
+    db = Database(effective.database.url)
+    try:
+        return inspect(db.engine).has_table("signoffs")
+    except SQLAlchemyError as exc:
+        raise CommandError(f"cannot read the signed cases for the promotion gate ({type(exc).__name__}); "
+                           "--force to activate without them") from None
+    finally:
+        db.dispose()
+
+
+def _audit(effective: Settings, action: str, detail: dict[str, Any]) -> None:
+    from worker.db import AuditEvent, Database
+    from worker.pipeline.operations import operator
+
+    db = Database(effective.database.url)
+    try:
+        with db.session() as session:
+            session.add(AuditEvent(actor=operator(), action=action, detail=detail))
+    finally:
+        db.dispose()
+
+
+@model_app.command("shadow")
+@one_line_errors
+def shadow_command(
+    version: Annotated[str | None, typer.Argument(help="Candidate version to run in shadow mode.")] = None,
+    off: Annotated[bool, typer.Option("--off", help="Stop shadow mode.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Run VERSION on live studies next to the active model: after each analysis the inference worker also
+    analyses the study with VERSION at lower priority and stores it as a shadow analysis, never delivered and
+    never shown as the study's result (compare with `retinalgpt model compare VERSION`). Without VERSION: show
+    the shadow version."""
+    from model.registry import RegistryError
+
+    if off and version is not None:
+        raise CommandError("give a VERSION or --off, not both")
+    registry = _registry(config)
+    try:
+        if off:
+            previous = registry.shadow()
+            registry.set_shadow(None)
+            chosen = None
+        elif version is not None:
+            previous = registry.shadow()
+            chosen = registry.set_shadow(version)
+        else:
+            current = registry.shadow()
+            console.print(f"shadow model version: {current.version}" if current else "no shadow model version")
+            return
+    except RegistryError as exc:
+        raise _wrap(exc) from None
+    _audit(settings(config), "model.shadow", {"version": chosen.version if chosen else None,
+                                             "previous": previous.version if previous else None})
+    console.print(f"shadow model version: {chosen.version} (Device UID {chosen.device_uid})" if chosen
+                  else "shadow mode off")
+
+
+@model_app.command("compare")
+@one_line_errors
+def compare_command(
+    candidate: Annotated[str, typer.Argument(help="Candidate version (e.g. the shadow version).")],
+    against: Annotated[str | None, typer.Option("--against", help="Reference version (default: the active one).")]
+    = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write comparison.json and comparison.png here.")]
+    = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", min=0.0, max=1.0,
+                                   help="Operating threshold (default [model] operating_threshold).")
+    ] = None,
+    resamples: Annotated[int, typer.Option("--resamples", min=100, help="Bootstrap resamples.")] = 2000,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Compare CANDIDATE with the active version: per-condition agreement on the studies both read; AUC,
+    sensitivity and specificity at the operating threshold on the site's signed cases, with 95 % intervals."""
+    from worker.model_compare import plot
+
+    effective = settings(config)
+    active = _active_version(config, against)
+    if active == candidate:
+        raise CommandError(f"{candidate} is the reference version; compare a different candidate")
+    comparison = _comparison(effective, candidate, active, threshold, resamples)
+    report = comparison.as_dict()
+    model = effective.model
+    report["gate"] = {"margin": model.promotion_margin, "min_cases": model.promotion_min_cases,
+                      "judged": comparison.judged(model.promotion_min_cases),
+                      "regressions": comparison.regressions(model.promotion_margin, model.promotion_min_cases)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        drawn = plot(comparison, out / "comparison.png")
+        report["plot"] = str(drawn) if drawn else None
+    if json_output:
+        print_json(report)
+        return
+    _print_comparison(report)
+
+
+def _fmt(value: float | None, ci: list[float | None] | None = None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.3f}"
+    if ci and ci[0] is not None and ci[1] is not None:
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
+
+
+def _print_comparison(report: dict[str, Any]) -> None:
+    cand, act = report["candidate"], report["active"]
+    console.print(f"[bold]{cand}[/] against [bold]{act}[/], threshold {report['threshold']:g}; "
+                  f"{report['studies_both_read']} studies both read, {report['signed_studies']} signed studies",
+                  highlight=False)
+    table = Table("Condition", "Images", "Agree", "Agreement [95% CI]", title="Agreement (studies both read)")
+    for a in report["agreement"]:
+        table.add_row(a["condition"], str(a["images"]), str(a["agree"]), _fmt(a["rate"], a["rate_ci"]))
+    console.print(table if report["agreement"] else "no study read by both versions")
+    table = Table("Condition", "Images (+)", "Version", "AUC [95% CI]", "Sensitivity [95% CI]",
+                  "Specificity [95% CI]", title="Signed cases (clinician sign-off as truth)")
+    for s in report["signed"]:
+        for key in ("candidate", "active"):
+            v = s[key]
+            table.add_row(s["condition"] if key == "candidate" else "",
+                          f"{s['images']} ({s['positives']})" if key == "candidate" else "", v["version"],
+                          _fmt(v["auc"], v["auc_ci"]), _fmt(v["sensitivity"], v["sensitivity_ci"]),
+                          _fmt(v["specificity"], v["specificity_ci"]))
+        table.add_row("", "", "difference", _fmt(s["auc_difference"], s["auc_difference_ci"]), "", "")
+    console.print(table if report["signed"] else "no signed case scored by both versions")
+    gate = report["gate"]
+    verdict = "; ".join(gate["regressions"]) or "not worse"
+    console.print(f"promotion gate (margin {gate['margin']:g}, at least {gate['min_cases']} signed images): "
+                  f"{verdict}", highlight=False)
+    if report.get("plot"):
+        console.print(f"plot: {report['plot']}", highlight=False)
 
 
 @model_app.command("rollback")

@@ -41,7 +41,8 @@ def get_study(session: Session, study_instance_uid: str) -> Study | None:
 def current_analysis(session: Session, study: Study) -> StudyAnalysis | None:
     """The newest analysis of the study's current revision that no later run superseded, or None."""
     row = session.scalars(select(Analysis).where(
-        Analysis.study_id == study.id, Analysis.revision == study.revision, Analysis.superseded.is_(False))
+        Analysis.study_id == study.id, Analysis.revision == study.revision, Analysis.superseded.is_(False),
+        Analysis.shadow.is_(False))
         .order_by(Analysis.id.desc()).limit(1)).one_or_none()
     return StudyAnalysis.model_validate(row.result) if row is not None else None
 

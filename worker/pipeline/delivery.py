@@ -96,7 +96,7 @@ def results_folder(settings: Settings, study_instance_uid: str, revision: int) -
 def latest_analysis(session: Session, study: Study, revision: int) -> Analysis | None:
     return session.scalars(
         select(Analysis)
-        .where(Analysis.study_id == study.id, Analysis.revision == revision)
+        .where(Analysis.study_id == study.id, Analysis.revision == revision, Analysis.shadow.is_(False))
         .order_by(Analysis.id.desc())
     ).first()
 

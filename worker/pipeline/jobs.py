@@ -163,7 +163,8 @@ class Pipeline:
         with self.db.session() as session:
             study = study_by_uid(session, study_instance_uid, lock=True)
             has_analysis = session.scalars(select(Analysis.id).where(
-                Analysis.study_id == study.id, Analysis.revision == study.revision)).first()
+                Analysis.study_id == study.id, Analysis.revision == study.revision,
+                Analysis.shadow.is_(False))).first()
             originals = session.scalars(select(Delivery.id).where(
                 Delivery.study_id == study.id, Delivery.revision == study.revision,
                 Delivery.object_kind == DeliveryObject.ORIGINALS)).first()

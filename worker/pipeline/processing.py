@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
@@ -123,7 +123,8 @@ def run_job(settings: Settings, db: Database, job_id: int) -> JobOutcome:
         name = analysis.model.name if analysis.model else "measurement-only"
         version = analysis.model.version if analysis.model else ""
         session.execute(delete(Analysis).where(Analysis.study_id == study.id, Analysis.revision == revision,
-                                               Analysis.model_name == name, Analysis.model_version == version))
+                                               Analysis.model_name == name, Analysis.model_version == version,
+                                               Analysis.shadow.is_(False)))
         session.add(Analysis(study_id=study.id, revision=revision, model_name=name, model_version=version,
                              result=analysis.model_dump(mode="json")))
         job.state, job.finished_at = JobState.SUCCEEDED, utcnow()
@@ -136,7 +137,39 @@ def run_job(settings: Settings, db: Database, job_id: int) -> JobOutcome:
     return JobOutcome("analysed", study_uid, revision)
 
 
-def _analyse(settings: Settings, db: Database, study_uid: str, revision: int) -> StudyResult:
+def run_shadow(settings: Settings, db: Database, study_uid: str, revision: int, version: str) -> str:
+    """Analyse a study revision with the shadow candidate ``version`` (issue 17 item 3) and store it as a shadow
+    analysis: no outbox, no state change, never the study's result. Skipped when the revision is no longer
+    current, the candidate is no longer the shadow version, or its analysis is already stored."""
+    from model.registry import ModelRegistry
+    from worker.runtime import shadow_analyzer
+
+    candidate = ModelRegistry(settings.model.registry).shadow()
+    if candidate is None or candidate.version != version:
+        return "skipped: not the shadow version"
+    with db.reading() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one_or_none()
+        if study is None or study.revision != revision:
+            return "skipped: not the current revision"
+        done = session.scalar(select(Analysis.id).where(Analysis.study_id == study.id, Analysis.revision == revision,
+                                                        Analysis.model_version == version, Analysis.shadow.is_(True)))
+        if done is not None:
+            return "skipped: already analysed"
+    result = _analyse(settings, db, study_uid, revision, shadow_analyzer(settings, candidate.path), masks=False)
+    analysis = result.analysis
+    name = analysis.model.name if analysis.model else candidate.metadata.name
+    with db.session() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).one()
+        session.add(Analysis(study_id=study.id, revision=revision, model_name=name, model_version=version,
+                             result=analysis.model_dump(mode="json"), shadow=True))
+        session.add(AuditEvent(actor=ACTOR, action="study.shadow_analysed", study_instance_uid=study_uid,
+                               detail={"revision": revision, "model": f"{name} {version}",
+                                       "images": len(analysis.images)}))
+    return "analysed"
+
+
+def _analyse(settings: Settings, db: Database, study_uid: str, revision: int, study_analyzer: Any = None,
+             masks: bool = True) -> StudyResult:
     import numpy as np
     from PIL import Image
 
@@ -155,8 +188,10 @@ def _analyse(settings: Settings, db: Database, study_uid: str, revision: int) ->
             log.warning("study %s: %s", study_uid, exc)
     if not sources:  # maybe a decoder missing on this worker, a file not yet visible on shared storage: retried
         raise RuntimeError(f"no image of the study could be read ({'; '.join(skipped)})")
-    result = analyzer(settings).analyze(sources, revision=revision)
+    result = (study_analyzer or analyzer(settings)).analyze(sources, revision=revision)
     result.analysis.notes.extend(f"Not analysed: {reason}" for reason in skipped)
+    if not masks:
+        return result
     masks = results_folder(settings, study_uid, revision) / "masks"
     masks.mkdir(parents=True, exist_ok=True)
     for uid, mask in result.vessel_masks.items():

@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy import select
 
-from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY
+from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY, SHADOW_STUDY, shadow_priority
 from worker.config import Settings
 from worker.db import Analysis, Database, Instance, Study
 from worker.pipeline.jobs import Pipeline, PipelineError
@@ -68,8 +68,16 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             except Exception:  # noqa: BLE001 - the delivery rows are pending; the bookkeeper sends them
                 log.exception("cannot queue the delivery of study %s revision %d; the bookkeeper will",
                               outcome.study_instance_uid, outcome.revision)
+            _send_shadow(app, settings, outcome.study_instance_uid, outcome.revision)
         return {"status": outcome.status, "study": outcome.study_instance_uid, "revision": outcome.revision,
                 "detail": outcome.detail}
+
+    @app.task(name=SHADOW_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True,
+              **analysis_options(settings))
+    def shadow_study(study_instance_uid: str, revision: int, version: str) -> str:
+        from worker.pipeline.processing import run_shadow
+
+        return run_shadow(settings, _db(settings), study_instance_uid, revision, version)
 
     @app.task(name=DELIVER_STUDY, shared=False, acks_late=True, reject_on_worker_lost=True,
               **delivery_options(settings))
@@ -81,6 +89,27 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name=ANSWER_QUESTION, shared=False, **chat_options(settings))
     def answer_question(study_instance_uid: str, question: str, history: list[dict[str, str]] | None = None) -> dict:
         return answer(settings, _db(settings), study_instance_uid, question, history or [])
+
+
+def _send_shadow(app: Celery, settings: Settings, study_instance_uid: str, revision: int) -> None:
+    """Queue the shadow candidate's analysis of a study just analysed, at the lowest priority (best effort: a
+    shadow analysis that is never queued loses nothing but a comparison point)."""
+    from model.registry import ModelRegistry, RegistryError
+
+    try:
+        candidate = ModelRegistry(settings.model.registry).shadow()
+    except RegistryError:
+        log.exception("cannot read the shadow model version")
+        return
+    if candidate is None or not settings.model.enabled:
+        return
+    priority = shadow_priority(settings.broker.url)
+    try:
+        app.send_task(SHADOW_STUDY, kwargs={"study_instance_uid": study_instance_uid, "revision": revision,
+                                            "version": candidate.version},
+                      **({} if priority is None else {"priority": priority}))
+    except Exception:  # noqa: BLE001 - see above
+        log.exception("cannot queue the shadow analysis of study %s revision %d", study_instance_uid, revision)
 
 
 def answer(
@@ -96,7 +125,8 @@ def answer(
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one_or_none()
         if study is None:
             raise PipelineError(f"no study {study_instance_uid}")
-        row = session.scalars(select(Analysis).where(Analysis.study_id == study.id, Analysis.superseded.is_(False))
+        row = session.scalars(select(Analysis).where(Analysis.study_id == study.id, Analysis.superseded.is_(False),
+                                                   Analysis.shadow.is_(False))
                               .order_by(Analysis.revision.desc(), Analysis.id.desc())).first()
         if row is None:
             raise PipelineError(f"study {study_instance_uid} has no results yet")
