@@ -230,10 +230,15 @@ def _audit(effective: Settings, action: str, detail: dict[str, Any]) -> None:
     from worker.db import AuditEvent, Database
     from worker.pipeline.operations import operator
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     db = Database(effective.database.url)
     try:
         with db.session() as session:
             session.add(AuditEvent(actor=operator(), action=action, detail=detail))
+    except SQLAlchemyError as exc:
+        raise CommandError(f"done, but the audit event {action} could not be written ({type(exc).__name__}); "
+                           "is the schema current? run `retinalgpt db upgrade`") from None
     finally:
         db.dispose()
 
