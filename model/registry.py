@@ -213,10 +213,13 @@ class ModelRegistry:
         return self.get(name)
 
     def activate(self, version: str) -> ModelVersion:
-        """Make ``version`` the active one (workers pick it up on their next model load)."""
+        """Make ``version`` the active one (workers pick it up on their next model load); a shadow candidate
+        that becomes active stops being the shadow."""
         with self._locked() as index:
             self._version(index, version)
             _set_active(index, version)
+            if index.get("shadow") == version:
+                index["shadow"] = None
         return self.get(version)
 
     def set_shadow(self, version: str | None) -> ModelVersion | None:
@@ -239,6 +242,8 @@ class ModelRegistry:
             previous = history[-1]
             self._version(index, previous)
             index["active"] = previous
+            if index.get("shadow") == previous:
+                index["shadow"] = None
         return self.get(previous)
 
 

@@ -66,6 +66,9 @@ def test_candidate_runs_in_shadow_without_delivering(tmp_path: Path, op_file, mo
     assert code != 0 and "is the active version" in out
     code, out = run("model", "shadow", "v2")
     assert code == 0 and "shadow model version: v2" in out, out
+    code, out = run("model", "list", "--json")
+    assert [(v["version"], v["active"], v["shadow"]) for v in json.loads(out)] == [("v1", True, False),
+                                                                              ("v2", False, True)]
 
     received = tmp_path / "pacs"
     received.mkdir()
@@ -112,6 +115,10 @@ def test_candidate_runs_in_shadow_without_delivering(tmp_path: Path, op_file, mo
         assert json.loads(out)["studies_both_read"] == 1
         code, out = run("model", "shadow", "--off")
         assert code == 0 and "shadow mode off" in out and ModelRegistry(settings.model.registry).shadow() is None
+        assert run("model", "shadow", "v2")[0] == 0
+        code, out = run("model", "activate", "v2")  # no signed case: the gate does not judge
+        assert code == 0 and "no condition has enough signed images" in out, out
+        assert ModelRegistry(settings.model.registry).shadow() is None  # the promoted candidate is no shadow
     finally:
         roles.stop_all()
         role.stop()

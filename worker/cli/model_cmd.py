@@ -45,20 +45,23 @@ def _wrap(exc: Exception) -> CommandError:
 @model_app.command("list")
 @one_line_errors
 def list_command(config: ConfigOption = None, json_output: JsonOption = False) -> None:
-    """List registered model versions (the active one is marked)."""
+    """List registered model versions (the active one marked *, the shadow candidate 'shadow')."""
     from model.registry import RegistryError
 
     try:
-        versions = _registry(config).list()
+        registry = _registry(config)
+        versions = registry.list()
+        candidate = registry.shadow()
     except RegistryError as exc:
         raise _wrap(exc) from None
+    shadow = candidate.version if candidate else None
     if json_output:
-        print_json([v.as_dict() for v in versions])
+        print_json([{**v.as_dict(), "shadow": v.version == shadow} for v in versions])
         return
     table = Table("", "Version", "Name", "Preset / source", "SHA-256", "Device UID", "Registered")
     for v in versions:
         table.add_row(
-            "*" if v.active else "",
+            "*" if v.active else ("shadow" if v.version == shadow else ""),
             v.version,
             v.metadata.name,
             v.metadata.preset or v.metadata.provenance.get("format", ""),
