@@ -54,7 +54,8 @@ def _analysis(uid: str, version: str, probability: float) -> dict:
     identity = ModelIdentity(name="retinalgpt", version=version, device_uid="2.25.1")
     image = ImageAnalysis(sop_instance_uid=f"{uid}.1.1", laterality=Laterality.RIGHT,
                           findings=[Finding(condition=DR, probability=probability, grade=int(probability >= 0.5))])
-    return StudyAnalysis(study_instance_uid=uid, model=identity, images=[image]).model_dump(mode="json")
+    return StudyAnalysis(study_instance_uid=uid, model=identity, images=[image],
+                         impression=f"read by {version}").model_dump(mode="json")
 
 
 @pytest.fixture
@@ -126,6 +127,17 @@ def test_compare_reports_hand_computed_numbers(site: Path, tmp_path: Path) -> No
     code, out = run("model", "compare", "v1", "--against", "v2", "--json")
     report = json.loads(out)
     assert code == 0 and report["signed"][0]["candidate"]["auc"] == 1.0 and report["gate"]["regressions"] == []
+
+
+def test_worklist_shows_the_active_result_not_the_newer_shadow_one(site: Path) -> None:
+    from worker.api.studies import WorklistQuery, worklist
+
+    db = Database(load_settings(site).database.url)
+    with db.reading() as session:
+        total, rows = worklist(session, WorklistQuery())
+    db.dispose()
+    unsigned = next(row for row in rows if row["study_instance_uid"] == "1.2.826.0.1.5")
+    assert total == 5 and unsigned["impression"] == "read by v1"
 
 
 def test_activate_gate_refuses_worse_candidate_unless_forced(site: Path) -> None:
