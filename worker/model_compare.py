@@ -15,8 +15,11 @@ Two views, both per condition (``model.schema.Condition``) and per image (SOP In
 
 The promotion gate (:meth:`Comparison.regressions`): a condition with at least ``min_cases`` signed images of
 both classes regresses when the candidate's AUC, or its sensitivity at the threshold, is lower than the active
-version's by more than ``margin``. ``training.metrics`` imports numpy and scipy only (never torch), so the CLI
-and API may use it.
+version's by more than ``margin``.
+
+Called by the CLI entry points only (``retinalgpt model compare`` and ``model activate``), the one place
+``worker`` may use ``training`` (DESIGN.md): :mod:`training.metrics` is imported inside the functions; it imports
+numpy and scipy only, never torch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from model.schema import Source, StudyAnalysis
-from training.metrics import bootstrap_auc_ci, operating_point, roc_auc, wilson_interval
 from worker.db import Analysis, SignOff
 
 Key = tuple[int, str, str]
@@ -209,6 +211,8 @@ def paired_auc_difference_ci(truth: Iterable[int], first: Iterable[float], secon
 
 
 def _score(version: str, truth: list[int], scores: list[float], threshold: float, resamples: int) -> VersionScore:
+    from training.metrics import bootstrap_auc_ci, operating_point, roc_auc
+
     point = operating_point(truth, scores, threshold)
     return VersionScore(version=version, auc=_num(roc_auc(truth, scores)),
                         auc_ci=_ci(bootstrap_auc_ci(truth, scores, resamples=resamples)),
@@ -220,6 +224,8 @@ def _score(version: str, truth: list[int], scores: list[float], threshold: float
 def compare(data: SiteData, candidate: str, active: str, threshold: float = 0.5,
             resamples: int = 2000) -> Comparison:
     """The comparison of ``candidate`` with ``active`` on ``data`` (see the module docstring)."""
+    from training.metrics import roc_auc, wilson_interval
+
     cand, act = data.read[candidate], data.read[active]
     both = sorted(set(cand) & set(act))
     agreement = []
@@ -258,7 +264,7 @@ def plot(comparison: Comparison, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from training.metrics import roc_curve
+    from training.metrics import roc_auc, roc_curve
 
     panels = len(comparison.signed) + (1 if comparison.agreement else 0)
     if panels == 0:
