@@ -23,6 +23,9 @@ Hand computation (diabetic retinopathy, one right-eye image per study, threshold
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +172,16 @@ def test_gate_margin_and_min_cases_are_validated(tmp_path: Path) -> None:
         config.write_text(f'home = "{tmp_path}"\n[model]\n{bad}\n')
         with pytest.raises(ConfigError):
             load_settings(config)
+
+
+def test_compare_and_gate_never_import_torch(site: Path) -> None:
+    """The CLI process that compares (and the activate gate) imports training.metrics, never torch."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom worker.cli.app import app\n"
+            "for args in (['model', 'compare', 'v2', '--json'], ['model', 'activate', 'v2']):\n"
+            "    CliRunner().invoke(app, args)\n"
+            "print(sorted(m for m in ('torch', 'training.metrics') if m in sys.modules))\n")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "['training.metrics']"
