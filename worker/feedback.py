@@ -173,7 +173,8 @@ def export_feedback(session: Session, settings: Settings, since: dt.datetime, ou
     for signoff in _latest_signoffs(session, since):
         study = session.get(Study, signoff.study_id)
         analysis = session.scalars(select(Analysis).where(Analysis.study_id == signoff.study_id,
-                                                          Analysis.revision == signoff.revision)
+                                                          Analysis.revision == signoff.revision,
+                                                          Analysis.shadow.is_(False))
                                    .order_by(Analysis.id.desc())).first()
         if study is None or analysis is None:
             continue
