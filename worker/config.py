@@ -440,6 +440,10 @@ class MonitoringSettings(_Section):
                                         "(default: reported in its detail only)")
     drift_references: list[Path] = Field(default_factory=list, description="evaluation metrics.json files (from "
                                          "`retinalgpt evaluate`) besides those found in the model directories")
+    agreement_window_signoffs: int = Field(default=200, ge=1, le=100_000, description="most recent clinician "
+                                           "sign-offs per model version in the agreement window")
+    agreement_window_days: float = Field(default=90.0, gt=0, le=3650, description="only sign-offs made this "
+                                         "recently count towards the agreement rates")
 
     @model_validator(mode="after")
     def _samples_fit_window(self) -> MonitoringSettings:

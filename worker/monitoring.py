@@ -21,6 +21,15 @@ the ``metrics.json`` whose ``identity`` names it, looked for in ``monitoring.dri
 active model directory and every version directory of the registry (``metrics.json`` or
 ``evaluation/metrics.json``).
 
+**Clinician agreement.** Per model version, over its ``monitoring.agreement_window_signoffs`` most recent
+clinician sign-offs made within ``monitoring.agreement_window_days`` (:mod:`worker.signoff`): per condition, the
+share of the signed images where the clinician's call equals the AI's original one — present/absent
+(:attr:`model.schema.Finding.present`) and, for a graded condition (``max_grade > 1``), the grade — and the share
+of sign-offs that confirmed the result without any change (grades, lesion boxes, referral). An image counts for a
+condition when the AI's or the clinician's analysis has a finding of it; a finding only the clinician has (the AI
+made no call) is a disagreement. A re-sign of an already signed result (``corrects_signed``) compares two
+clinicians, not the AI, and is left out. Sign-offs never change either, so each is summarised once per process.
+
 This module never imports torch (the API serves it).
 """
 
@@ -42,7 +51,7 @@ from pydantic import ValidationError
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from model.schema import QualityGrade, Referral, Source, StudyAnalysis
+from model.schema import Finding, QualityGrade, Referral, Source, StudyAnalysis, max_grade
 from worker.config import MonitoringSettings, Settings
 from worker.db import Analysis, Database, SignOff
 
@@ -120,6 +129,70 @@ class VersionWindow:
             self.parse_failures[task] = self.parse_failures.get(task, 0) + n
         for condition, values in summary.probabilities.items():
             self.probabilities.setdefault(condition, []).extend(values)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What monitoring keeps of one sign-off: per condition (images agreeing, images compared), and whether the
+    clinician confirmed the AI's result without change."""
+
+    conditions: dict[str, tuple[int, int]]
+    unchanged: bool
+
+
+def same_call(ai: Finding | None, clinician: Finding | None) -> bool:
+    """Whether the clinician's finding says what the AI's said: present/absent, and the grade of a graded
+    condition (a missing finding is no call, which never agrees with a call)."""
+    if ai is None or clinician is None:
+        return ai is None and clinician is None
+    if ai.present != clinician.present:
+        return False
+    return max_grade(ai.condition) == 1 or ai.grade == clinician.grade
+
+
+def agreement(original: dict[str, Any], signed: dict[str, Any], changed: bool) -> Agreement | None:
+    """The agreement of the clinician's analysis ``signed`` with the AI's ``original`` (None if either does not
+    validate). Images are matched by SOP Instance UID, else by position."""
+    try:
+        ai, clinician = StudyAnalysis.model_validate(original), StudyAnalysis.model_validate(signed)
+    except ValidationError as exc:
+        log.warning("monitoring: a signed analysis does not validate (%d errors); left out", exc.error_count())
+        return None
+    by_uid = {img.sop_instance_uid: img for img in clinician.images if img.sop_instance_uid}
+    counts: dict[str, list[int]] = {}
+    for n, image in enumerate(ai.images):
+        other = by_uid.get(image.sop_instance_uid) if image.sop_instance_uid else None
+        if other is None and not image.sop_instance_uid and n < len(clinician.images):
+            other = clinician.images[n]
+        if other is None:
+            continue
+        ai_findings = {f.condition: f for f in image.findings}
+        clinician_findings = {f.condition: f for f in other.findings}
+        for condition in set(ai_findings) | set(clinician_findings):
+            tally = counts.setdefault(condition.value, [0, 0])
+            tally[0] += same_call(ai_findings.get(condition), clinician_findings.get(condition))
+            tally[1] += 1
+    return Agreement(conditions={c: (a, n) for c, (a, n) in counts.items()}, unchanged=not changed)
+
+
+@dataclass
+class AgreementWindow:
+    """The agreement window of one model version, aggregated."""
+
+    model: str
+    version: str
+    signoffs: int = 0
+    unchanged: int = 0
+    conditions: dict[str, list[int]] = field(default_factory=dict)
+    """Condition → [images agreeing, images compared]."""
+
+    def add(self, item: Agreement) -> None:
+        self.signoffs += 1
+        self.unchanged += item.unchanged
+        for condition, (agree, total) in item.conditions.items():
+            tally = self.conditions.setdefault(condition, [0, 0])
+            tally[0] += agree
+            tally[1] += total
 
 
 @dataclass(frozen=True)
@@ -244,6 +317,7 @@ class ModelMonitor:
         self._lock = threading.Lock()
         self._summaries: dict[int, Summary | None] = {}
         self._references: dict[Path, tuple[float, tuple[tuple[str, str], Reference] | None]] = {}
+        self._agreements: dict[int, Agreement | None] = {}
 
     @property
     def config(self) -> MonitoringSettings:
@@ -280,6 +354,38 @@ class ModelMonitor:
         stmt = select(recent.c.id, recent.c.model_name, recent.c.model_version).where(
             recent.c.rank <= self.config.window_analyses)
         return [(int(i), str(n), str(v)) for i, n, v in session.execute(stmt)]
+
+    def agreement_windows(self, now: datetime | None = None) -> list[AgreementWindow]:
+        """One :class:`AgreementWindow` per model version with sign-offs in the agreement window."""
+        now = now or datetime.now(UTC)
+        since = now - timedelta(days=self.config.agreement_window_days)
+        rank = func.row_number().over(partition_by=(Analysis.model_name, Analysis.model_version),
+                                      order_by=(SignOff.signed_at.desc(), SignOff.id.desc())).label("rank")
+        recent = (select(SignOff.id, Analysis.model_name, Analysis.model_version, rank)
+                  .join(Analysis, (Analysis.study_id == SignOff.study_id) & (Analysis.revision == SignOff.revision))
+                  .where(SignOff.corrects_signed.is_(False), SignOff.signed_at >= since).subquery())
+        stmt = select(recent.c.id, recent.c.model_name, recent.c.model_version).where(
+            recent.c.rank <= self.config.agreement_window_signoffs)
+        with self.db.reading() as session, self._lock:
+            rows = [(int(i), str(n), str(v)) for i, n, v in session.execute(stmt)]
+            missing = [row_id for row_id, _, _ in rows if row_id not in self._agreements]
+            for start in range(0, len(missing), 500):
+                chunk = missing[start:start + 500]
+                query = (select(SignOff.id, SignOff.original, SignOff.changed, Analysis.result)
+                         .join(Analysis, (Analysis.study_id == SignOff.study_id)
+                               & (Analysis.revision == SignOff.revision))
+                         .where(SignOff.id.in_(chunk)))
+                for row_id, original, changed, signed in session.execute(query):
+                    self._agreements[row_id] = agreement(original, signed, bool(changed))
+            keep = {row_id for row_id, _, _ in rows}
+            for row_id in [i for i in self._agreements if i not in keep]:
+                del self._agreements[row_id]
+            windows: dict[tuple[str, str], AgreementWindow] = {}
+            for row_id, name, version in rows:
+                item = self._agreements.get(row_id)
+                if item is not None:
+                    windows.setdefault((name, version), AgreementWindow(name, version)).add(item)
+        return sorted(windows.values(), key=lambda w: (w.model, w.version))
 
     def references(self) -> dict[tuple[str, str], Reference]:
         """Evaluation distributions by (model name, version); the first file found for a version wins."""
@@ -337,6 +443,12 @@ class ModelCollector(Collector):
             return
         yield from window_metrics(windows)
         yield from drift_metrics(report, windows)
+        try:
+            agreements = self.monitor.agreement_windows()
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("monitoring: sign-offs not readable: %s", type(exc).__name__)
+            return
+        yield from agreement_metrics(agreements)
 
 
 def window_metrics(windows: Sequence[VersionWindow]) -> Iterator[Metric]:
@@ -395,3 +507,25 @@ def drift_metrics(report: DriftReport, windows: Sequence[VersionWindow]) -> Iter
     threshold = GaugeMetricFamily("retinalgpt_model_drift_threshold", "monitoring.drift_threshold",
                                   value=report.threshold)
     yield from (value, flag, samples, reference, threshold)
+
+
+def agreement_metrics(windows: Sequence[AgreementWindow]) -> Iterator[Metric]:
+    labels = ["model", "version"]
+    signoffs = GaugeMetricFamily("retinalgpt_model_window_signoffs", "clinician sign-offs in the agreement window",
+                                 labels=labels)
+    confirmed = GaugeMetricFamily("retinalgpt_model_confirm_ratio", "share of the window's sign-offs that "
+                                  "confirmed the AI's result without any change", labels=labels)
+    ratio = GaugeMetricFamily("retinalgpt_model_agreement_ratio", "share of the window's signed images where the "
+                              "clinician's present/absent call (and grade where graded) equals the AI's",
+                              labels=[*labels, "condition"])
+    images = GaugeMetricFamily("retinalgpt_model_agreement_images", "signed images the agreement ratio compares",
+                               labels=[*labels, "condition"])
+    for w in windows:
+        key = [w.model, w.version]
+        signoffs.add_metric(key, w.signoffs)
+        confirmed.add_metric(key, w.unchanged / w.signoffs)
+        for condition, (agree, total) in sorted(w.conditions.items()):
+            images.add_metric([*key, condition], total)
+            if total:
+                ratio.add_metric([*key, condition], agree / total)
+    yield from (signoffs, confirmed, ratio, images)

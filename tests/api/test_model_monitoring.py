@@ -249,12 +249,27 @@ def test_too_few_samples_are_not_judged(tmp_path: Path) -> None:
     db.dispose()
 
 
+def sign_one(settings: Settings, db: Database, uid: str) -> None:
+    """A clinician confirms the study's first revision (worker.signoff.sign)."""
+    from worker.config import ApiToken
+    from worker.signoff import SignOffRequest, sign
+
+    with db.session() as session:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        study.state = StudyState.ANALYSED
+    token = ApiToken(name="dr-smith", sha256="0" * 64, role="clinician", observer_name="Smith^Jane",
+                     organisation="Eye Clinic")
+    with db.session() as session:
+        sign(session, settings, uid, SignOffRequest(revision=1, decision="confirm"), token, "api:dr-smith")
+
+
 def test_dashboard_metric_names_exist_in_the_exposition(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     settings, db = deployment(tmp_path)
     write_reference(settings, V1, {"diabetic_retinopathy": rng.beta(2, 5, 500), "glaucoma": rng.beta(1, 6, 500)})
     store(db, stream(rng, V1, 30, 0.0, "1.6"))
     store(db, [analysis("1.6.99", V1, [{Condition.GLAUCOMA: 0.5}], unparsed=1, ungradable=1)])
+    sign_one(settings, db, "1.6.99")  # the clinician agreement metrics need a sign-off
     with TestClient(create_app(settings, db=db)) as http:
         text = http.get("/metrics").text
     exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
@@ -281,6 +296,7 @@ def test_window_and_drift_on_postgres(tmp_path: Path) -> None:
         store(db, stream(rng, V1, 80, 0.0, "1.7"))  # 80 stored, the window keeps the newest 60
         store(db, stream(rng, V2, 60, 0.35, "1.8"))
         store(db, stream(rng, V2, 5, 0.0, "1.9"), created=dt.datetime.now(dt.UTC) - dt.timedelta(days=40))
+        sign_one(settings, db, "1.7.80")  # the agreement window query (row_number over a join) on PostgreSQL
         try:
             with TestClient(create_app(settings, db=db)) as http:
                 text = http.get("/metrics").text
@@ -294,6 +310,8 @@ def test_window_and_drift_on_postgres(tmp_path: Path) -> None:
     assert metric(text, "retinalgpt_model_finding_probability_count", **v1, condition="diabetic_retinopathy") == 120
     assert metric(text, "retinalgpt_model_drift", **v1, condition="diabetic_retinopathy") == 0
     assert metric(text, "retinalgpt_model_drift", **v2, condition="diabetic_retinopathy") == 1
+    assert metric(text, "retinalgpt_model_window_signoffs", **v1) == 1
+    assert metric(text, "retinalgpt_model_agreement_ratio", **v1, condition="diabetic_retinopathy") == 1
     assert ready["model_drift"].startswith("drift: retinalgpt-site v2 diabetic_retinopathy")
 
 
@@ -359,4 +377,83 @@ def test_a_signed_revision_counts_as_the_model_answer_not_the_clinicians(tmp_pat
     assert metric(text, "retinalgpt_model_window_analyses", **v1) == 1
     assert metric(text, "retinalgpt_model_referral_ratio", **v1, referral="urgent") == 1  # the AI's referral
     assert metric(text, "retinalgpt_model_finding_probability_count", **v1, condition="diabetic_retinopathy") == 1
+    db.dispose()
+
+
+def graded(uid: str, model: ModelIdentity, images: list[dict[Condition, int]]) -> StudyAnalysis:
+    """An analysis whose images alternate right, left eye, each finding with the given grade."""
+    return StudyAnalysis(study_instance_uid=uid, model=model, referral=Referral.NONE, images=[
+        ImageAnalysis(sop_instance_uid=f"{uid}.{n + 1}", laterality=Laterality.LEFT if n % 2 else Laterality.RIGHT,
+                      quality=Quality(grade=QualityGrade.GRADABLE, score=0.9),
+                      findings=[Finding(condition=c, grade=g, probability=0.9 if g else 0.1)
+                                for c, g in grades.items()])
+        for n, grades in enumerate(images)])
+
+
+def test_monitoring_agreement_settings_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="agreement_window_signoffs"):
+        settings_for(tmp_path, agreement_window_signoffs=0)
+    with pytest.raises(ConfigError, match="agreement_window_days"):
+        settings_for(tmp_path, agreement_window_days=0)
+    assert settings_for(tmp_path, agreement_window_signoffs=7).monitoring.agreement_window_signoffs == 7
+
+
+def test_clinician_agreement_per_model_version_and_its_window_slides(tmp_path: Path) -> None:
+    """Real sign-offs (worker.signoff.sign): per condition, the share of signed images whose present/absent call
+    (and grade where graded) the clinician left as the AI's; the confirm-without-change rate; a re-sign and an old
+    sign-off left out; a new sign-off pushes the oldest out of the window."""
+    from worker.config import ApiToken
+    from worker.signoff import SignOffRequest, sign
+
+    settings, db = deployment(tmp_path, agreement_window_signoffs=3)
+    dr, gl = Condition.DIABETIC_RETINOPATHY, Condition.GLAUCOMA
+    store(db, [graded("1.20.1", V1, [{dr: 2, gl: 0}, {dr: 0, gl: 1}]),
+               graded("1.20.2", V1, [{dr: 1, gl: 0}, {dr: 0, gl: 0}]),
+               graded("1.20.3", V1, [{dr: 0}]),
+               graded("1.20.4", V2, [{dr: 2}]),
+               graded("1.20.5", V1, [{dr: 0}]),
+               graded("1.20.6", V1, [{dr: 4}])])
+    with db.session() as session:
+        for study in session.scalars(select(Study)):
+            study.state = StudyState.ANALYSED
+    smith = ApiToken(name="dr-smith", sha256="0" * 64, role="clinician", observer_name="Smith^Jane",
+                     organisation="Eye Clinic")
+    now = dt.datetime.now(dt.UTC)
+
+    def signs(uid: str, minutes: float, revision: int = 1, **body: Any) -> None:
+        request = SignOffRequest(revision=revision, **{"decision": "correct", **body})
+        with db.session() as session:
+            sign(session, settings, uid, request, smith, "api:dr-smith", now=now + dt.timedelta(minutes=minutes))
+
+    signs("1.20.6", -100 * 24 * 60, decision="confirm")  # older than agreement_window_days (90): not counted
+    signs("1.20.1", 1, decision="confirm")  # DR 2/2, glaucoma 2/2
+    signs("1.20.2", 2, grades=[{"eye": "R", "condition": "diabetic_retinopathy", "grade": 3},  # same call, other grade
+                               {"eye": "L", "condition": "glaucoma", "grade": 1}])  # absent → present
+    signs("1.20.3", 3, referral="urgent",  # DR agrees; glaucoma only the clinician called
+          grades=[{"eye": "R", "condition": "glaucoma", "grade": 0}])
+    signs("1.20.4", 4, decision="confirm")
+    signs("1.20.1", 5, revision=2, referral="routine")  # a re-sign: clinician against clinician, left out
+    v1 = {"model": "retinalgpt-site", "version": "v1"}
+    v2 = {"model": "retinalgpt-site", "version": "v2"}
+    with TestClient(create_app(settings, db=db)) as http:
+        text = http.get("/metrics").text
+        assert metric(text, "retinalgpt_model_window_signoffs", **v1) == 3
+        assert metric(text, "retinalgpt_model_confirm_ratio", **v1) == pytest.approx(1 / 3)
+        assert metric(text, "retinalgpt_model_agreement_images", **v1, condition="diabetic_retinopathy") == 5
+        assert metric(text, "retinalgpt_model_agreement_ratio", **v1, condition="diabetic_retinopathy") == \
+               pytest.approx(4 / 5)
+        assert metric(text, "retinalgpt_model_agreement_images", **v1, condition="glaucoma") == 5
+        assert metric(text, "retinalgpt_model_agreement_ratio", **v1, condition="glaucoma") == pytest.approx(3 / 5)
+        assert metric(text, "retinalgpt_model_window_signoffs", **v2) == 1
+        assert metric(text, "retinalgpt_model_confirm_ratio", **v2) == 1
+        assert metric(text, "retinalgpt_model_agreement_ratio", **v2, condition="diabetic_retinopathy") == 1
+        signs("1.20.5", 6, grades=[{"eye": "R", "condition": "diabetic_retinopathy", "grade": 2}])  # absent → present
+        after = http.get("/metrics").text  # the window keeps 3 sign-offs: 1.20.1's goes
+    assert metric(after, "retinalgpt_model_window_signoffs", **v1) == 3
+    assert metric(after, "retinalgpt_model_confirm_ratio", **v1) == 0
+    assert metric(after, "retinalgpt_model_agreement_images", **v1, condition="diabetic_retinopathy") == 4
+    assert metric(after, "retinalgpt_model_agreement_ratio", **v1, condition="diabetic_retinopathy") == \
+           pytest.approx(2 / 4)
+    assert metric(after, "retinalgpt_model_agreement_images", **v1, condition="glaucoma") == 3
+    assert metric(after, "retinalgpt_model_agreement_ratio", **v1, condition="glaucoma") == pytest.approx(1 / 3)
     db.dispose()
