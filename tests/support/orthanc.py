@@ -130,6 +130,15 @@ class Orthanc:
         found = self.post("/tools/lookup", study_instance_uid.encode())
         return next((item["ID"] for item in found if item["Type"] == "Study"), None)
 
+    def stored_files(self, study_instance_uid: str) -> dict[str, bytes]:
+        """SOP Instance UID → the file Orthanc stored, for every instance of the study (empty when unknown)."""
+        study = self.study_id(study_instance_uid)
+        if study is None:
+            return {}
+        return {item["MainDicomTags"]["SOPInstanceUID"]:
+                httpx.get(f"{self.url}/instances/{item['ID']}/file", timeout=30, auth=self.auth).content
+                for item in self.get(f"/studies/{study}/instances")}
+
     def sop_classes_in_study(self, study_instance_uid: str) -> list[str]:
         study = self.study_id(study_instance_uid)
         if study is None:

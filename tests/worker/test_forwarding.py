@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -47,18 +46,6 @@ def write_config(tmp_path: Path, port: int, pacs_port: int) -> Path:
         '[[rules]]\nname = "camera1"\ncalling_ae = "CAMERA1"\nforward = ["pacs"]\n'
     )
     return config
-
-
-def orthanc_files(pacs: Orthanc, study_uid: str) -> dict[str, bytes]:
-    """SOP Instance UID → the file Orthanc stored, for every instance of the study."""
-    study = pacs.study_id(study_uid)
-    if study is None:
-        return {}
-    files = {}
-    for item in pacs.get(f"/studies/{study}/instances"):
-        raw = httpx.get(f"{pacs.url}/instances/{item['ID']}/file", timeout=30).content
-        files[item["MainDicomTags"]["SOPInstanceUID"]] = raw
-    return files
 
 
 def assert_byte_equal(sent: list[Path], stored: dict[str, bytes], tmp_path: Path) -> None:
@@ -124,8 +111,8 @@ def test_originals_reach_the_pacs_byte_equal_without_any_inference_worker(deploy
         delivered = lambda patient: (row := originals(db, patient)) is not None and row.state == DeliveryState.DELIVERED  # noqa: E731
         wait_for(lambda: delivered("CAM") and delivered("OCT"), 90, "both studies forwarded",
                  diagnostics=lambda: roles.log("delivery") + roles.log("node"))
-        assert_byte_equal(camera, orthanc_files(pacs, study_uid), tmp_path)
-        assert_byte_equal(octs, orthanc_files(pacs, oct_study), tmp_path)
+        assert_byte_equal(camera, pacs.stored_files(study_uid), tmp_path)
+        assert_byte_equal(octs, pacs.stored_files(oct_study), tmp_path)
         assert state(db, "OCT") == StudyState.NOT_APPLICABLE
         assert state(db, "CAM") == StudyState.QUEUED  # its analysis waits for an inference worker; its originals did not
         assert originals(db, "CAM").attempts == 1
@@ -145,7 +132,7 @@ def test_pacs_down_the_originals_are_forwarded_after_recovery_once(deployment, o
     with Orthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:
         wait_for(lambda: originals(db, "DOWN").state == DeliveryState.DELIVERED, 90, "forwarding after recovery",
                  diagnostics=lambda: roles.log("delivery"))
-        assert_byte_equal(files, orthanc_files(pacs, study_uid), tmp_path)
+        assert_byte_equal(files, pacs.stored_files(study_uid), tmp_path)
         assert pacs.get("/statistics")["CountInstances"] == 3  # each instance once
 
 
@@ -237,7 +224,7 @@ def test_the_originals_reach_a_destination_before_the_results(tmp_path, retina_r
         sop_classes = [pacs.get(f"/instances/{ident}/tags?simplify")["SOPClassUID"] for ident in arrivals]
         assert sop_classes[:2] == [str(dcmread(p).SOPClassUID) for p in paths]
         assert sop_classes[2:] == ["1.2.840.10008.5.1.4.1.1.88.34"]  # Comprehensive 3D SR, after the originals
-        assert_byte_equal(paths, {sop: data for sop, data in orthanc_files(pacs, study_uid).items()
+        assert_byte_equal(paths, {sop: data for sop, data in pacs.stored_files(study_uid).items()
                                   if sop in {str(dcmread(p).SOPInstanceUID) for p in paths}}, tmp_path)
     db.dispose()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
@@ -63,16 +62,6 @@ def write_config(tmp_path: Path, port: int, url: str, password: str = "s3cret") 
         '[[rules]]\nname = "camera1"\ncalling_ae = "CAMERA1"\nforward = ["pacs"]\n'
     )
     return config
-
-
-def stored_files(pacs: Orthanc, study_uid: str) -> dict[str, bytes]:
-    """SOP Instance UID → the file Orthanc stored, for every instance of the study."""
-    study = pacs.study_id(study_uid)
-    if study is None:
-        return {}
-    return {item["MainDicomTags"]["SOPInstanceUID"]:
-            httpx.get(f"{pacs.url}/instances/{item['ID']}/file", timeout=30, auth=pacs.auth).content
-            for item in pacs.get(f"/studies/{study}/instances")}
 
 
 def assert_files_equal(sent: list[Path], stored: dict[str, bytes], tmp_path: Path) -> None:
@@ -133,9 +122,9 @@ def test_originals_reach_the_dicomweb_archive_byte_equal_without_any_inference_w
         delivered = lambda patient: (row := originals(db, patient)) is not None and row.state == DeliveryState.DELIVERED  # noqa: E731
         wait_for(lambda: delivered("CAM") and delivered("OCT"), 90, "both studies forwarded",
                  diagnostics=lambda: roles.log("delivery") + roles.log("node"))
-        assert_files_equal(camera, stored_files(pacs, study_uid), tmp_path)
-        assert_files_equal(octs, stored_files(pacs, oct_study), tmp_path)
-        assert_node_files_stowed_as_stored(db, "CAM", stored_files(pacs, study_uid))
+        assert_files_equal(camera, pacs.stored_files(study_uid), tmp_path)
+        assert_files_equal(octs, pacs.stored_files(oct_study), tmp_path)
+        assert_node_files_stowed_as_stored(db, "CAM", pacs.stored_files(study_uid))
         assert state(db, "OCT") == StudyState.NOT_APPLICABLE
         assert state(db, "CAM") == StudyState.QUEUED  # its analysis waits for an inference worker; its originals did not
         row = originals(db, "CAM")
@@ -155,7 +144,7 @@ def test_archive_down_the_originals_are_stowed_after_recovery_once(deployment, o
     with pacs:
         wait_for(lambda: originals(db, "DOWN").state == DeliveryState.DELIVERED, 90, "forwarding after recovery",
                  diagnostics=lambda: roles.log("delivery"))
-        assert_files_equal(files, stored_files(pacs, study_uid), tmp_path)
+        assert_files_equal(files, pacs.stored_files(study_uid), tmp_path)
         assert pacs.get("/statistics")["CountInstances"] == 3  # each instance once
         new = [c for c in pacs.get("/changes?limit=100")["Changes"] if c["ChangeType"] == "NewInstance"]
         assert len(new) == 3  # stored once each, no second copy
@@ -200,7 +189,7 @@ def test_the_originals_are_stowed_before_the_sr(tmp_path, retina_rgb, free_tcp_p
         assert deliver_revision(settings, db, study_uid, 1) == StudyState.DELIVERED
         assert _arrivals(pacs) == [str(dcmread(p).SOPClassUID) for p in paths] + [COMPREHENSIVE_3D_SR]
         sent = {str(dcmread(p).SOPInstanceUID) for p in paths}
-        stored = stored_files(pacs, study_uid)
+        stored = pacs.stored_files(study_uid)
         assert_files_equal(paths, {sop: data for sop, data in stored.items() if sop in sent}, tmp_path)
         assert all(stored[str(dcmread(p).SOPInstanceUID)] == p.read_bytes() for p in paths)  # the files themselves
     db.dispose()
@@ -270,4 +259,4 @@ def test_large_studies_go_in_several_requests_and_stop_at_the_first_refused(tmp_
         assert result.ok and sorted(result.stored) == sorted(str(dcmread(p).SOPInstanceUID) for p in files)
         new = [c for c in pacs.get("/changes?limit=100")["Changes"] if c["ChangeType"] == "NewInstance"]
         assert len(new) == 3  # the instances already stored are filed once
-        assert_files_equal(files, stored_files(pacs, study_uid), tmp_path)
+        assert_files_equal(files, pacs.stored_files(study_uid), tmp_path)
