@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc <malloc.h> mallopt parameters
+IMAGE_BUFFER_MMAP_BYTES = 4 << 20
+MALLOC_ARENAS = 2
 
 
 @dataclass
@@ -86,6 +89,8 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int | Non
     register_tasks(app, settings)
     app.steps["worker"].add(liveness_step(settings, queues))
     inference = INFERENCE_QUEUE in queues
+    if inference:
+        _return_image_buffers_to_the_system()
     pool = "prefork" if inference else "threads"
     workers = concurrency or (1 if inference and DELIVERY_QUEUE not in queues else 2 if inference else 4)
     name = "+".join(queues)
@@ -96,6 +101,23 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int | Non
         "--hostname", f"{name}-{os.getpid()}@{socket.gethostname()}", "--loglevel", settings.log_level,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ])
+
+
+def _return_image_buffers_to_the_system() -> None:
+    """Make the inference processes (forked after this) give each study's image buffers back to the system.
+
+    glibc's ``mallopt(3)``: by default the threshold above which an allocation is a private mapping rises to
+    the largest block freed (up to 32 MiB), so after the first study decoded images and masks live in the heap
+    of whichever arena the measuring thread got and stay resident; a study measured on another arena then adds
+    its whole working set to the process. A fixed ``M_MMAP_THRESHOLD`` (which turns the rise off) maps every
+    buffer over 4 MiB and unmaps it when freed; ``M_ARENA_MAX`` caps the per-thread heaps. Without glibc this
+    does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, IMAGE_BUFFER_MMAP_BYTES)
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        log.warning("cannot set the malloc thresholds of the inference processes (no glibc)")
 
 
 def _die_with_parent() -> None:
