@@ -44,12 +44,17 @@ LineCheck = Callable[[str], bool]
 
 @dataclass(frozen=True)
 class _Line:
-    """One kind of answer line: its pattern and, optionally, a check the pattern cannot express."""
+    """One kind of answer line: its pattern, the literal text every such line starts with (the condition,
+    feature or lesion name: a cheap test that rules out most kinds before the pattern runs) and, optionally, a
+    check the pattern cannot express."""
 
     pattern: regex.Pattern[str]
+    literal: str
     check: LineCheck | None = None
 
     def matches(self, line: str, *, partial: bool) -> bool:
+        if not (line.startswith(self.literal) or (partial and self.literal.startswith(line))):
+            return False
         if self.pattern.fullmatch(line, partial=partial) is None:
             return False
         return self.check is None or self.check(line)
@@ -126,7 +131,7 @@ def _compile(pattern: str) -> regex.Pattern[str]:
 def _modality_quality() -> list[_OrderedLines]:
     modalities = "|".join(regex.escape(m) for m in protocol.MODALITIES)
     qualities = "|".join(regex.escape(w) for w in protocol.QUALITY_WORDS.values())
-    line = _Line(_compile(rf"This is a (?:{modalities})\.(?: Image quality: (?:{qualities})\.)?"))
+    line = _Line(_compile(rf"This is a (?:{modalities})\.(?: Image quality: (?:{qualities})\.)?"), "This is a ")
     return [_OrderedLines((line,))]
 
 
@@ -137,23 +142,26 @@ def _disease() -> list[_OrderedLines]:
             value = rf"grade [0-{max_grade(condition)}]"
         else:
             value = "(?:absent|present)"
-        kinds.append(_Line(_compile(rf"{regex.escape(protocol.CONDITION_NAMES[condition])}: {value}\.")))
+        name = protocol.CONDITION_NAMES[condition]
+        kinds.append(_Line(_compile(rf"{regex.escape(name)}: {value}\."), f"{name}: "))
     return [_OrderedLines(tuple(kinds))]
 
 
 def _vascular() -> list[_OrderedLines]:
     return [
-        _OrderedLines(tuple(_Line(_compile(rf"{regex.escape(key)} is {_VALUE}")) for key in protocol.VASCULAR_FEATURES))
+        _OrderedLines(
+            tuple(_Line(_compile(rf"{regex.escape(key)} is {_VALUE}"), f"{key} is ") for key in protocol.VASCULAR_FEATURES)
+        )
     ]
 
 
 def _lesions() -> list[_OrderedLines]:
     boxes = rf"{_BOX}(?:, {_BOX}){{0,{MAX_BOXES_PER_TYPE - 1}}}"
     kinds = tuple(
-        _Line(_compile(rf"{regex.escape(name)}: {boxes}\."), _boxes_ordered)
+        _Line(_compile(rf"{regex.escape(name)}: {boxes}\."), f"{name}: ", _boxes_ordered)
         for name in (protocol.LESION_NAMES[kind] for kind in protocol.LesionType)
     )
-    return [_OrderedLines((_Line(_compile(r"No lesions detected\.")),)), _OrderedLines(kinds)]
+    return [_OrderedLines((_Line(_compile(r"No lesions detected\."), "No lesions detected."),)), _OrderedLines(kinds)]
 
 
 def _boxes_ordered(line: str) -> bool:
