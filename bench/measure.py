@@ -1,8 +1,9 @@
-"""Measurement pipeline speed (issue 3 target: ≤ 3 s per 768-px image on 2 CPU cores) and, with
-``--validation``, its validation figures on ../shared/data/fundus.
+"""Measurement pipeline speed (issue 3 target: ≤ 3 s per 768-px image on 2 CPU cores; issue 13: still so with
+the bundled RetinalGPT) and, with ``--validation``, its validation figures on ../shared/data/fundus.
 
 Speed: seconds per image for the whole pipeline (framing, vessels, quality, disc/cup/fovea, segments, A/V,
-all features, overlay) on 768-px photographs (skimage's retina and, when ../shared is present, HEI-MED and
+all features, overlay), then the same plus the bundled model's whole protocol (``--model DIR`` for another,
+``--no-model`` to leave it out), on 768-px photographs (skimage's retina and, when ../shared is present, HEI-MED and
 CODRAS images), median of ``--repeat`` runs, for the network and the classical vessel method. Reference in the
 same run: decoding the JPEG and resizing it to 768 px with Pillow (the unavoidable work).
 
@@ -47,7 +48,10 @@ def timed(fn, repeat: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
-def speed(repeat: int) -> None:
+BUNDLED = Path(__file__).resolve().parents[1] / "model" / "bundled" / "retinalgpt-tiny"
+
+
+def speed(repeat: int, model: Path | None) -> None:
     from model.analysis import AnalysisOptions, MeasurementPipeline
 
     pics = images()
@@ -78,6 +82,22 @@ def speed(repeat: int) -> None:
         run()  # warm-up (first-call allocations, torch kernels)
         wall, cpu = (v / len(pics) for v in timed(run, repeat))
         print(f"{method:<12} {wall:>12.2f} {cpu:>12.2f} {wall / ref:>17.0f}")
+    if model is None:
+        return
+    from model.engine import EngineOptions, RetinalGPTEngine
+
+    engine = RetinalGPTEngine.load(model, EngineOptions())
+    pipeline = MeasurementPipeline(AnalysisOptions(vessel_method="network"))
+
+    def whole(p: MeasurementPipeline = pipeline) -> None:
+        for rgb in pics:
+            p.analyze(rgb, file_path="bench").overlay()
+            engine.analyze([rgb])
+
+    whole()
+    wall, cpu = (v / len(pics) for v in timed(whole, repeat))
+    label = f"network + {engine.metadata.name} {engine.metadata.version}"
+    print(f"{label}: {wall:.2f} s/image wall, {cpu:.2f} s/image CPU, {wall / ref:.0f} x reference")
 
 
 def validation() -> None:
@@ -132,11 +152,14 @@ def main() -> None:
         "--threads", type=int, default=2, help="torch intra-op threads (2 = the target machine)"
     )
     parser.add_argument("--validation", action="store_true", help="also compute the validation figures")
+    parser.add_argument("--model", type=Path, default=BUNDLED, help="RetinalGPT model directory timed with the "
+                        "network pipeline (the whole per-image analysis of a worker)")
+    parser.add_argument("--no-model", dest="model", action="store_const", const=None)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    speed(args.repeat)
+    speed(args.repeat, args.model)
     if args.validation:
         validation()
 
