@@ -13,9 +13,10 @@ Two views, both per condition (``model.schema.Condition``) and per image (SOP In
   sensitivity and specificity at the threshold with Wilson 95 % intervals (:mod:`training.metrics`); and the
   paired bootstrap 95 % interval of the AUC difference (candidate − active, images resampled together).
 
-The promotion gate (:meth:`Comparison.regressions`): a condition with at least ``min_cases`` signed images of
+The promotion gate (:meth:`Comparison.gate`): a condition with at least ``min_cases`` signed images of
 both classes regresses when the candidate's AUC, or its sensitivity at the threshold, is lower than the active
-version's by more than ``margin``.
+version's by more than ``margin``; when no condition has that many signed images the comparison is
+inconclusive (:meth:`Comparison.shortfall`) and the gate does not let the candidate through either.
 
 Called by the CLI entry points only (``retinalgpt model compare`` and ``model activate``), the one place
 ``worker`` may use ``training`` (DESIGN.md): :mod:`training.metrics` is imported inside the functions; it imports
@@ -183,6 +184,27 @@ class Comparison:
     def judged(self, min_cases: int) -> list[str]:
         """The conditions with enough signed images of both classes for the gate to judge."""
         return [s.condition for s in self.signed if s.images >= min_cases and 0 < s.positives < s.images]
+
+    def shortfall(self, min_cases: int) -> str | None:
+        """Why the gate cannot judge the candidate at all (no condition has ``min_cases`` signed images of both
+        classes scored by both versions): how many signed cases there are and how many are needed; None when at
+        least one condition is judged."""
+        if self.judged(min_cases):
+            return None
+        per_condition = ", ".join(f"{s.condition} {s.images} ({s.positives} present)" for s in self.signed)
+        return (f"inconclusive: {self.signed_studies} signed studies scored by both {self.candidate} and "
+                f"{self.active} ({per_condition or 'no signed image'}); at least {min_cases} signed images of "
+                "one condition, with the condition both present and absent among them, are needed "
+                "([model] promotion_min_cases)")
+
+    def gate(self, margin: float, min_cases: int) -> dict[str, Any]:
+        """The promotion gate's verdict: ``worse`` (with the regressions), ``inconclusive`` (with the shortfall)
+        or ``not worse`` (with the conditions judged)."""
+        regressions = self.regressions(margin, min_cases)
+        shortfall = self.shortfall(min_cases)
+        verdict = "worse" if regressions else "inconclusive" if shortfall else "not worse"
+        return {"margin": margin, "min_cases": min_cases, "verdict": verdict, "judged": self.judged(min_cases),
+                "regressions": regressions, "shortfall": shortfall}
 
 
 def paired_auc_difference_ci(truth: Iterable[int], first: Iterable[float], second: Iterable[float],

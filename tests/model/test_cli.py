@@ -42,8 +42,13 @@ def test_model_lifecycle_and_ask(env: Path, tiny_dir: Path, retina_rgb: np.ndarr
     code, out = run("model", "import", "--format", "hf-llava", str(tiny_dir), "--version", "tuned")
     assert code == 0 and "registered tuned" in out
 
+    code, out = run("model", "activate", "tuned")  # no signed case at all: the promotion gate cannot judge
+    assert code == 1 and "cannot judge tuned" in out and "no sign-off table" in out and "--force" in out, out
+    assert run("db", "upgrade")[0] == 0
     code, out = run("model", "activate", "tuned")
-    assert code == 0 and "tuned" in out
+    assert code == 1 and "inconclusive: 0 signed studies" in out and "at least 20 signed images" in out, out
+    code, out = run("model", "activate", "tuned", "--force")
+    assert code == 0 and "forced past the promotion gate" in out and "active model version: tuned" in out, out
     code, out = run("model", "info", "--json")
     info = json.loads(out)
     assert code == 0 and info["version"] == "tuned" and info["image"]["image_tokens"] == 64

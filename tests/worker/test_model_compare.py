@@ -165,6 +165,35 @@ def test_activate_gate_refuses_worse_candidate_unless_forced(site: Path) -> None
     assert code == 0 and "not worse" in out and "active model version: v1" in out
 
 
+def test_too_few_signed_cases_are_inconclusive_and_activate_refuses_unless_forced(site: Path) -> None:
+    """Four signed images, five needed: compare says inconclusive, activate refuses and says both numbers."""
+    site.write_text(site.read_text().replace("promotion_min_cases = 4", "promotion_min_cases = 5"))
+    code, out = run("model", "compare", "v2", "--json")
+    assert code == 0, out
+    gate = json.loads(out)["gate"]
+    assert (gate["verdict"], gate["judged"], gate["regressions"]) == ("inconclusive", [], [])
+    assert f"{DR.value} 4 (2 present)" in gate["shortfall"] and "at least 5 signed images" in gate["shortfall"]
+    code, out = run("model", "compare", "v2")
+    assert code == 0 and "inconclusive: 4 signed studies" in out and "not worse" not in out, out
+
+    code, out = run("model", "activate", "v2")
+    assert code != 0
+    assert "cannot judge v2" in out and "4 signed studies" in out and "at least 5 signed images" in out, out
+    assert "--force" in out
+    assert ModelRegistry(load_settings(site).model.registry).active().version == "v1"
+
+    code, out = run("model", "activate", "v2", "--force")
+    assert code == 0 and "forced past the promotion gate: inconclusive" in out, out
+    settings = load_settings(site)
+    assert ModelRegistry(settings.model.registry).active().version == "v2"
+    db = Database(settings.database.url)
+    with db.reading() as session:
+        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "model.activated_forced")).all()
+    db.dispose()
+    assert event.detail["verdict"] == "inconclusive" and event.detail["min_cases"] == 5
+    assert event.detail["previous"] == "v1" and "4 signed studies" in event.detail["reasons"][0]
+
+
 def test_gate_margin_and_min_cases_are_validated(tmp_path: Path) -> None:
     for bad in ("promotion_margin = -0.1", "promotion_margin = 0.9", "promotion_min_cases = 0",
                 "operating_threshold = 1.0"):

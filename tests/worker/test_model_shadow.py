@@ -116,8 +116,10 @@ def test_candidate_runs_in_shadow_without_delivering(tmp_path: Path, op_file, mo
         code, out = run("model", "shadow", "--off")
         assert code == 0 and "shadow mode off" in out and ModelRegistry(settings.model.registry).shadow() is None
         assert run("model", "shadow", "v2")[0] == 0
-        code, out = run("model", "activate", "v2")  # no signed case: the gate does not judge
-        assert code == 0 and "no condition has enough signed images" in out, out
+        code, out = run("model", "activate", "v2")  # no signed case: inconclusive, refused unless forced
+        assert code != 0 and "cannot judge v2" in out and "inconclusive: 0 signed studies" in out, out
+        code, out = run("model", "activate", "v2", "--force")
+        assert code == 0 and "forced past the promotion gate" in out, out
         assert ModelRegistry(settings.model.registry).shadow() is None  # the promoted candidate is no shadow
     finally:
         roles.stop_all()

@@ -172,9 +172,10 @@ def activate_command(
 ) -> None:
     """Make VERSION the model workers run (picked up when a worker process next loads its model).
 
-    Promotion gate: refused when VERSION is worse than the active version on the site's signed cases (AUC or
-    sensitivity lower by more than ``[model] promotion_margin`` for a condition with at least
-    ``[model] promotion_min_cases`` signed images), unless --force; a forced activation is audited."""
+    Promotion gate, when another version is active: refused when VERSION is worse than the active version on the
+    site's signed cases (AUC or sensitivity lower by more than ``[model] promotion_margin`` for a condition with
+    at least ``[model] promotion_min_cases`` signed images of both classes), and refused as inconclusive when no
+    condition has that many signed images; --force activates anyway and is audited."""
     from model.registry import RegistryError
 
     effective = settings(config)
@@ -185,15 +186,27 @@ def activate_command(
     except RegistryError as exc:
         raise _wrap(exc) from None
     reasons: list[str] = []
-    if current is not None and current.version != version and _has_signoffs(effective):
-        comparison = _comparison(effective, version, current.version, None, resamples=200)
+    inconclusive = False
+    if current is not None and current.version != version:
         model = effective.model
-        reasons = comparison.regressions(model.promotion_margin, model.promotion_min_cases)
-        if not reasons:
-            judged = comparison.judged(model.promotion_min_cases)
+        if _has_signoffs(effective):
+            gate = _comparison(effective, version, current.version, None, resamples=200).gate(
+                model.promotion_margin, model.promotion_min_cases)
+        else:
+            gate = {"verdict": "inconclusive", "regressions": [], "judged": [],
+                    "shortfall": "inconclusive: the database has no sign-off table, so no signed case (run "
+                                 f"`retinalgpt db upgrade`); at least {model.promotion_min_cases} signed images of "
+                                 "one condition are needed ([model] promotion_min_cases)"}
+        inconclusive = gate["verdict"] == "inconclusive"
+        reasons = [gate["shortfall"]] if inconclusive else gate["regressions"]
+        if gate["verdict"] == "not worse":
             console.print(f"promotion gate: {version} is not worse than {current.version} on the signed cases "
-                          f"(judged: {', '.join(judged) or 'no condition has enough signed images'})")
+                          f"(judged: {', '.join(gate['judged'])})", highlight=False)
     if reasons and not force:
+        if inconclusive:
+            raise CommandError(f"the promotion gate cannot judge {version} against the active {current.version}: "
+                               f"{reasons[0]} (see `retinalgpt model compare {version}`; --force to activate "
+                               "anyway)")
         raise CommandError(
             f"{version} is worse than the active {current.version} on the signed cases beyond the margin "
             f"{effective.model.promotion_margin:g}: {'; '.join(reasons)} (see `retinalgpt model compare "
@@ -206,7 +219,8 @@ def activate_command(
     if reasons:
         _audit(effective, "model.activated_forced",
                {"version": version, "previous": current.version if current else None, "reasons": reasons,
-                "margin": effective.model.promotion_margin})
+                "verdict": "inconclusive" if inconclusive else "worse",
+                "margin": effective.model.promotion_margin, "min_cases": effective.model.promotion_min_cases})
         console.print(f"forced past the promotion gate: {'; '.join(reasons)}", highlight=False)
     console.print(f"active model version: {chosen.version} (Device UID {chosen.device_uid})")
 
@@ -309,9 +323,7 @@ def compare_command(
     comparison = _comparison(effective, candidate, active, threshold, resamples)
     report = comparison.as_dict()
     model = effective.model
-    report["gate"] = {"margin": model.promotion_margin, "min_cases": model.promotion_min_cases,
-                      "judged": comparison.judged(model.promotion_min_cases),
-                      "regressions": comparison.regressions(model.promotion_margin, model.promotion_min_cases)}
+    report["gate"] = comparison.gate(model.promotion_margin, model.promotion_min_cases)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -353,7 +365,8 @@ def _print_comparison(report: dict[str, Any]) -> None:
         table.add_row("", "", "difference", _fmt(s["auc_difference"], s["auc_difference_ci"]), "", "")
     console.print(table if report["signed"] else "no signed case scored by both versions")
     gate = report["gate"]
-    verdict = "; ".join(gate["regressions"]) or "not worse"
+    verdict = {"worse": "; ".join(gate["regressions"]), "inconclusive": gate["shortfall"]}.get(
+        gate["verdict"], "not worse")
     console.print(f"promotion gate (margin {gate['margin']:g}, at least {gate['min_cases']} signed images): "
                   f"{verdict}", highlight=False)
     if report.get("plot"):
