@@ -139,6 +139,8 @@ class PipelineSettings(_Section):
     failed_retry_seconds: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1, description="analysis attempts before a job is dead")
     sweep_seconds: float = Field(default=2.0, gt=0)
+    shadow_resend_per_sweep: int = Field(default=10, ge=0, description="shadow analyses whose message was lost "
+                                         "the bookkeeper sends again per sweep (0: never)")
     analysis_time_limit_seconds: float = Field(default=3600.0, gt=0, description="hard time limit of one analysis "
                                                "attempt: its pool process is killed and the attempt failed")
     delivery_time_limit_seconds: float = Field(default=900.0, gt=0, description="hard time limit of one delivery "

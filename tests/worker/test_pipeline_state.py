@@ -299,11 +299,11 @@ def test_bookkeeper_requeues_a_job_whose_worker_died(world: World) -> None:
         session.execute(update(Job).values(updated_at=utcnow() - dt.timedelta(minutes=5)))
         job_id = job.id
     counts = Bookkeeper(world.pipeline).sweep()
-    assert counts == {"jobs": 1, "deliveries": 0}
+    assert counts == {"jobs": 1, "deliveries": 0, "shadows": 0}
     assert world.celery.sent == [("retinalgpt.process_study", {"job_id": job_id})]
     with world.db.session() as session:
         assert session.get(Job, job_id).state == JobState.QUEUED
-    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0}  # fresh now: not sent twice
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0, "shadows": 0}  # fresh now: not sent twice
 
 
 def test_bookkeeper_sends_due_retries(world: World) -> None:
@@ -313,7 +313,7 @@ def test_bookkeeper_sends_due_retries(world: World) -> None:
     due = utcnow() - dt.timedelta(seconds=1)  # the backoff has elapsed since the failed attempt
     with world.db.session() as session:
         session.execute(update(Delivery).values(next_attempt_at=due, updated_at=due - dt.timedelta(seconds=10)))
-    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 1}
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 1, "shadows": 0}
     assert world.celery.sent[-1] == ("retinalgpt.deliver_study", {"study_instance_uid": world.study_uid,
                                                                   "revision": 1})
     sent = len(world.celery.sent)
@@ -399,7 +399,7 @@ def test_the_analysis_creates_its_deliveries_and_the_bookkeeper_sends_them_when_
     assert rows == {("pacs", "sr", DeliveryState.PENDING), ("pacs", "key_image", DeliveryState.PENDING),
                     ("pacs", "pdf", DeliveryState.PENDING), ("archive", "sr", DeliveryState.PENDING)}
     bookkeeper = Bookkeeper(world.pipeline)
-    assert bookkeeper.sweep() == {"jobs": 0, "deliveries": 0}  # not before requeue_after
+    assert bookkeeper.sweep() == {"jobs": 0, "deliveries": 0, "shadows": 0}  # not before requeue_after
     with world.db.session() as session:
         session.execute(update(Delivery).values(updated_at=utcnow() - dt.timedelta(minutes=5)))
     assert bookkeeper.sweep()["deliveries"] == 1
@@ -547,11 +547,11 @@ def test_bookkeeper_leaves_no_study_with_nothing_pending(world: World) -> None:
                                  size_bytes=1, sha256="0" * 64, calling_ae_title="CAM", peer_host="127.0.0.1",
                                  revision=1, analysable=analysable))
         waiting_uid = waiting.study_instance_uid
-    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 1, "deliveries": 1}
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 1, "deliveries": 1, "shadows": 0}
     sent = sorted(world.celery.sent, key=lambda item: item[0])
     assert sent[0] == (DELIVER_STUDY, {"study_instance_uid": analysed.study_instance_uid, "revision": 1})
     assert sent[1][0] == PROCESS_STUDY
     with world.db.session() as session:
         states = {s.study_instance_uid: s.state for s in session.scalars(select(Study))}
     assert states[waiting_uid] == StudyState.QUEUED
-    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0}  # sent once, not every sweep
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0, "shadows": 0}  # sent once, not every sweep

@@ -18,7 +18,14 @@ timeout, kombu's SQLAlchemy transport never does), so the database decides. Each
   last allowed attempt. A slow destination keeps its lease and is never sent to twice;
 - a study left ``complete``, ``queued`` or ``processing`` without a live job for its current revision, or
   ``analysed``/``delivering`` without an open delivery, for ``pipeline.requeue_after_seconds`` → its job is
-  queued (or the study marked failed when the job is dead), or its delivery task sent.
+  queued (or the study marked failed when the job is dead), or its delivery task sent;
+- in shadow mode (issue 17 item 3), the current revision of a study analysed by the active model since the shadow
+  version was set (the latest ``model.shadow`` audit event names it) and within :data:`SHADOW_WINDOW`, older than
+  ``pipeline.requeue_after_seconds``, not a clinician's signed revision, without the shadow version's analysis →
+  its shadow task is sent again at the lowest priority (its message was lost). Bounded: at most
+  ``pipeline.shadow_resend_per_sweep`` a sweep, newest first; each revision at most ``pipeline.max_attempts``
+  times by this process and not again within ``pipeline.requeue_after_seconds`` (a shadow analysis still waiting
+  behind the studies' own work is not copied every sweep; one that keeps failing is given up).
 
 Re-sending is safe because jobs and deliveries are idempotent and claimed in the database.
 
@@ -34,8 +41,10 @@ import threading
 import time
 
 from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.orm import aliased
 
 from worker.db import (
+    Analysis,
     AuditEvent,
     Delivery,
     DeliveryState,
@@ -44,6 +53,7 @@ from worker.db import (
     Job,
     JobKind,
     JobState,
+    SignOff,
     Study,
     StudyState,
     utcnow,
@@ -57,6 +67,12 @@ log = logging.getLogger(__name__)
 ACTOR = "bookkeeper"
 LIVE_JOB_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.FAILED)
 OPEN_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.SENDING, DeliveryState.RETRYING)
+SHADOW_WINDOW = dt.timedelta(days=1)
+"""How far back the bookkeeper looks for analysed studies that lack their shadow analysis."""
+SHADOW_SCAN = 500
+"""Most candidate revisions read per sweep (newest first) before the per-sweep limit is applied."""
+ShadowKey = tuple[str, int, str]
+"""(Study Instance UID, revision, shadow model version)."""
 
 
 class Bookkeeper:
@@ -73,12 +89,15 @@ class Bookkeeper:
         self._next_retention = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._shadow_sent: dict[ShadowKey, tuple[int, float]] = {}
+        """Shadow tasks this process sent again: key → (times, monotonic time of the last)."""
 
     def sweep(self) -> dict[str, int]:
-        """One pass; returns how many jobs and study revisions' deliveries were (re-)queued."""
+        """One pass; returns how many jobs, study revisions' deliveries and shadow analyses were (re-)queued."""
         job_ids = self._jobs()
         revisions = self._deliveries()
         enqueue, deliver = self._studies()
+        shadows = self._shadows()
         for job_id in job_ids:
             self.pipeline.send_job(job_id)
         for study_uid, revision in enqueue:
@@ -86,7 +105,11 @@ class Bookkeeper:
         revisions = sorted(set(revisions) | set(deliver))
         for study_uid, revision in revisions:
             self.pipeline.send_delivery(study_uid, revision)
-        return {"jobs": len(job_ids) + len(enqueue), "deliveries": len(revisions)}
+        for study_uid, revision, version in shadows:
+            log.warning("study %s revision %d has no shadow analysis by %s; sending its shadow task again",
+                        study_uid, revision, version)
+            self.pipeline.send_shadow(study_uid, revision, version)
+        return {"jobs": len(job_ids) + len(enqueue), "deliveries": len(revisions), "shadows": len(shadows)}
 
     def retention_sweep(self) -> list[PurgedStudy]:
         """Delete originals past ``storage.retain_days`` (nothing when it is unset)."""
@@ -205,6 +228,57 @@ class Bookkeeper:
                 study.updated_at = utcnow()
                 deliver.append((study.study_instance_uid, study.revision))
         return enqueue, deliver
+
+    def _shadows(self) -> list[ShadowKey]:
+        """Revisions whose shadow analysis message was lost (see the module docstring), to send again."""
+        from model.registry import ModelRegistry, RegistryError
+
+        settings = self.pipeline.settings
+        limit = settings.pipeline.shadow_resend_per_sweep
+        if limit == 0 or not settings.model.enabled:
+            return []
+        try:
+            candidate = ModelRegistry(settings.model.registry).shadow()
+        except RegistryError:
+            log.exception("cannot read the shadow model version")
+            return []
+        if candidate is None:
+            self._shadow_sent.clear()
+            return []
+        version = candidate.version
+        now = utcnow()
+        shadow = aliased(Analysis)
+        with self.pipeline.db.reading() as session:
+            chosen = session.scalars(select(AuditEvent).where(AuditEvent.action == "model.shadow")
+                                     .order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(1)).first()
+            if chosen is None or (chosen.detail or {}).get("version") != version:
+                return []  # not set through `retinalgpt model shadow`: no known start to bound the search
+            rows = session.execute(
+                select(Study.study_instance_uid, Analysis.revision)
+                .join(Study, Study.id == Analysis.study_id)
+                .where(Analysis.revision == Study.revision, Analysis.shadow.is_(False),
+                       Analysis.superseded.is_(False), Analysis.model_version != version,
+                       Analysis.created_at >= max(chosen.at, now - SHADOW_WINDOW),
+                       Analysis.created_at < now - self.requeue_after,
+                       ~exists().where(SignOff.study_id == Analysis.study_id, SignOff.revision == Analysis.revision),
+                       ~exists().where(shadow.study_id == Analysis.study_id, shadow.revision == Analysis.revision,
+                                       shadow.shadow.is_(True), shadow.model_version == version))
+                .order_by(Analysis.created_at.desc(), Analysis.id.desc()).limit(SHADOW_SCAN)
+            ).all()
+        keys = list(dict.fromkeys((uid, revision, version) for uid, revision in rows))
+        current = set(keys)
+        self._shadow_sent = {key: sent for key, sent in self._shadow_sent.items() if key in current}
+        clock, wait = time.monotonic(), self.requeue_after.total_seconds()
+        due: list[ShadowKey] = []
+        for key in keys:
+            times, last = self._shadow_sent.get(key, (0, -wait))
+            if times >= settings.pipeline.max_attempts or clock - last < wait:
+                continue
+            self._shadow_sent[key] = (times + 1, clock)
+            due.append(key)
+            if len(due) == limit:
+                break
+        return due
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="bookkeeper", daemon=True)

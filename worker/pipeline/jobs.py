@@ -14,7 +14,7 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from worker.celery_app import DELIVER_STUDY, PROCESS_STUDY, analysis_priority
+from worker.celery_app import DELIVER_STUDY, PROCESS_STUDY, SHADOW_STUDY, analysis_priority, shadow_priority
 from worker.config import Settings
 from worker.db import (
     Analysis,
@@ -135,6 +135,14 @@ class Pipeline:
 
     def send_delivery(self, study_instance_uid: str, revision: int) -> None:
         self.celery.send_task(DELIVER_STUDY, kwargs={"study_instance_uid": study_instance_uid, "revision": revision})
+
+    def send_shadow(self, study_instance_uid: str, revision: int, version: str) -> None:
+        """Send the shadow candidate ``version``'s analysis of a study revision at the lowest priority
+        (:func:`worker.celery_app.shadow_priority`); the task skips work already stored."""
+        priority = shadow_priority(self.settings.broker.url)
+        self.celery.send_task(SHADOW_STUDY, kwargs={"study_instance_uid": study_instance_uid, "revision": revision,
+                                                    "version": version},
+                              **({} if priority is None else {"priority": priority}))
 
     def rerun(self, study_instance_uid: str, *, actor: str) -> int:
         """Open a new revision of a study (superseding the old results) and queue its analysis."""

@@ -21,7 +21,7 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy import select
 
-from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY, SHADOW_STUDY, shadow_priority
+from worker.celery_app import ANSWER_QUESTION, DELIVER_STUDY, PROCESS_STUDY, SHADOW_STUDY
 from worker.config import Settings
 from worker.db import Analysis, Database, Instance, Study
 from worker.pipeline.jobs import Pipeline, PipelineError
@@ -93,7 +93,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
 def _send_shadow(app: Celery, settings: Settings, study_instance_uid: str, revision: int) -> None:
     """Queue the shadow candidate's analysis of a study just analysed, at the lowest priority (best effort: a
-    shadow analysis that is never queued loses nothing but a comparison point)."""
+    message that is lost is sent again by the bookkeeper, :meth:`worker.pipeline.bookkeeper.Bookkeeper.sweep`)."""
     from model.registry import ModelRegistry, RegistryError
 
     try:
@@ -103,11 +103,8 @@ def _send_shadow(app: Celery, settings: Settings, study_instance_uid: str, revis
         return
     if candidate is None or not settings.model.enabled:
         return
-    priority = shadow_priority(settings.broker.url)
     try:
-        app.send_task(SHADOW_STUDY, kwargs={"study_instance_uid": study_instance_uid, "revision": revision,
-                                            "version": candidate.version},
-                      **({} if priority is None else {"priority": priority}))
+        Pipeline(settings, _db(settings), app).send_shadow(study_instance_uid, revision, candidate.version)
     except Exception:  # noqa: BLE001 - see above
         log.exception("cannot queue the shadow analysis of study %s revision %d", study_instance_uid, revision)
 
