@@ -33,7 +33,8 @@ def build_report_objects(
     ``sources`` are the analysed source instances (with pixel data when a key image, PDF or SEG is wanted);
     ``vessel_masks`` maps SOP Instance UIDs to vessel masks (rows × columns, non-zero = vessel) for the SEG;
     ``previous_sr`` is the SR of the previous revision, listed as predecessor of the new one;
-    ``verification`` is the clinician's sign-off of a signed revision (None: an unsigned, preliminary result). UIDs are
+    ``verification`` is the clinician's sign-off of a signed revision (None: an unsigned, preliminary result), stated
+    by every object (:mod:`reporting.verification`). UIDs are
     derived from study, revision and model, so building the same result twice gives identical UIDs.
     The builders are imported here, not at module level, so that importing :mod:`reporting.fhir.client`
     (delivery processes) does not load highdicom and reportlab.
@@ -55,20 +56,23 @@ def build_report_objects(
     if options.segmentation:
         masks = vessel_masks or {}
         for n, (img, ds) in enumerate(pairs, 1):
-            seg = build_segmentation(analysis, img, ds, options, masks.get(str(ds.SOPInstanceUID)), n)
+            seg = build_segmentation(analysis, img, ds, options, masks.get(str(ds.SOPInstanceUID)), n,
+                                     verification)
             if seg is not None:
                 segmentations.append(seg)
     key_images = (
-        [build_key_image(analysis, img, ds, options, n) for n, (img, ds) in enumerate(pairs, 1)]
+        [build_key_image(analysis, img, ds, options, n, verification) for n, (img, ds) in enumerate(pairs, 1)]
         if options.key_image
         else []
     )
     pdf_bytes, pdf = None, None
     if options.pdf:
         pdf_bytes = render_pdf(
-            analysis, [ds for _, ds in pairs], summary.notes(analysis, unmatched_images(analysis, sources))
+            analysis, [ds for _, ds in pairs], summary.notes(analysis, unmatched_images(analysis, sources)),
+            verification,
         )
-        pdf = encapsulate_pdf(pdf_bytes, analysis, pairs[0][1], options, created=dt.datetime.now(dt.UTC))
+        pdf = encapsulate_pdf(pdf_bytes, analysis, pairs[0][1], options, created=dt.datetime.now(dt.UTC),
+                              verification=verification)
     bundle = build_bundle(analysis, sources, pdf_bytes, options.fhir_patient_system, verification)
     return ReportObjects(
         sr=sr,

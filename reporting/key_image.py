@@ -19,6 +19,7 @@ from model.schema import ImageAnalysis, LandmarkType, StudyAnalysis
 from reporting import summary
 from reporting.options import ReportOptions
 from reporting.sources import laterality, metadata, result_key, rgb_pixels, uid
+from reporting.verification import Verification, series_description
 
 LESION_COLOUR = (255, 215, 0)
 DISC_COLOUR = (0, 200, 255)
@@ -34,18 +35,19 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default(size)
 
 
-def summary_lines(analysis: StudyAnalysis, img: ImageAnalysis) -> list[str]:
-    """The text burned into the key image of ``img``."""
+def summary_lines(analysis: StudyAnalysis, img: ImageAnalysis, verification: Verification | None = None) -> list[str]:
+    """The text burned into the key image of ``img``, ending with the verification statement."""
     lines = [summary.image_title(img), *summary.image_summary(analysis, img)]
     cdr = next((m for m in summary.reported_measurements(img) if m.key == "CDR_vertical"), None)
     if cdr is not None:
         lines.append(f"Vertical CDR {cdr.value:.2f} (measured)")
     lines.append(f"Referral: {analysis.referral.value}")
-    lines.append(summary.NOT_VERIFIED)
+    lines.append(summary.verification_statement(verification))
     return lines
 
 
-def annotate(pixels: np.ndarray, analysis: StudyAnalysis, img: ImageAnalysis) -> np.ndarray:
+def annotate(pixels: np.ndarray, analysis: StudyAnalysis, img: ImageAnalysis,
+             verification: Verification | None = None) -> np.ndarray:
     """``pixels`` (RGB uint8) with the summary in a box at the top left, and the boxes and contours drawn over
     it, so that a long summary on a small image never hides a marked lesion."""
     canvas = Image.fromarray(pixels, "RGB")
@@ -53,7 +55,8 @@ def annotate(pixels: np.ndarray, analysis: StudyAnalysis, img: ImageAnalysis) ->
     w, h = canvas.size
     font = _font(max(10, h // 40))
     columns = max(24, int(w * 0.9 / max(1.0, font.getlength("n"))))
-    text = "\n".join(part for entry in summary_lines(analysis, img) for part in textwrap.wrap(entry, columns))
+    text = "\n".join(part for entry in summary_lines(analysis, img, verification)
+                     for part in textwrap.wrap(entry, columns))
     box = draw.multiline_textbbox((0, 0), text, font=font)
     pad = max(4, h // 100)
     draw.rectangle([0, 0, box[2] + 2 * pad, box[3] + 2 * pad], fill=(0, 0, 0))
@@ -79,10 +82,12 @@ def annotate(pixels: np.ndarray, analysis: StudyAnalysis, img: ImageAnalysis) ->
 
 
 def build_key_image(
-    analysis: StudyAnalysis, img: ImageAnalysis, source: Dataset, options: ReportOptions, instance_number: int
+    analysis: StudyAnalysis, img: ImageAnalysis, source: Dataset, options: ReportOptions, instance_number: int,
+    verification: Verification | None = None,
 ) -> hd.sc.SCImage:
-    """The key image of one analysed source image, in the source's study."""
-    pixels = annotate(rgb_pixels(source), analysis, img)
+    """The key image of one analysed source image, in the source's study; its burned-in statement and Series
+    Description say whether a clinician verified the result (:mod:`reporting.verification`)."""
+    pixels = annotate(rgb_pixels(source), analysis, img, verification)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=metadata(source),
         pixel_array=pixels,
@@ -96,7 +101,7 @@ def build_key_image(
         manufacturer=options.manufacturer,
         patient_orientation=("L", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
-        series_description="RetinalGPT key images (AI result, not verified)",
+        series_description=series_description("RetinalGPT key images", verification),
     )
     sc.BurnedInAnnotation = "YES"
     sc.ConversionType = "WSD"

@@ -1,6 +1,7 @@
 """PDF report and its Encapsulated PDF object (PS3.3 A.45.1 Encapsulated PDF IOD, Modality DOC).
 
-The PDF shows patient and study, the "AI result, not verified" statement, model identity, and per image the
+The PDF shows patient and study, the "AI result, not verified" statement (for a revision a clinician signed:
+who verified it and when, :mod:`reporting.verification`), model identity, and per image the
 annotated photograph, the findings with the conditions not assessed, the measured values against reference
 ranges and the model-vs-measured disagreement flags (model-emitted numbers are not presented). The same bytes
 are the FHIR DiagnosticReport ``presentedForm``.
@@ -28,6 +29,7 @@ from reporting import summary
 from reporting.key_image import annotate
 from reporting.options import ReportOptions
 from reporting.sources import algorithms, metadata, result_key, rgb_pixels, uid
+from reporting.verification import Verification, is_verified_note, series_description, status_label
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 TITLE = "RetinalGPT fundus photograph analysis"
@@ -65,10 +67,16 @@ def _thumbnail(pixels: np.ndarray, width_mm: float = 80) -> Image:
     return Image(buffer, width=width_mm * mm, height=width_mm * ratio * mm)
 
 
-def _image_section(analysis: StudyAnalysis, img: ImageAnalysis, source: Dataset | None, styles) -> list:
+def document_title(verification: Verification | None) -> str:
+    """The report's title with its status: ``… (AI result, not verified)`` or ``… (verified by Jane Smith)``."""
+    return f"{TITLE} ({status_label(verification)})"
+
+
+def _image_section(analysis: StudyAnalysis, img: ImageAnalysis, source: Dataset | None, styles,
+                   verification: Verification | None) -> list:
     flow: list = [Paragraph(escape(summary.image_title(img)), styles["Heading2"])]
     if source is not None:
-        flow.append(_thumbnail(annotate(rgb_pixels(source), analysis, img)))
+        flow.append(_thumbnail(annotate(rgb_pixels(source), analysis, img, verification)))
     if img.quality is not None and img.quality.reasons:
         flow.append(Paragraph("Quality: " + escape("; ".join(img.quality.reasons)), styles["Normal"]))
     missing = summary.not_assessed(img)
@@ -95,15 +103,18 @@ def _image_section(analysis: StudyAnalysis, img: ImageAnalysis, source: Dataset 
     return flow
 
 
-def render_pdf(analysis: StudyAnalysis, sources: Sequence[Dataset], notes: Sequence[str]) -> bytes:
-    """The PDF report of ``analysis`` (reportlab)."""
+def render_pdf(analysis: StudyAnalysis, sources: Sequence[Dataset], notes: Sequence[str],
+               verification: Verification | None = None) -> bytes:
+    """The PDF report of ``analysis`` (reportlab), headed by the verification statement of ``verification``
+    (None: "AI result, not verified by a clinician.")."""
+    statement = summary.verification_statement(verification)
     styles = getSampleStyleSheet()
     first = sources[0] if sources else Dataset()
     buffer = io.BytesIO()
     doc = SimpleDocTemplate(
         buffer,
         pagesize=A4,
-        title=TITLE,
+        title=document_title(verification),
         author="RetinalGPT Worker",
         leftMargin=15 * mm,
         rightMargin=15 * mm,
@@ -112,7 +123,7 @@ def render_pdf(analysis: StudyAnalysis, sources: Sequence[Dataset], notes: Seque
     )
     flow: list = [
         Paragraph(TITLE, styles["Title"]),
-        Paragraph(f"<b>{escape(summary.NOT_VERIFIED)}</b>", styles["Normal"]),
+        Paragraph(f"<b>{escape(statement)}</b>", styles["Normal"]),
         Spacer(1, 3 * mm),
         Table(
             [
@@ -148,10 +159,11 @@ def render_pdf(analysis: StudyAnalysis, sources: Sequence[Dataset], notes: Seque
     ]
     if analysis.impression:
         flow.append(Paragraph(f"<b>Impression</b>: {escape(analysis.impression)}", styles["Normal"]))
-    flow += [Paragraph(escape(n), styles["Italic"]) for n in notes]
+    flow += [Paragraph(escape(n), styles["Italic"]) for n in notes
+             if n != statement and not (verification is not None and is_verified_note(n))]
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     for img in analysis.images:
-        flow += _image_section(analysis, img, by_uid.get(img.sop_instance_uid or ""), styles)
+        flow += _image_section(analysis, img, by_uid.get(img.sop_instance_uid or ""), styles, verification)
     doc.build(flow)
     return buffer.getvalue()
 
@@ -162,8 +174,10 @@ def encapsulate_pdf(
     source: Dataset,
     options: ReportOptions,
     created: dt.datetime | None = None,
+    verification: Verification | None = None,
 ) -> Dataset:
-    """The Encapsulated PDF instance in the source's study (Modality DOC, Burned In Annotation YES)."""
+    """The Encapsulated PDF instance in the source's study (Modality DOC, Burned In Annotation YES); its Series
+    Description and Document Title say whether a clinician verified the result."""
     created = created or dt.datetime.now(dt.UTC)
     ds = Dataset()
     reference = metadata(source)
@@ -174,7 +188,7 @@ def encapsulate_pdf(
     ds.SOPInstanceUID = uid(result_key(analysis), "pdf")
     ds.SeriesInstanceUID = uid(result_key(analysis), "pdf-series")
     ds.SeriesNumber = options.pdf_series_number
-    ds.SeriesDescription = "RetinalGPT PDF report (AI result, not verified)"
+    ds.SeriesDescription = series_description("RetinalGPT PDF report", verification)
     ds.Modality = "DOC"
     ds.Manufacturer = options.manufacturer
     if options.institution_name:
@@ -185,7 +199,7 @@ def encapsulate_pdf(
     ds.ContentTime = created.strftime("%H%M%S")
     ds.AcquisitionDateTime = created.strftime("%Y%m%d%H%M%S")
     ds.BurnedInAnnotation = "YES"
-    ds.DocumentTitle = TITLE
+    ds.DocumentTitle = document_title(verification)
     ds.ConceptNameCodeSequence = []
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")

@@ -22,6 +22,7 @@ from model.schema import ImageAnalysis, LandmarkType, StudyAnalysis
 from reporting import codes
 from reporting.options import ReportOptions
 from reporting.sources import algorithms, metadata, result_key, uid
+from reporting.verification import Verification, series_description
 
 VESSELS_LABEL = "Retinal vessels"
 
@@ -114,8 +115,10 @@ def build_segmentation(
     options: ReportOptions,
     vessel_mask: np.ndarray | None,
     instance_number: int,
+    verification: Verification | None = None,
 ) -> hd.seg.Segmentation | None:
-    """The Segmentation of one source image, or None when it has no segment."""
+    """The Segmentation of one source image, or None when it has no segment; its Series and Content Description
+    say whether a clinician verified the result (:mod:`reporting.verification`)."""
     shape = (int(source.Rows), int(source.Columns))
     found = segments(img, shape, vessel_mask)
     if not found:
@@ -150,8 +153,8 @@ def build_segmentation(
         software_versions=identity.version,
         device_serial_number=identity.device_uid[-16:],
         content_label="FUNDUS",
-        content_description="Vessels, lesions and optic disc (AI result, not verified)",
-        series_description="RetinalGPT segmentation (AI result, not verified)",
+        content_description=series_description("Vessels, lesions and optic disc", verification),
+        series_description=series_description("RetinalGPT segmentation", verification),
     )
     _source_geometry(seg, source)
     seg.CodingSchemeIdentificationSequence = [codes.coding_scheme_identification()]

@@ -28,6 +28,7 @@ from model.schema import (
     max_grade,
 )
 from reporting import codes
+from reporting.verification import Verification, is_verified_note, verification_note
 
 NOT_VERIFIED = "AI result, not verified by a clinician."
 NO_MODEL = "RetinalGPT was not run for this study: no AI findings; measured results only."
@@ -40,11 +41,15 @@ ICDR_NAMES = ("no apparent DR", "mild NPDR", "moderate NPDR", "severe NPDR", "pr
 EYE_NAMES = {"R": "right eye", "L": "left eye"}
 
 
+def verification_statement(verification: Verification | None) -> str:
+    """:data:`NOT_VERIFIED` for an unsigned result; the clinician's verification of a signed one
+    (:func:`reporting.verification.verification_note`)."""
+    return NOT_VERIFIED if verification is None else verification_note(verification)
+
+
 def notes(analysis: StudyAnalysis, unmatched: Sequence[ImageAnalysis] = ()) -> list[str]:
     """Statements every result object carries: not verified (or the clinician's verification of a signed
     result, :mod:`reporting.verification`), model absence, analysis notes, skipped images."""
-    from reporting.verification import is_verified_note
-
     out = [] if any(is_verified_note(n) for n in analysis.notes) else [NOT_VERIFIED]
     if analysis.model is None:
         out.append(NO_MODEL)

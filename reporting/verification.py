@@ -10,6 +10,10 @@ into :func:`reporting.build_report_objects`, which then marks every object accor
   ``amended`` when the clinician changed something; the clinician is the report's ``resultsInterpreter``.
 * HL7 v2 ORU (OBR-25 / OBX-11, HL7 table 0085): ``F`` for a signed result, ``C`` when it corrects a result that
   was already signed (final) before; unsigned results keep the configured status (``P`` by default).
+* Series Description (LO) of the SR, SEG, key image and Encapsulated PDF series, the SEG Content Description, the
+  PDF's Document Title and its title, the statement burned into the key image and heading the PDF, and the FHIR
+  ``presentedForm`` title: "AI result, not verified" while unsigned, "verified by <clinician>" once signed
+  (:func:`series_description`, :func:`status_label`).
 
 Pure data: no I/O, no worker imports.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydicom.valuerep import PersonName
 
 
 class Verification(BaseModel):
@@ -37,6 +42,12 @@ class Verification(BaseModel):
     def fhir_status(self) -> str:
         return "amended" if self.changed or self.corrects_signed else "final"
 
+    @property
+    def display_name(self) -> str:
+        """The clinician as people write the name (``Smith^Jane`` → ``Jane Smith``), else the signing identity."""
+        name = str(PersonName(self.observer_name).formatted("%(given_name)s %(family_name)s")).strip()
+        return name or self.observer_id
+
 
 VERIFIED_PREFIX = "Verified by a clinician:"
 """Start of the note a signed analysis carries (:func:`verification_note`); every result object that lists the
@@ -53,6 +64,23 @@ def verification_note(verification: Verification) -> str:
 
 def is_verified_note(note: str) -> bool:
     return note.startswith(VERIFIED_PREFIX)
+
+
+NOT_VERIFIED_LABEL = "AI result, not verified"
+LO_MAX = 64
+"""Maximum length of a DICOM LO value (PS3.5 Table 6.2-1): Series Description, Content Description."""
+
+
+def status_label(verification: Verification | None) -> str:
+    """``AI result, not verified`` for an unsigned result, ``verified by Jane Smith`` for a signed one."""
+    return NOT_VERIFIED_LABEL if verification is None else f"verified by {verification.display_name}"
+
+
+def series_description(subject: str, verification: Verification | None) -> str:
+    """``<subject> (AI result, not verified)`` or ``<subject> (verified by Jane Smith)``, within the 64 characters
+    of an LO value; a name too long for it gives ``<subject> (verified by a clinician)``."""
+    text = f"{subject} ({status_label(verification)})"
+    return text if len(text) <= LO_MAX else f"{subject} (verified by a clinician)"
 
 
 def fhir_status(verification: Verification | None) -> str:

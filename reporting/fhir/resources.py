@@ -41,7 +41,7 @@ from model.schema import (
 )
 from reporting import codes, summary
 from reporting.sources import algorithms, laterality
-from reporting.verification import Verification, fhir_status
+from reporting.verification import Verification, fhir_status, status_label
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 RESULT_SYSTEM = "urn:retinalgpt:result"
@@ -442,8 +442,7 @@ def diagnostic_report(
                 "contentType": "application/pdf",
                 "language": "en",
                 "data": base64.b64encode(pdf).decode("ascii"),
-                "title": "RetinalGPT fundus analysis report " + (
-                    "(not verified)" if verification is None else f"(verified by {verification.observer_id})"),
+                "title": f"RetinalGPT fundus analysis report ({status_label(verification)})",
                 "creation": _instant(analysis.created),
             }
         ]
@@ -457,8 +456,7 @@ CLINICIAN_SYSTEM = "urn:retinalgpt:clinician"
 def clinician_reference(verification: Verification) -> Resource:
     """A logical Reference (R4 Reference.identifier) to the verifying clinician, displayed by name."""
     return {"identifier": {"system": CLINICIAN_SYSTEM, "value": verification.observer_id},
-            "display": str(PersonName(verification.observer_name).formatted("%(given_name)s %(family_name)s")).strip()
-            or verification.observer_id}
+            "display": verification.display_name}
 
 
 def provenance(

@@ -20,7 +20,7 @@ from model.schema import StudyAnalysis
 from reporting import codes, summary
 from reporting.options import ReportOptions
 from reporting.sources import algorithms, metadata, paired, result_key, uid, unmatched_images
-from reporting.verification import Verification
+from reporting.verification import Verification, series_description
 from reporting.sr.content import (
     ImageGroups,
     library_images,
@@ -30,7 +30,6 @@ from reporting.sr.content import (
 )
 
 SERIES_DESCRIPTION = "RetinalGPT AI results (not verified)"
-VERIFIED_SERIES_DESCRIPTION = "RetinalGPT AI results (clinician verified)"
 
 
 def contributing_equipment(analysis: StudyAnalysis) -> list[Dataset]:
@@ -89,7 +88,8 @@ def build_sr(
         verifying_organization=verification.organisation if verification else None,
         previous_versions=[previous_sr] if previous_sr is not None else None,
         contributing_equipment=contributing_equipment(analysis),
-        series_description=VERIFIED_SERIES_DESCRIPTION if verification else SERIES_DESCRIPTION,
+        series_description=series_description("RetinalGPT AI results", verification) if verification
+        else SERIES_DESCRIPTION,
     )
     if verification is not None:
         _verifying_observer(sr.VerifyingObserverSequence[0], verification)
