@@ -4,7 +4,8 @@ This is the contract between packages (DESIGN.md, "The result schema"). A :class
 :class:`ImageAnalysis` per analysed image; each image carries its quality, findings (condition, grade,
 probability), lesion boxes, landmarks and measurements. Numbers that the language model emitted and numbers
 that the measurement pipeline measured are both kept (``source``); disagreements beyond a tolerance are
-recorded in :attr:`ImageAnalysis.disagreements`.
+recorded in :attr:`ImageAnalysis.disagreements`. A lesion box a clinician drew at sign-off has the source
+``clinician``.
 
 Coordinates are normalised to 0–1 of the image width and height, origin top-left, exactly as RetinalGPT
 emits lesion boxes (``[x_min, y_min, x_max, y_max]``).
@@ -18,8 +19,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = "1.1"
-"""1.1: ``ImageAnalysis.not_assessed`` (conditions the model was not trained to assess)."""
+SCHEMA_VERSION = "1.2"
+"""1.1: ``ImageAnalysis.not_assessed`` (conditions the model was not trained to assess). 1.2: ``Source.CLINICIAN``
+(a lesion box drawn by the clinician who signed the result). Each version reads every earlier document."""
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 """A number in the closed unit interval (normalised coordinate, probability, score)."""
@@ -112,10 +114,13 @@ class VesselType(StrEnum):
 
 
 class Source(StrEnum):
-    """Who produced a number: the language model (``model``) or the measurement pipeline (``measured``)."""
+    """Who produced a value: the language model (``model``), the measurement pipeline (``measured``), or the
+    clinician who signed the result off (``clinician``: a lesion box drawn for a lesion the AI missed; it has no
+    score)."""
 
     MODEL = "model"
     MEASURED = "measured"
+    CLINICIAN = "clinician"
 
 
 class ScaleSource(StrEnum):
@@ -190,6 +195,12 @@ class Lesion(_Model):
     source: Source = Source.MODEL
 
     _box = field_validator("box")(_check_box)
+
+    @model_validator(mode="after")
+    def _clinician_boxes_have_no_score(self) -> Lesion:
+        if self.source == Source.CLINICIAN and self.score is not None:
+            raise ValueError("a lesion drawn by the clinician has no detection score")
+        return self
 
 
 class Landmark(_Model):

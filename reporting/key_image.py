@@ -1,7 +1,8 @@
 """Key image: a Secondary Capture of the fundus with the result burned in (PS3.3 A.8.1 SC Image IOD).
 
-Lesion boxes, optic disc and cup outlines, the fovea and a short text summary (present findings, conditions
-not assessed, measured vertical CDR, referral) are drawn onto the photograph, lines wrapped to the image
+Lesion boxes (the AI's in yellow, those the clinician drew at sign-off in red), optic disc and cup outlines, the
+fovea and a short text summary (present findings, conditions not assessed, measured vertical CDR, referral,
+verification) are drawn onto the photograph, lines wrapped to the image
 width, so that any PACS viewer shows a person the result without SR support. Burned In Annotation is YES and
 the source photograph is named in the Source Image Sequence.
 """
@@ -15,13 +16,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
-from model.schema import ImageAnalysis, LandmarkType, StudyAnalysis
-from reporting import summary
+from model.schema import ImageAnalysis, LandmarkType, Source, StudyAnalysis
+from reporting import codes, summary
 from reporting.options import ReportOptions
 from reporting.sources import laterality, metadata, result_key, rgb_pixels, uid
 from reporting.verification import Verification, series_description
 
 LESION_COLOUR = (255, 215, 0)
+CLINICIAN_COLOUR = (255, 64, 64)
+"""Boxes the clinician drew at sign-off (``Source.CLINICIAN``), told apart from the AI's."""
 DISC_COLOUR = (0, 200, 255)
 CUP_COLOUR = (255, 80, 255)
 FOVEA_COLOUR = (120, 255, 120)
@@ -41,6 +44,10 @@ def summary_lines(analysis: StudyAnalysis, img: ImageAnalysis, verification: Ver
     cdr = next((m for m in summary.reported_measurements(img) if m.key == "CDR_vertical"), None)
     if cdr is not None:
         lines.append(f"Vertical CDR {cdr.value:.2f} (measured)")
+    drawn = summary.clinician_lesions(img)
+    if drawn:
+        names = sorted({codes.LESIONS[lesion.type].meaning.lower() for lesion in drawn})
+        lines.append(f"Red boxes: drawn by the clinician ({', '.join(names)})")
     lines.append(f"Referral: {analysis.referral.value}")
     lines.append(summary.verification_statement(verification))
     return lines
@@ -64,7 +71,8 @@ def annotate(pixels: np.ndarray, analysis: StudyAnalysis, img: ImageAnalysis,
     line = max(1, round(min(w, h) / 300))
     for lesion in img.lesions:
         x0, y0, x1, y1 = lesion.box
-        draw.rectangle([x0 * w, y0 * h, x1 * w, y1 * h], outline=LESION_COLOUR, width=line)
+        colour = CLINICIAN_COLOUR if lesion.source == Source.CLINICIAN else LESION_COLOUR
+        draw.rectangle([x0 * w, y0 * h, x1 * w, y1 * h], outline=colour, width=line)
     for landmark in img.landmarks:
         colour = {LandmarkType.OPTIC_DISC: DISC_COLOUR, LandmarkType.OPTIC_CUP: CUP_COLOUR}.get(
             landmark.type, FOVEA_COLOUR

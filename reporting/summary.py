@@ -20,6 +20,7 @@ from model.schema import (
     Disagreement,
     Finding,
     ImageAnalysis,
+    Lesion,
     Measurement,
     Source,
     StudyAnalysis,
@@ -171,6 +172,18 @@ def measurement_row(m: Measurement) -> MeasurementRow:
         reference=reference,
         flag=flag,
     )
+
+
+def clinician_lesion_text(lesion: Lesion) -> str:
+    """``Haemorrhage drawn by the clinician at sign-off (missed by the AI), box [0.60, 0.30, 0.70, 0.40].``"""
+    box = ", ".join(f"{v:.2f}" for v in lesion.box)
+    return (f"{codes.LESIONS[lesion.type].meaning} drawn by the clinician at sign-off (missed by the AI), "
+            f"box [{box}].")
+
+
+def clinician_lesions(img: ImageAnalysis) -> list[Lesion]:
+    """The lesion boxes of ``img`` the clinician drew (``Source.CLINICIAN``)."""
+    return [lesion for lesion in img.lesions if lesion.source == Source.CLINICIAN]
 
 
 def image_title(img: ImageAnalysis) -> str:

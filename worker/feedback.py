@@ -12,10 +12,13 @@ result are present (``1``); the boxes are the signed ones (the AI boxes the clin
 no lesion type is ever written as absent, because a clinician confirms the boxes shown, not that nothing else is
 there. ``referable_diabetic_retinopathy`` is not written as a label (the adapters derive it from the DR grade).
 
-Extra columns the generic adapter ignores keep the rest: ``sop_instance_uid``, ``referral`` (the clinician's),
-``decision``, ``changed``, ``lesions_right`` / ``lesions_wrong`` / ``lesions_missed`` (JSON boxes) and the AI's
-original answers (``ai_<condition>``, ``ai_boxes``, ``ai_referral``) — for a re-signed study, the AI's answers of
-the first sign-off in the chain.
+Every box (JSON ``{"label", "box", "source"}``) says who drew it: ``model`` (the AI) or ``clinician`` (drawn at a
+sign-off, ``model.schema.Source.CLINICIAN``); the generic adapter reads ``label`` and ``box``. Extra columns the
+adapter ignores keep the rest: ``sop_instance_uid``, ``referral`` (the clinician's), ``decision``, ``changed``,
+``lesions_right`` (the AI's boxes the latest sign-off confirmed), ``lesions_wrong`` (the boxes it removed),
+``lesions_missed`` (every box of the signed result a clinician drew — at this sign-off or an earlier one of the
+chain — the clinician labels the AI missed) and the AI's original answers (``ai_<condition>``, ``ai_boxes``,
+``ai_referral``) — for a re-signed study, the AI's answers of the first sign-off in the chain.
 
 No patient identifier leaves the database: file names are keyed hashes of the SOP Instance UID; ``patient`` is a
 keyed hash (HMAC-SHA256) of the Patient ID (of the Study Instance UID where the study has none) under a random
@@ -41,7 +44,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from model.schema import Condition, LesionType, StudyAnalysis
+from model.schema import Condition, Lesion, LesionType, Source, StudyAnalysis
 from worker.config import Settings
 from worker.db import Analysis, Instance, SignOff, Study
 
@@ -115,7 +118,18 @@ def _graded(image: Any) -> dict[Condition, int]:
 
 
 def _boxes(lesions: list[Any]) -> list[dict[str, Any]]:
-    return [{"label": lesion.type.value, "box": [round(v, 6) for v in lesion.box]} for lesion in lesions]
+    return [{"label": lesion.type.value, "box": [round(v, 6) for v in lesion.box], "source": lesion.source.value}
+            for lesion in lesions]
+
+
+def _signed_lesions(image: Any, changes: list[dict[str, Any]]) -> list[Lesion]:
+    """The lesions of a signed image, the ones this sign-off drew marked ``clinician`` also where the analysis was
+    stored before that source existed (schema 1.1: a drawn box was stored with the default source ``model``)."""
+    drawn = {(c["type"], tuple(c["box"])) for c in changes
+             if c.get("kind") == "lesion_missed" and c.get("sop_instance_uid") == image.sop_instance_uid}
+    return [lesion.model_copy(update={"source": Source.CLINICIAN})
+            if lesion.source == Source.MODEL and (lesion.type.value, tuple(lesion.box)) in drawn else lesion
+            for lesion in image.lesions]
 
 
 def _row(image: Any, ai_image: Any | None, read_image: Any | None, ai: StudyAnalysis, signed: StudyAnalysis,
@@ -128,17 +142,19 @@ def _row(image: Any, ai_image: Any | None, read_image: Any | None, ai: StudyAnal
     right = [v for v in signoff.corrections.get("lesions_right", []) if v.get("sop_instance_uid") == uid]
     ai_lesions = ai_image.lesions if ai_image is not None else []
     read_lesions = read_image.lesions if read_image is not None else []
+    lesions = _signed_lesions(image, changes)
     row = {
         "image": f"images/{file_name}", "split": split, "eye": image.laterality.value
         if image.laterality.value != "unknown" else "", "patient": patient, "sop_instance_uid": uid or "",
-        "boxes": json.dumps(_boxes(image.lesions)), "referral": signed.referral.value,
+        "boxes": json.dumps(_boxes(lesions)), "referral": signed.referral.value,
         "decision": signoff.corrections.get("decision", ""), "changed": str(int(signoff.changed)),
         "lesions_right": json.dumps(_boxes([read_lesions[v["index"]] for v in right
-                                            if v["index"] < len(read_lesions)])),
-        "lesions_wrong": json.dumps([{"label": c["type"], "box": c["box"]} for c in changes
-                                     if c.get("kind") == "lesion_wrong" and c.get("sop_instance_uid") == uid]),
-        "lesions_missed": json.dumps([{"label": c["type"], "box": c["box"]} for c in changes
-                                      if c.get("kind") == "lesion_missed" and c.get("sop_instance_uid") == uid]),
+                                            if v["index"] < len(read_lesions)
+                                            and read_lesions[v["index"]].source != Source.CLINICIAN])),
+        "lesions_wrong": json.dumps(_boxes([read_lesions[c["index"]] for c in changes
+                                            if c.get("kind") == "lesion_wrong" and c.get("sop_instance_uid") == uid
+                                            and c["index"] < len(read_lesions)])),
+        "lesions_missed": json.dumps(_boxes([lesion for lesion in lesions if lesion.source == Source.CLINICIAN])),
         "ai_boxes": json.dumps(_boxes(ai_lesions)), "ai_referral": ai.referral.value,
     }
     for condition in LABEL_CONDITIONS:

@@ -6,7 +6,7 @@ free-text comment. Signing, in one transaction:
 
 * stores the next revision of the study (``revision + 1``): an :class:`~worker.db.Analysis` holding the
   clinician's values (model monitoring counts the AI's analysis of the signed revision, never this one) (corrected findings lose the AI probability they no longer describe; wrong boxes are
-  removed, missed ones added; the comment becomes a note) and a :class:`~worker.db.SignOff` row keeping who
+  removed, missed ones added with the source ``clinician``; the comment becomes a note) and a :class:`~worker.db.SignOff` row keeping who
   signed, as which observer and organisation, what changed and the AI's original analysis;
 * creates that revision's delivery rows (the outbox, :func:`worker.pipeline.delivery.create_outbox`), so the
   bookkeeper re-issues the SR (VERIFIED, Verifying Observer; it lists the previous SR as predecessor), the FHIR
@@ -27,7 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from model.schema import Condition, Finding, Laterality, Lesion, LesionType, Referral, StudyAnalysis, max_grade
+from model.schema import (
+    Condition,
+    Finding,
+    Laterality,
+    Lesion,
+    LesionType,
+    Referral,
+    Source,
+    StudyAnalysis,
+    max_grade,
+)
 from reporting.verification import Verification, is_verified_note, verification_note
 from worker.config import ApiToken, Settings
 from worker.db import Analysis, AuditEvent, SignOff, Study, StudyState, utcnow
@@ -187,7 +197,7 @@ def corrected(analysis: StudyAnalysis, request: SignOffRequest) -> tuple[StudyAn
         img = by_uid.get(missed.sop_instance_uid)
         if img is None:
             raise SignOffError(f"image {missed.sop_instance_uid} is not part of this result")
-        img.lesions.append(Lesion(type=missed.type, box=missed.box))
+        img.lesions.append(Lesion(type=missed.type, box=missed.box, source=Source.CLINICIAN))
         changes.append({"kind": "lesion_missed", "sop_instance_uid": missed.sop_instance_uid,
                         "type": missed.type.value, "box": list(missed.box)})
     if request.referral is not None and request.referral != result.referral:

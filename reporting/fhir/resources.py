@@ -344,6 +344,7 @@ class ObservationFactory:
         if components:
             findings["component"] = components
         notes = [summary.disagreement_text(d) for d in img.disagreements]
+        notes += [summary.clinician_lesion_text(lesion) for lesion in summary.clinician_lesions(img)]
         if missing:
             notes.append(summary.not_assessed_text(img) + ".")
         if self.analysis.model is None:

@@ -7,7 +7,9 @@ assess (condition as concept name, coded value (373121007, SCT, "Not Evaluated")
 and finding sites for vessel type and zone, or the optic disc). Model-emitted numbers are not reported as
 values; a disagreement between one and the measurement is a coded flag. Each lesion and each outlined landmark
 becomes a TID 1410 Planar ROI group with a closed POLYLINE SCOORD on its source image. Every group carries a
-TID 4019 Algorithm Identification (PS3.16 TID 1500, 1501, 1410, 300, 4019).
+TID 4019 Algorithm Identification (PS3.16 TID 1500, 1501, 1410, 300, 4019) — except a lesion the clinician drew
+at sign-off (``Source.CLINICIAN``): its group names no algorithm, has the qualitative evaluation Observer Type =
+Person (DCM 121005 / 121006) and a tracking identifier ending "drawn by clinician".
 """
 
 from __future__ import annotations
@@ -177,17 +179,21 @@ class ImageGroups:
         score: float | None,
         source: Source,
     ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+        clinician = source == Source.CLINICIAN
         measurements = (
             [self._number(codes.DETECTION_SCORE, score, "1", source)] if score is not None else None
         )
         return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=self._tracking(img.sop_instance_uid, *label),
+            tracking_identifier=self._tracking(img.sop_instance_uid, *label, *(["drawn by clinician"] if clinician
+                                                                               else [])),
             referenced_region=self._region(ds, points),
             finding_type=finding,
             finding_category=category,
-            algorithm_id=algorithm_id(self._identity(source)),
+            algorithm_id=None if clinician else algorithm_id(self._identity(source)),
             finding_sites=[_finding_site(img, ds)],
             measurements=measurements,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.OBSERVER_TYPE, codes.OBSERVER_PERSON)]
+            if clinician else None,
         )
 
     def _lesion_group(

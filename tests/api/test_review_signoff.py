@@ -113,6 +113,10 @@ def test_clinician_corrects_and_signs_in_chromium(site: Site) -> None:
             expect(page.locator("section.impression")).to_contain_text("Verified by a clinician: Smith^Jane (Eye Clinic)")
             expect(page.locator("section.impression")).to_contain_text("Second box is a vessel crossing.")
             expect(page.locator("svg.overlay rect.lesion")).to_have_count(2)  # one AI box kept + the drawn one
+            expect(page.locator("svg.overlay rect.lesion.clinician")).to_have_count(1)  # told apart from the AI's
+            expect(page.locator("svg.overlay text.lesion-label.clinician")).to_have_text("drusen (clinician)")
+            expect(page.locator("fieldset.signoff-image[data-eye=L] label", has_text="drawn by a clinician")
+                   ).to_have_count(1)
             expect(page.locator("select.grade[data-eye=R][data-condition=diabetic_retinopathy]")).to_have_value("2")
         finally:
             browser.close()

@@ -93,9 +93,13 @@ def test_export_feedback_round_trips_through_the_generic_adapter(signed: World, 
     assert rows["R"]["ai_diabetic_retinopathy"] == "2" and rows["R"]["diabetic_retinopathy"] == "3"
     assert rows["R"]["glaucoma"] == "" and rows["R"]["diabetic_macular_edema"] == ""
     assert rows["R"]["referral"] == "urgent" and rows["R"]["ai_referral"] == "routine"
-    assert json.loads(rows["R"]["lesions_right"]) == [{"label": "haemorrhage", "box": list(HAEM)}]
-    assert json.loads(rows["R"]["lesions_wrong"]) == [{"label": "hard_exudate", "box": list(EXUDATE)}]
-    assert json.loads(rows["R"]["lesions_missed"]) == [{"label": "microaneurysm", "box": list(MISSED)}]
+    assert json.loads(rows["R"]["lesions_right"]) == [{"label": "haemorrhage", "box": list(HAEM), "source": "model"}]
+    assert json.loads(rows["R"]["lesions_wrong"]) == [{"label": "hard_exudate", "box": list(EXUDATE),
+                                                       "source": "model"}]
+    assert json.loads(rows["R"]["lesions_missed"]) == [{"label": "microaneurysm", "box": list(MISSED),
+                                                        "source": "clinician"}]
+    assert json.loads(rows["R"]["boxes"]) == [{"label": "haemorrhage", "box": list(HAEM), "source": "model"},
+                                              {"label": "microaneurysm", "box": list(MISSED), "source": "clinician"}]
     assert {b["label"] for b in json.loads(rows["R"]["ai_boxes"])} == {"haemorrhage", "hard_exudate"}
     assert json.loads(rows["L"]["lesions_missed"]) == [] and rows["R"]["changed"] == "1"
 
@@ -164,9 +168,30 @@ def test_a_re_signed_study_exports_the_latest_labels_and_the_first_ai_answers(si
     assert json.loads(result.output)["images"] == 2  # one study, its latest sign-off only
     rows = {r["eye"]: r for r in csv.DictReader((tmp_path / "feedback" / "labels.csv").open())}
     assert rows["R"]["diabetic_retinopathy"] == "4" and rows["R"]["ai_diabetic_retinopathy"] == "2"
-    assert json.loads(rows["R"]["boxes"]) == [{"label": "microaneurysm", "box": list(MISSED)}]
-    assert json.loads(rows["R"]["lesions_wrong"]) == [{"label": "haemorrhage", "box": list(HAEM)}]
-    assert json.loads(rows["R"]["lesions_right"]) == [{"label": "microaneurysm", "box": list(MISSED)}]
+    drawn = [{"label": "microaneurysm", "box": list(MISSED), "source": "clinician"}]  # by dr-smith, kept
+    assert json.loads(rows["R"]["boxes"]) == drawn
+    assert json.loads(rows["R"]["lesions_wrong"]) == [{"label": "haemorrhage", "box": list(HAEM), "source": "model"}]
+    assert json.loads(rows["R"]["lesions_right"]) == []  # the box dr-jones confirmed is a clinician's, not the AI's
+    assert json.loads(rows["R"]["lesions_missed"]) == drawn  # still a lesion the AI missed
     assert {b["label"] for b in json.loads(rows["R"]["ai_boxes"])} == {"haemorrhage", "hard_exudate"}
     assert rows["R"]["ai_referral"] == "routine" and rows["R"]["referral"] == "urgent"
     assert rows["R"]["haemorrhage"] == "" and rows["R"]["microaneurysm"] == "1"
+
+
+def test_a_box_drawn_before_the_clinician_source_existed_is_still_a_clinician_label(signed: World,
+                                                                                     tmp_path: Path) -> None:
+    """A signed analysis stored with schema 1.1 has the drawn box under the default source (no ``source`` key):
+    it still validates and the export still calls the box the clinician's (from the sign-off's changes)."""
+    with signed.db.session() as session:
+        row = session.scalars(select(Analysis).where(Analysis.revision == 2)).one()
+        result = json.loads(json.dumps(row.result))
+        assert result["images"][0]["lesions"][1]["source"] == "clinician"
+        for lesion in result["images"][0]["lesions"]:
+            del lesion["source"]
+        result["schema_version"] = "1.1"
+        row.result = result
+    assert _export(signed, tmp_path / "feedback").exit_code == 0
+    rows = {r["eye"]: r for r in csv.DictReader((tmp_path / "feedback" / "labels.csv").open())}
+    assert json.loads(rows["R"]["lesions_missed"]) == [{"label": "microaneurysm", "box": list(MISSED),
+                                                        "source": "clinician"}]
+    assert [b["source"] for b in json.loads(rows["R"]["boxes"])] == ["model", "clinician"]

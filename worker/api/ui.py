@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from model.schema import ImageAnalysis, LandmarkType, LesionType, Referral, StudyAnalysis, max_grade
+from model.schema import ImageAnalysis, LandmarkType, LesionType, Referral, Source, StudyAnalysis, max_grade
 from reporting import summary
 from worker.api.auth import SESSION_COOKIE, Reader, principal_for
 from worker.api.context import Ctx
@@ -69,8 +69,9 @@ def overlay(img: ImageAnalysis, width: int, height: int) -> dict[str, Any]:
     fovea = img.landmark(LandmarkType.FOVEA)
     return {
         "width": width, "height": height, "font": height * 0.035,
-        "lesions": [{**box(lesion.box), "label": lesion.type.value.replace("_", " "),
-                     "score": lesion.score} for lesion in img.lesions],
+        "lesions": [{**box(lesion.box), "label": lesion.type.value.replace("_", " ")
+                     + (" (clinician)" if lesion.source == Source.CLINICIAN else ""),
+                     "clinician": lesion.source == Source.CLINICIAN, "score": lesion.score} for lesion in img.lesions],
         "outlines": outlines,
         "fovea": {"x": fovea.center[0] * width, "y": fovea.center[1] * height, "r": max(width, height) * 0.012}
         if fovea else None,
