@@ -38,7 +38,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default(size)
 
 
-def summary_lines(analysis: StudyAnalysis, img: ImageAnalysis, verification: Verification | None = None) -> list[str]:
+def summary_lines(analysis: StudyAnalysis, img: ImageAnalysis,
+                  verification: Verification | None = None) -> list[str]:
     """The text burned into the key image of ``img``, ending with the verification statement."""
     lines = [summary.image_title(img), *summary.image_summary(analysis, img)]
     cdr = next((m for m in summary.reported_measurements(img) if m.key == "CDR_vertical"), None)

@@ -303,7 +303,8 @@ def test_bookkeeper_requeues_a_job_whose_worker_died(world: World) -> None:
     assert world.celery.sent == [("retinalgpt.process_study", {"job_id": job_id})]
     with world.db.session() as session:
         assert session.get(Job, job_id).state == JobState.QUEUED
-    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0, "shadows": 0}  # fresh now: not sent twice
+    # fresh now: not sent twice
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0, "shadows": 0}
 
 
 def test_bookkeeper_sends_due_retries(world: World) -> None:
@@ -554,4 +555,5 @@ def test_bookkeeper_leaves_no_study_with_nothing_pending(world: World) -> None:
     with world.db.session() as session:
         states = {s.study_instance_uid: s.state for s in session.scalars(select(Study))}
     assert states[waiting_uid] == StudyState.QUEUED
-    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0, "shadows": 0}  # sent once, not every sweep
+    # sent once, not every sweep
+    assert Bookkeeper(world.pipeline).sweep() == {"jobs": 0, "deliveries": 0, "shadows": 0}

@@ -85,7 +85,8 @@ def test_lost_shadow_messages_are_sent_again_bounded(tmp_path: Path, monkeypatch
         assert result.exit_code == 0, result.output
         now = utcnow()
         with db.session() as session:
-            session.execute(update(AuditEvent).where(AuditEvent.action == "model.shadow").values(at=now - 30 * MINUTE))
+            session.execute(update(AuditEvent).where(AuditEvent.action == "model.shadow")
+                            .values(at=now - 30 * MINUTE))
             _study(session, "1.2.3.1", now - 5 * MINUTE)  # lost: sent again
             _study(session, "1.2.3.2", now - 2 * MINUTE)  # lost, newer: sent first
             _study(session, "1.2.3.3", now - 10 * MINUTE)  # lost, oldest: past this sweep's limit of two

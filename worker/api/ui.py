@@ -69,9 +69,9 @@ def overlay(img: ImageAnalysis, width: int, height: int) -> dict[str, Any]:
     fovea = img.landmark(LandmarkType.FOVEA)
     return {
         "width": width, "height": height, "font": height * 0.035,
-        "lesions": [{**box(lesion.box), "label": lesion.type.value.replace("_", " ")
-                     + (" (clinician)" if lesion.source == Source.CLINICIAN else ""),
-                     "clinician": lesion.source == Source.CLINICIAN, "score": lesion.score} for lesion in img.lesions],
+        "lesions": [{**box(lesion.box), "score": lesion.score, "clinician": lesion.source == Source.CLINICIAN,
+                     "label": lesion.type.value.replace("_", " ")
+                     + (" (clinician)" if lesion.source == Source.CLINICIAN else "")} for lesion in img.lesions],
         "outlines": outlines,
         "fovea": {"x": fovea.center[0] * width, "y": fovea.center[1] * height, "r": max(width, height) * 0.012}
         if fovea else None,
