@@ -237,8 +237,9 @@ def _has_signoffs(effective: Settings) -> bool:
     try:
         return inspect(db.engine).has_table("signoffs")
     except SQLAlchemyError as exc:
-        raise CommandError(f"cannot read the signed cases for the promotion gate ({type(exc).__name__}); "
-                           "--force to activate without them") from None
+        raise CommandError(f"cannot read the signed cases for the promotion gate ({type(exc).__name__}); the gate, "
+                           "and the audit of a forced activation, need the database: check [database] url and "
+                           "run `retinalgpt db upgrade`") from None
     finally:
         db.dispose()
 
