@@ -23,6 +23,7 @@ are unchanged, never transcoded), classified the same way; the delivery queue's 
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +77,29 @@ def reason_text(code: int | None) -> str:
     return f"0x{code:04X} {meaning}"
 
 
-def session_for(destination: Destination) -> requests.Session:
-    """A requests session with the destination's authentication: bearer token, HTTP basic, or mutual TLS;
-    ``auth.ca_certificates`` verifies the server (default: the system store)."""
-    import requests
+AUTH_NEEDS = {"bearer": ("token",), "basic": ("username",), "mtls": ("client_certificate",)}
+"""The ``auth`` keys each kind cannot do without."""
 
-    session = requests.Session()
+
+class AuthError(ValueError):
+    """The destination's ``auth`` lacks what its kind needs; nothing is sent (it would go out unauthenticated)."""
+
+
+def session_for(destination: Destination) -> requests.Session:
+    """A requests session with the destination's authentication: bearer token (RFC 6750), HTTP basic, or mutual
+    TLS; :class:`AuthError` when the kind lacks its credentials. ``auth.ca_certificates`` verifies the server
+    (default: the system store). requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` in the environment
+    replace a session's own CA bundle, so with a configured bundle the session ignores the environment and
+    takes only its proxy settings from it."""
+    import requests
+    from requests.utils import get_environ_proxies
+
     auth = destination.auth
+    missing = [key for key in AUTH_NEEDS.get(auth.kind, ()) if getattr(auth, key) in (None, "")]
+    if missing:
+        raise AuthError(f"destination {destination.name!r}: auth kind {auth.kind!r} needs "
+                        f"{', '.join(f'auth.{key}' for key in missing)}")
+    session = requests.Session()
     if auth.kind == "bearer" and auth.token is not None:
         session.headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
     elif auth.kind == "basic" and auth.username is not None:
@@ -92,7 +109,30 @@ def session_for(destination: Destination) -> requests.Session:
             auth.client_certificate)
     if auth.ca_certificates is not None:
         session.verify = str(auth.ca_certificates)
+        session.trust_env = False
+        session.proxies.update(get_environ_proxies(destination.url or ""))
     return session
+
+
+def _transport_detail(exc: requests.RequestException) -> str:
+    """A one-line reason for a request that got no HTTP answer; a TLS handshake failure (server certificate not
+    trusted, client certificate refused) says so with OpenSSL's reason rather than urllib3's wrapping."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen or current is None:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            if isinstance(current, ssl.SSLCertVerificationError):
+                return f"TLS failure: certificate verify failed: {current.verify_message}"
+            refused = isinstance(current, ssl.SSLEOFError) or "ALERT" in str(current.reason or "")
+            return f"TLS failure: {current}" + (" (the server ended the handshake: does it accept our client "
+                                                "certificate?)" if refused else "")
+        if isinstance(current, BaseException):
+            pending += [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _failures(response: Dataset) -> list[tuple[str, int | None]]:
@@ -175,7 +215,11 @@ def _post(destination: Destination, study_instance_uid: str,
     from dicomweb_client.api import DICOMwebClient
 
     assert destination.url is not None
-    client = DICOMwebClient(destination.url.rstrip("/"), session=session_for(destination),
+    try:
+        session = session_for(destination)
+    except AuthError as exc:
+        return StowResult(None, [], [], str(exc), True)
+    client = DICOMwebClient(destination.url.rstrip("/"), session=session,
                             timeout=(destination.connect_timeout, destination.timeout))
     client.set_http_retry_params(retry=False)
     try:
@@ -188,7 +232,7 @@ def _post(destination: Destination, study_instance_uid: str,
         permanent = status is not None and 400 <= status < 500 and status not in TRANSIENT_HTTP
         return StowResult(status, [], failed, text, permanent)
     except requests.RequestException as exc:
-        return StowResult(None, [], [], f"{type(exc).__name__}: {exc}", False)
+        return StowResult(None, [], [], _transport_detail(exc), False)
     failed = _failures(response)
     stored = [str(item.get("ReferencedSOPInstanceUID", "")) for item in response.get("ReferencedSOPSequence", [])]
     if not failed:
