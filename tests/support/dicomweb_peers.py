@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
+import email.message
 import io
 import json
 import ssl
@@ -26,16 +25,21 @@ from pydicom.dataset import Dataset
 
 
 def parse_stow_body(content_type: str, body: bytes) -> list[Dataset]:
-    """The instances of a ``multipart/related; type="application/dicom"`` request body (RFC 2387), read with the
-    standard library's MIME parser and pydicom."""
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body)
-    return [pydicom.dcmread(io.BytesIO(part.get_payload(decode=True))) for part in message.iter_parts()]
+    """The instances of a ``multipart/related; type="application/dicom"`` request body (RFC 2046 §5.1.1: parts
+    between ``CRLF--boundary`` delimiters, each a header block, a blank line and the Part 10 bytes)."""
+    header = email.message.Message()
+    header["Content-Type"] = content_type
+    delimiter = b"\r\n--" + str(header.get_param("boundary")).encode("latin-1")
+    chunks = (b"\r\n" + body).split(delimiter)
+    parts = [chunk.split(b"\r\n\r\n", 1)[1] for chunk in chunks[1:] if not chunk.startswith(b"--")]
+    return [pydicom.dcmread(io.BytesIO(part), force=True) for part in parts]
 
 
-def stow_response(stored: list[Dataset], failed: dict[str, int], retrieve_url: str) -> dict[str, Any]:
+def stow_response(stored: list[Dataset], failed: dict[str, int], retrieve_url: str,
+                  warnings: dict[str, int] | None = None) -> dict[str, Any]:
     """The Store Instances Response Module (PS3.18 Table 10.5.3-1) in DICOM JSON: Referenced SOP Sequence for the
-    stored instances, Failed SOP Sequence with a Failure Reason (0008,1197) for the others."""
+    stored instances (with a Warning Reason (0008,1196) where ``warnings`` gives one), Failed SOP Sequence with a
+    Failure Reason (0008,1197) for the others."""
     response = Dataset()
     response.RetrieveURL = retrieve_url
     response.ReferencedSOPSequence = []
@@ -49,6 +53,8 @@ def stow_response(stored: list[Dataset], failed: dict[str, int], retrieve_url: s
             response.FailedSOPSequence.append(item)
         else:
             item.RetrieveURL = f"{retrieve_url}/instances/{ds.SOPInstanceUID}"
+            if str(ds.SOPInstanceUID) in (warnings or {}):
+                item.WarningReason = (warnings or {})[str(ds.SOPInstanceUID)]
             response.ReferencedSOPSequence.append(item)
     if not response.FailedSOPSequence:
         del response.FailedSOPSequence
@@ -112,14 +118,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 class StowServer(_Server):
     """``with StowServer() as origin:``: STOW-RS at ``{origin.url}/studies/{uid}``. Each request's instances are
-    kept in ``origin.requests``; ``decide`` names the refused ones; the answer is ``status`` (default: 200 when
-    none is refused, else 202, PS3.18 §10.5.3) with the response in DICOM JSON as ``content_type``."""
+    kept in ``origin.requests``; ``decide`` names the refused ones and ``warn`` (SOP Instance UID → Warning
+    Reason) the ones stored with a warning; the answer is ``status`` (default: 200 when none is refused, else
+    202, PS3.18 §10.5.3) with the response in DICOM JSON as ``content_type``, or ``body`` when that is set."""
 
     def __init__(self, decide: Decide | None = None, *, status: int | None = None,
                  content_type: str = "application/dicom+json") -> None:
         self.decide: Decide = decide or (lambda datasets: {})
         self.status = status
         self.content_type = content_type
+        self.warn: dict[str, int] = {}
+        self.body: bytes | None = None
         self.requests: list[list[Dataset]] = []
         super().__init__(_StowHandler, None)
 
@@ -131,7 +140,8 @@ class _StowHandler(_Handler):
         origin.requests.append(datasets)
         failed = origin.decide(datasets)
         status = origin.status or (202 if failed else 200)
-        content = json.dumps(stow_response(datasets, failed, f"{origin.url}{self.path}")).encode()
+        content = origin.body if origin.body is not None else json.dumps(
+            stow_response(datasets, failed, f"{origin.url}{self.path}", origin.warn)).encode()
         self.answer(status, content, origin.content_type)
 
 

@@ -6,14 +6,16 @@ One request per delivery row (the SR, the key images, the PDF or the SEGs of a r
 ``multipart/related; type="application/dicom"`` body; its own retrying is switched off, because the delivery
 queue (:mod:`worker.pipeline.delivery`) owns retries, backoff, dead-letter and idempotence exactly as for DIMSE:
 
-* HTTP 200 with an empty Failed SOP Sequence (0008,1198): delivered. The instances keep the UIDs written once
-  for the revision, so a repeat sends the same instances and the archive files them once;
+* HTTP 200 (or 202 with Warning Reasons only) without a Failed SOP Sequence (0008,1198): delivered, warnings
+  kept in the detail. The instances keep the UIDs written once for the revision, so a repeat sends the same
+  instances and the archive files them once;
 * connection errors, timeouts, 408, 429 and 5xx: transient, retried with backoff;
 * any other 4xx (401 bad credentials, 404 wrong base URL, 409 every instance refused…): permanent, dead at once;
-* a 200 / 202 answer that lists failed instances: each failure is recorded with its Failure Reason (0008,1197);
-  the row is retried when every reason is transient (0xA7xx out of resources, 0x0110 processing failure,
-  0x021x), dead when one is not (0x0122 SOP class not supported, 0xA9xx, 0xCxxx). The 409 answer's list is
-  recorded the same way.
+* a 200 / 202 answer that lists failed instances (a partial failure, PS3.18 §10.5.3): each refused instance is
+  recorded with its Failure Reason (0008,1197), and the stored ones by UID; the row is retried (the whole
+  request again) when every reason is transient (0xA7xx out of resources, 0x0110 processing failure, 0x021x),
+  dead when one is not (0x0122 SOP class not supported, 0xA9xx, 0xCxxx). The 409 answer's lists are recorded
+  the same way. A 202 whose body cannot be read is a transient failure, never a delivery.
 
 Forwarded originals (issue 16, routing rules' ``forward``): :func:`send_originals_stow` posts the stored files
 of a study revision as they are (:func:`store_files`: the Part 10 bytes, so UIDs, transfer syntax and pixel data
@@ -50,24 +52,29 @@ FAILURE_REASONS = {
     0xA900: "data set does not match SOP class",
     0xC000: "cannot understand",
     0xC122: "referenced Transfer Syntax not supported",
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
 }
-"""Failure Reason (0008,1197) meanings (PS3.18 Table 10.5.3-1 / PS3.4 Annex GG.4)."""
+"""Failure Reason (0008,1197) and Warning Reason (0008,1196) meanings (PS3.18 Table 10.5.3-1 / PS3.4 Annex
+GG.4)."""
 
 
 @dataclass(frozen=True)
 class StowResult:
     """What one STOW-RS request did: HTTP status (None without an answer), stored and failed instances with
-    their reasons, and whether a failure is permanent."""
+    their reasons, whether a failure is permanent, and whether the answer said what was stored (a 202 must)."""
 
     status: int | None
     stored: list[str]
     failed: list[tuple[str, int | None]]
     detail: str
     permanent: bool
+    confirmed: bool = True
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and self.status < 300 and not self.failed
+        return self.status is not None and self.status < 300 and not self.failed and self.confirmed
 
 
 def reason_text(code: int | None) -> str:
@@ -141,6 +148,16 @@ def _failures(response: Dataset) -> list[tuple[str, int | None]]:
             for item in response.get("FailedSOPSequence", [])]
 
 
+def _stored(response: Dataset) -> list[str]:
+    return [str(item.get("ReferencedSOPInstanceUID", "")) for item in response.get("ReferencedSOPSequence", [])]
+
+
+def _warnings(response: Dataset) -> list[tuple[str, int | None]]:
+    """Stored instances that carry a Warning Reason (0008,1196)."""
+    return [(str(item.get("ReferencedSOPInstanceUID", "?")), int(item.WarningReason))
+            for item in response.get("ReferencedSOPSequence", []) if item.get("WarningReason") is not None]
+
+
 def _body(response: requests.Response) -> Dataset | None:
     """The STOW response data set in an error answer (DICOM JSON), when the server sent one."""
     try:
@@ -157,14 +174,20 @@ def _body(response: requests.Response) -> Dataset | None:
         return None
 
 
-def _describe(failed: list[tuple[str, int | None]]) -> str:
-    return "; ".join(f"{uid}: {reason_text(code)}" for uid, code in failed)
+def _list(instances: list[tuple[str, int | None]]) -> str:
+    return "; ".join(f"{uid}: {reason_text(code)}" for uid, code in instances)
+
+
+def _describe(failed: list[tuple[str, int | None]], stored: list[str], count: int) -> str:
+    """Each refused instance with its Failure Reason, then what was stored of the ``count`` sent."""
+    text = f"{len(failed)} of {count} instance(s) refused: {_list(failed)}"
+    return text + (f"; {len(stored)} of {count} instance(s) stored ({', '.join(stored)})" if stored else "")
 
 
 def store(destination: Destination, study_instance_uid: str, datasets: Sequence[Dataset]) -> StowResult:
     """POST ``datasets`` to ``{url}/studies/{study_instance_uid}`` once and classify the answer (dicomweb-client
     encodes each data set with pydicom)."""
-    return _post(destination, study_instance_uid,
+    return _post(destination, study_instance_uid, len(datasets),
                  lambda client: client.store_instances(list(datasets), study_instance_uid=study_instance_uid))
 
 
@@ -175,13 +198,15 @@ def store_files(destination: Destination, study_instance_uid: str, paths: Sequen
     body; its public ``store_instances`` would re-encode each data set with pydicom, so its multipart POST of
     encoded instances is used directly. Stops at the first request that does not succeed."""
     stored: list[str] = []
+    notes: list[str] = []
     for batch in _batches(paths):
-        result = _post(destination, study_instance_uid, lambda client, batch=batch: _post_encoded(
+        result = _post(destination, study_instance_uid, len(batch), lambda client, batch=batch: _post_encoded(
             client, study_instance_uid, [path.read_bytes() for path in batch]))
         stored += result.stored
         if not result.ok:
             return StowResult(result.status, stored, result.failed, result.detail, result.permanent)
-    return StowResult(200, stored, [], "", False)
+        notes += [result.detail] if result.detail else []
+    return StowResult(200, stored, [], "; ".join(notes), False)
 
 
 STOW_BATCH_BYTES = 64 * 1024 * 1024
@@ -208,9 +233,13 @@ def _post_encoded(client: DICOMwebClient, study_instance_uid: str, parts: list[b
     return client._http_post_multipart_application_dicom(url, parts)  # noqa: SLF001
 
 
-def _post(destination: Destination, study_instance_uid: str,
+def _post(destination: Destination, study_instance_uid: str, count: int,
           send: Callable[[DICOMwebClient], Dataset]) -> StowResult:
-    """One STOW-RS request made by ``send`` with a client for the destination; its answer classified."""
+    """One STOW-RS request of ``count`` instances made by ``send`` with a client for the destination; its answer
+    classified. The answer is read from the HTTP response itself (a session hook keeps it): dicomweb-client
+    parses a success body only when its Content-Type is exactly ``application/dicom+json`` (a ``charset``
+    parameter made a 202 listing refused instances look like a plain success) and does not say whether the
+    status was 200 or 202."""
     import requests
     from dicomweb_client.api import DICOMwebClient
 
@@ -219,26 +248,39 @@ def _post(destination: Destination, study_instance_uid: str,
         session = session_for(destination)
     except AuthError as exc:
         return StowResult(None, [], [], str(exc), True)
+    answers: list[requests.Response] = []
+    session.hooks["response"].append(lambda response, *args, **kwargs: answers.append(response))
     client = DICOMwebClient(destination.url.rstrip("/"), session=session,
                             timeout=(destination.connect_timeout, destination.timeout))
     client.set_http_retry_params(retry=False)
     try:
-        response = send(client)
+        parsed = send(client)
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         body = _body(exc.response) if exc.response is not None else None
         failed = _failures(body) if body is not None else []
-        text = f"HTTP {status}" + (f": {_describe(failed)}" if failed else _reason(exc.response))
+        stored = _stored(body) if body is not None else []
+        text = f"HTTP {status}" + (f": {_describe(failed, stored, count)}" if failed else _reason(exc.response))
         permanent = status is not None and 400 <= status < 500 and status not in TRANSIENT_HTTP
-        return StowResult(status, [], failed, text, permanent)
+        return StowResult(status, stored, failed, text, permanent)
     except requests.RequestException as exc:
         return StowResult(None, [], [], _transport_detail(exc), False)
-    failed = _failures(response)
-    stored = [str(item.get("ReferencedSOPInstanceUID", "")) for item in response.get("ReferencedSOPSequence", [])]
+    response = answers[-1]
+    body = _body(response)
+    if body is None and len(parsed):  # an XML answer, which dicomweb-client reads
+        body = parsed
+    if body is None:
+        if response.status_code == 202:
+            return StowResult(202, [], [], "HTTP 202 without a readable Store Instances Response: some instances "
+                              "were not stored and which is unknown", False, confirmed=False)
+        return StowResult(response.status_code, [], [], "", False)
+    failed, stored = _failures(body), _stored(body)
     if not failed:
-        return StowResult(200, stored, [], "", False)
+        warned = _warnings(body)
+        return StowResult(response.status_code, stored, [], f"warnings: {_list(warned)}" if warned else "", False)
     permanent = any(code is None or not is_transient_failure(code) for _, code in failed)
-    return StowResult(200, stored, failed, f"{len(failed)} instance(s) refused: {_describe(failed)}", permanent)
+    return StowResult(response.status_code, stored, failed,
+                      f"HTTP {response.status_code}: {_describe(failed, stored, count)}", permanent)
 
 
 def _reason(response: requests.Response | None) -> str:
@@ -260,7 +302,8 @@ def send_stow(destination: Destination, paths: list[Path]) -> SendOutcome:
     study = studies.pop()
     result = store(destination, study, datasets)
     if result.ok:
-        return SendOutcome(ok=True, detail=f"{len(result.stored)} instance(s) stored by STOW-RS",
+        return SendOutcome(ok=True, detail=f"{len(result.stored)} instance(s) stored by STOW-RS"
+                           + (f"; {result.detail}" if result.detail else ""),
                            remote_id=f"{destination.url}/studies/{study}"[:255])
     return SendOutcome(ok=False, permanent=result.permanent, detail=result.detail[:2000])
 
@@ -271,6 +314,7 @@ def send_originals_stow(destination: Destination, study_instance_uid: str, paths
 
     result = store_files(destination, study_instance_uid, paths)
     if result.ok:
-        return SendOutcome(ok=True, detail=f"{len(paths)} original(s) stored by STOW-RS",
+        return SendOutcome(ok=True, detail=f"{len(paths)} original(s) stored by STOW-RS"
+                           + (f"; {result.detail}" if result.detail else ""),
                            remote_id=f"{destination.url}/studies/{study_instance_uid}"[:255])
     return SendOutcome(ok=False, permanent=result.permanent, detail=result.detail[:2000])
