@@ -40,7 +40,9 @@ class AllowedCaller(_Section):
 
 
 class TlsSettings(_Section):
-    """TLS for the DICOM listener or a DICOM destination (PS3.15 Annex B.1, TLS secure transport)."""
+    """TLS for the DICOM listener (server) or a DICOM / HL7 v2 destination or archive (client) (PS3.15 Annex B.1,
+    TLS secure transport). A server needs its certificate and key; a client presents one only when the peer asks
+    for mutual TLS, and otherwise only verifies the peer against ``ca_certificates`` (default: the system CAs)."""
 
     enabled: bool = False
     certificate: Path | None = None
@@ -50,8 +52,8 @@ class TlsSettings(_Section):
 
     @model_validator(mode="after")
     def _complete(self) -> TlsSettings:
-        if self.enabled and (self.certificate is None or self.private_key is None):
-            raise ValueError("tls.enabled needs tls.certificate and tls.private_key")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key go together")
         if self.require_client_certificate and self.ca_certificates is None:
             raise ValueError("tls.require_client_certificate needs tls.ca_certificates")
         return self
@@ -95,6 +97,9 @@ class DicomSettings(_Section):
     def _waits(self) -> DicomSettings:
         if self.max_wait_seconds < self.stable_seconds:
             raise ValueError("dicom.max_wait_seconds must be >= dicom.stable_seconds")
+        if self.tls.enabled and self.tls.certificate is None:
+            raise ValueError("dicom.tls.enabled needs dicom.tls.certificate and dicom.tls.private_key (the "
+                             "listener's own certificate)")
         return self
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from reporting.hl7 import parse, unescape
+from worker.config import ConfigError, load_settings
 from worker.db import DeliveryObject, DeliveryState, FailureReason, StudyState
 from tests.conftest import free_port
-from tests.dicom_node.dicom_fixtures import make_certificates
+from tests.dicom_node.dicom_fixtures import Certificates, make_certificates
 from tests.support.mllp import SILENT, MllpReceiver
 from tests.worker.delivery_world import World
 
@@ -129,31 +130,84 @@ def test_a_new_revision_is_sent_as_a_correction(receiver, world_factory) -> None
     assert _order(second).obr.obr_3.to_er7() == "ACC-7"  # the same order, corrected
 
 
-def test_mllp_over_tls_verifies_the_receiver_and_presents_our_certificate(world_factory, tmp_path: Path) -> None:
-    certs = make_certificates(tmp_path)
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs.ca))
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    return make_certificates(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A CA that did not sign the receiver's certificate, with a client certificate of its own."""
+    return make_certificates(tmp_path_factory.mktemp("foreign-pki"))
+
+
+def _receiver_tls(certs: Certificates, client_ca: Path | None = None) -> ssl.SSLContext:
+    """The receiver's server context; with ``client_ca`` it talks only to clients with a certificate of that CA."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca) if client_ca else None)
     server.load_cert_chain(str(certs.server_cert), str(certs.server_key))
-    server.verify_mode = ssl.CERT_REQUIRED  # the receiver only talks to clients with a certificate of its CA
-    with MllpReceiver(tls=server) as receiver:
-        tls = (f'tls = {{ enabled = true, certificate = "{certs.client_cert}", private_key = "{certs.client_key}", '
-               f'ca_certificates = "{certs.ca}" }}\n')
-        world = world_factory(receiver.port, tls=tls)
+    if client_ca is not None:
+        server.verify_mode = ssl.CERT_REQUIRED
+    return server
+
+
+def _tls(ca: Path, client: Certificates | None = None) -> str:
+    ours = f'certificate = "{client.client_cert}", private_key = "{client.client_key}", ' if client else ""
+    return f'tls = {{ enabled = true, {ours}ca_certificates = "{ca}" }}\n'
+
+
+def test_mllp_over_tls_verifies_the_receiver_and_presents_our_certificate(world_factory, certs) -> None:
+    with MllpReceiver(tls=_receiver_tls(certs, client_ca=certs.ca)) as receiver:
+        world = world_factory(receiver.port, tls=_tls(certs.ca, client=certs))
         assert world.deliver() == StudyState.DELIVERED
         (message,) = receiver.received
         assert parse(message).msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
 
 
-def test_mllp_over_tls_refuses_a_receiver_it_cannot_verify(world_factory, tmp_path: Path) -> None:
-    certs = make_certificates(tmp_path)
-    (tmp_path / "other").mkdir()
-    other = make_certificates(tmp_path / "other")  # a CA that did not sign the receiver's certificate
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(str(certs.server_cert), str(certs.server_key))
-    with MllpReceiver(tls=server) as receiver:
-        tls = (f'tls = {{ enabled = true, certificate = "{certs.client_cert}", private_key = "{certs.client_key}", '
-               f'ca_certificates = "{other.ca}" }}\n')
+def test_mllp_over_server_only_tls_needs_no_client_certificate(world_factory, certs) -> None:
+    """Most interface engines authenticate the server only: TLS with a CA bundle and no certificate of ours
+    (the configuration used to refuse ``tls.enabled`` without ``certificate`` and ``private_key``)."""
+    with MllpReceiver(tls=_receiver_tls(certs)) as receiver:
+        world = world_factory(receiver.port, tls=_tls(certs.ca))
+        assert world.deliver() == StudyState.DELIVERED
+        (message,) = receiver.received
+        assert parse(message).msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
+        assert world.rows()[0].attempts == 1
+
+
+@pytest.mark.parametrize("case", ["untrusted receiver", "untrusted receiver, server-only", "no client certificate",
+                                  "foreign client certificate"])
+def test_a_tls_failure_is_recorded_and_retried_per_policy(world_factory, certs, foreign, case: str) -> None:
+    """A receiver we cannot verify, or one that refuses our certificate (or its absence): each attempt fails
+    with the TLS reason, is retried with backoff, and the row goes dead once the attempts run out; nothing is
+    received."""
+    client_ca = None if case.startswith("untrusted") else certs.ca
+    tls = {"untrusted receiver": _tls(foreign.ca, client=certs), "untrusted receiver, server-only": _tls(foreign.ca),
+           "no client certificate": _tls(certs.ca), "foreign client certificate": _tls(certs.ca, client=foreign)}[case]
+    with MllpReceiver(tls=_receiver_tls(certs, client_ca=client_ca)) as receiver:
         world = world_factory(receiver.port, tls=tls)
-        assert world.deliver() == StudyState.DELIVERING
-        (row,) = world.rows()
-        assert row.state == DeliveryState.RETRYING and "CERTIFICATE_VERIFY_FAILED" in row.last_error
+        for attempt in (1, 2, 3):
+            expected = StudyState.FAILED if attempt == 3 else StudyState.DELIVERING
+            assert world.deliver() == expected
+            (row,) = world.rows()
+            assert row.attempts == attempt and "TLS" in row.last_error
+            world.make_due()
+        assert row.state == DeliveryState.DEAD and row.failure == FailureReason.ATTEMPTS_EXHAUSTED
+        if case.startswith("untrusted"):
+            assert "CERTIFICATE_VERIFY_FAILED" in row.last_error
         assert receiver.received == []
+
+
+def test_only_the_listener_must_have_a_certificate_of_its_own(tmp_path: Path) -> None:
+    """Clients (hl7v2 and dicom destinations, archives) may use server-only TLS; the DICOM listener cannot."""
+    server_only = {"enabled": True, "ca_certificates": "ca.pem"}
+    settings = load_settings(None, home=tmp_path, destinations=[
+        {"name": "ehr", "kind": "hl7v2", "host": "ehr.example", "port": 2575, "tls": server_only},
+        {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "pacs.example", "port": 2762,
+         "tls": server_only}])
+    assert settings.destination("ehr").tls.certificate is None
+    with pytest.raises(ConfigError, match="dicom.tls.enabled needs dicom.tls.certificate"):
+        load_settings(None, home=tmp_path, dicom={"tls": server_only})
+    with pytest.raises(ConfigError, match="tls.certificate and tls.private_key go together"):
+        load_settings(None, home=tmp_path, destinations=[
+            {"name": "ehr", "kind": "hl7v2", "host": "ehr.example", "port": 2575,
+             "tls": {**server_only, "certificate": "client.pem"}}])

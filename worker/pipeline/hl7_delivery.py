@@ -53,11 +53,12 @@ def frame(message: str) -> bytes:
 
 
 def ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
-    """Client TLS: the receiver verified against ``ca_certificates`` (else the system store), our certificate
-    presented when configured."""
+    """Client TLS (TLS 1.2 or newer): the receiver verified against ``ca_certificates`` (else the system store),
+    our certificate presented only when configured (mutual TLS); server-only TLS needs none."""
     if not tls.enabled:
         return None
     context = ssl.create_default_context(cafile=str(tls.ca_certificates) if tls.ca_certificates else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.certificate is not None and tls.private_key is not None:
         context.load_cert_chain(str(tls.certificate), str(tls.private_key))
     return context
@@ -80,7 +81,9 @@ def exchange(host: str, port: int, message: str, *, timeout: float, connect_time
         raise
     except TimeoutError as exc:
         raise MllpError(f"no acknowledgement from {host}:{port} within {timeout:g} s") from exc
-    except (OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:
+        raise MllpError(f"TLS failure with {host}:{port}: {exc}") from exc
+    except OSError as exc:
         raise MllpError(f"connection to {host}:{port} failed: {exc}") from exc
     finally:
         raw.close()
@@ -91,6 +94,11 @@ def _read_frame(conn: socket.socket, host: str, port: int, timeout: float) -> st
     while END not in data:
         chunk = conn.recv(65536)
         if not chunk:
+            if isinstance(conn, ssl.SSLSocket) and not data:
+                # TLS 1.3: the receiver checks our certificate (or its absence) after our handshake is over,
+                # so a refusal shows as a closed connection when the receiver sends no alert
+                raise MllpError(f"{host}:{port} closed the TLS connection without an acknowledgement (TLS "
+                                "failure? the receiver may not accept our client certificate, or its absence)")
             raise MllpError(f"{host}:{port} closed the connection without an acknowledgement")
         data += chunk
         if len(data) > MAX_ACK_BYTES:
