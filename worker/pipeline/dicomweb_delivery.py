@@ -7,7 +7,7 @@ One request per delivery row (the SR, the key images, the PDF or the SEGs of a r
 queue (:mod:`worker.pipeline.delivery`) owns retries, backoff, dead-letter and idempotence exactly as for DIMSE:
 
 * HTTP 200 (or 202 with Warning Reasons only) without a Failed SOP Sequence (0008,1198): delivered, warnings
-  kept in the detail. The instances keep the UIDs written once for the revision, so a repeat sends the same
+  in the outcome's detail (the ``delivery.delivered`` audit event and log line). The instances keep the UIDs written once for the revision, so a repeat sends the same
   instances and the archive files them once;
 * connection errors, timeouts, 408, 429 and 5xx: transient, retried with backoff;
 * any other 4xx (401 bad credentials, 404 wrong base URL, 409 every instance refused…): permanent, dead at once;
@@ -159,7 +159,8 @@ def _warnings(response: Dataset) -> list[tuple[str, int | None]]:
 
 
 def _body(response: requests.Response) -> Dataset | None:
-    """The STOW response data set in an error answer (DICOM JSON), when the server sent one."""
+    """The Store Instances Response data set of an answer in DICOM JSON (whatever its Content-Type parameters),
+    when the server sent one."""
     try:
         data = json.loads(response.content or b"null")
     except ValueError:
