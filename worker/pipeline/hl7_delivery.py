@@ -84,7 +84,8 @@ def exchange(host: str, port: int, message: str, *, timeout: float, connect_time
     except ssl.SSLError as exc:
         raise MllpError(f"TLS failure with {host}:{port}: {exc}") from exc
     except OSError as exc:
-        raise MllpError(f"connection to {host}:{port} failed: {exc}") from exc
+        raise MllpError(f"{'TLS connection' if tls is not None else 'connection'} to {host}:{port} failed: {exc}") \
+            from exc
     finally:
         raw.close()
 
