@@ -197,6 +197,17 @@ def test_a_tls_failure_is_recorded_and_retried_per_policy(world_factory, certs, 
         assert receiver.received == []
 
 
+def test_a_receiver_that_does_not_speak_tls_is_a_handshake_timeout_retried(world_factory, certs) -> None:
+    """A plain MLLP listener never answers our ClientHello: the handshake is bounded by ``connect_timeout`` and
+    recorded as such (it used to read as a missing acknowledgement)."""
+    with MllpReceiver(default=SILENT) as receiver:
+        world = world_factory(receiver.port, tls=_tls(certs.ca))
+        assert world.deliver() == StudyState.DELIVERING
+        (row,) = world.rows()
+        assert row.state == DeliveryState.RETRYING
+        assert row.last_error == f"TLS handshake with 127.0.0.1:{receiver.port} not done within 1 s"
+
+
 def test_only_the_listener_must_have_a_certificate_of_its_own(tmp_path: Path) -> None:
     """Clients (hl7v2 and dicom destinations, archives) may use server-only TLS; the DICOM listener cannot."""
     server_only = {"enabled": True, "ca_certificates": "ca.pem"}

@@ -72,7 +72,7 @@ def exchange(host: str, port: int, message: str, *, timeout: float, connect_time
     except OSError as exc:
         raise MllpError(f"cannot connect to {host}:{port}: {exc}") from exc
     try:
-        conn = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+        conn = _handshake(raw, tls, host, port, connect_timeout) if tls is not None else raw
         with conn:
             conn.settimeout(timeout)
             conn.sendall(frame(message))
@@ -88,6 +88,14 @@ def exchange(host: str, port: int, message: str, *, timeout: float, connect_time
             from exc
     finally:
         raw.close()
+
+
+def _handshake(raw: socket.socket, tls: ssl.SSLContext, host: str, port: int, connect_timeout: float) -> ssl.SSLSocket:
+    """The TLS handshake, within ``connect_timeout`` (part of opening the connection)."""
+    try:
+        return tls.wrap_socket(raw, server_hostname=host)
+    except TimeoutError as exc:
+        raise MllpError(f"TLS handshake with {host}:{port} not done within {connect_timeout:g} s") from exc
 
 
 def _read_frame(conn: socket.socket, host: str, port: int, timeout: float) -> str:
