@@ -29,11 +29,11 @@ def receiver():
 
 @pytest.fixture
 def world_factory(tmp_path: Path, retina_rgb: np.ndarray):
-    def make(port: int, tls: str = "", **hl7: object) -> World:
+    def make(port: int, tls: str = "", timeout: float = 1.0, **hl7: object) -> World:
         options = "".join(f"{key} = {json.dumps(value)}\n" for key, value in hl7.items())
         return World(tmp_path, retina_rgb,
                      f'name = "ehr"\nkind = "hl7v2"\nhost = "127.0.0.1"\nport = {port}\n'
-                     "timeout = 1.0\nconnect_timeout = 1.0\nbackoff_seconds = 10\nmax_attempts = 3\n"
+                     f"timeout = {timeout}\nconnect_timeout = {timeout}\nbackoff_seconds = 10\nmax_attempts = 3\n"
                      f"{tls}"
                      f'[destinations.hl7]\nsending_facility = "EYECLINIC"\nreceiving_application = "EHR"\n{options}')
 
@@ -130,6 +130,11 @@ def test_a_new_revision_is_sent_as_a_correction(receiver, world_factory) -> None
     assert _order(second).obr.obr_3.to_er7() == "ACC-7"  # the same order, corrected
 
 
+TLS_TIMEOUT = 10.0
+"""Timeouts of the TLS drills that expect a handshake to finish or be refused: a loaded CI machine may take
+more than a second for one, which would read as a timeout instead."""
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     return make_certificates(tmp_path_factory.mktemp("pki"))
@@ -157,7 +162,7 @@ def _tls(ca: Path, client: Certificates | None = None) -> str:
 
 def test_mllp_over_tls_verifies_the_receiver_and_presents_our_certificate(world_factory, certs) -> None:
     with MllpReceiver(tls=_receiver_tls(certs, client_ca=certs.ca)) as receiver:
-        world = world_factory(receiver.port, tls=_tls(certs.ca, client=certs))
+        world = world_factory(receiver.port, tls=_tls(certs.ca, client=certs), timeout=TLS_TIMEOUT)
         assert world.deliver() == StudyState.DELIVERED
         (message,) = receiver.received
         assert parse(message).msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
@@ -167,7 +172,7 @@ def test_mllp_over_server_only_tls_needs_no_client_certificate(world_factory, ce
     """Most interface engines authenticate the server only: TLS with a CA bundle and no certificate of ours
     (the configuration used to refuse ``tls.enabled`` without ``certificate`` and ``private_key``)."""
     with MllpReceiver(tls=_receiver_tls(certs)) as receiver:
-        world = world_factory(receiver.port, tls=_tls(certs.ca))
+        world = world_factory(receiver.port, tls=_tls(certs.ca), timeout=TLS_TIMEOUT)
         assert world.deliver() == StudyState.DELIVERED
         (message,) = receiver.received
         assert parse(message).msh.msh_9.to_er7() == "ORU^R01^ORU_R01"
@@ -184,7 +189,7 @@ def test_a_tls_failure_is_recorded_and_retried_per_policy(world_factory, certs, 
     tls = {"untrusted receiver": _tls(foreign.ca, client=certs), "untrusted receiver, server-only": _tls(foreign.ca),
            "no client certificate": _tls(certs.ca), "foreign client certificate": _tls(certs.ca, client=foreign)}[case]
     with MllpReceiver(tls=_receiver_tls(certs, client_ca=client_ca)) as receiver:
-        world = world_factory(receiver.port, tls=tls)
+        world = world_factory(receiver.port, tls=tls, timeout=TLS_TIMEOUT)
         for attempt in (1, 2, 3):
             expected = StudyState.FAILED if attempt == 3 else StudyState.DELIVERING
             assert world.deliver() == expected
