@@ -84,3 +84,18 @@ def test_chat_needs_a_stored_study(env: Path) -> None:
     assert code == 0, out
     code, out = run("chat", "1.2.3.4", "--question", "Is it urgent?")
     assert code == 1 and "no study 1.2.3.4" in out
+
+
+def test_import_with_activate_goes_through_the_promotion_gate(env: Path, tiny_dir: Path) -> None:
+    """A site's first model is activated at import; a later ``import --activate`` is registered, then judged by
+    the same gate as ``model activate`` (it used to replace the active model unjudged)."""
+    code, out = run("model", "import", "--format", "hf-llava", str(tiny_dir), "--activate", "--json")
+    assert code == 0 and json.loads(out)["active"], out
+    code, out = run("model", "import", "--format", "hf-llava", str(tiny_dir), "--version", "candidate", "--activate")
+    assert code == 1 and "cannot judge candidate against the active v1" in out, out
+    code, out = run("model", "list", "--json")
+    assert [(v["version"], v["active"]) for v in json.loads(out)] == [("v1", True), ("candidate", False)]
+    assert run("db", "upgrade")[0] == 0
+    code, out = run("model", "import", "--format", "hf-llava", str(tiny_dir), "--version", "forced", "--activate",
+                    "--force", "--json")
+    assert code == 0 and json.loads(out)["version"] == "forced" and json.loads(out)["active"], out

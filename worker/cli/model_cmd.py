@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from worker.cli.common import (
@@ -21,6 +22,7 @@ from worker.cli.common import (
     ConfigOption,
     JsonOption,
     console,
+    err_console,
     one_line_errors,
     print_json,
     settings,
@@ -88,17 +90,29 @@ def import_command(
     ] = None,
     version: Annotated[str | None, typer.Option(help="Version name (default v<n+1>).")] = None,
     name: Annotated[str, typer.Option(help="Model name in results.")] = "retinalgpt",
-    activate: Annotated[bool, typer.Option("--activate", help="Make it the active version.")] = False,
+    activate: Annotated[
+        bool, typer.Option("--activate", help="Make it the active version (through the promotion gate when another "
+                           "version is active).")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --activate: past a promotion gate that refuses (audited).")
+    ] = False,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Convert a released checkpoint into a model directory and register it."""
+    """Convert a released checkpoint into a model directory and register it. With --activate it becomes the
+    active version at once when none is active (a site's first model); otherwise it is registered and then
+    activated through the same promotion gate as ``model activate``."""
     from model.checkpoint import CheckpointError
     from model.importers import import_checkpoint
     from model.registry import RegistryError
 
     registry = _registry(config)
     registry.root.mkdir(parents=True, exist_ok=True)
+    try:
+        first = registry.active() is None
+    except RegistryError as exc:
+        raise _wrap(exc) from None
     staging = Path(tempfile.mkdtemp(dir=registry.root, prefix=".import-"))
     try:
         with console.status(f"converting {source} ({fmt})"):
@@ -106,12 +120,17 @@ def import_command(
                 fmt, source, staging / "model", vision_tower=vision_tower, name=name, mm_projector=mm_projector
             )
         registered = registry.register(
-            converted, version=version, move=True, activate=activate, source_label=f"{fmt}:{source}"
+            converted, version=version, move=True, activate=activate and first, source_label=f"{fmt}:{source}"
         )
     except (CheckpointError, RegistryError, ValueError, OSError) as exc:
         raise _wrap(exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if activate and not first:
+        out = err_console if json_output else console
+        out.print(f"registered {registered.version}; activating it through the promotion gate", highlight=False)
+        _activate_through_gate(config, registered.version, force, out)
+        registered = registry.get(registered.version)
     if json_output:
         print_json(registered.as_dict())
         return
@@ -176,6 +195,12 @@ def activate_command(
     site's signed cases (AUC or sensitivity lower by more than ``[model] promotion_margin`` for a condition with
     at least ``[model] promotion_min_cases`` signed images of both classes), and refused as inconclusive when no
     condition has that many signed images; --force activates anyway and is audited."""
+    _activate_through_gate(config, version, force)
+
+
+def _activate_through_gate(config: Path | None, version: str, force: bool, out: Console = console) -> None:
+    """Activate ``version`` unless the promotion gate refuses it (see ``model activate``); with ``force`` past
+    the gate, audited. Messages go to ``out`` (stderr where stdout carries JSON)."""
     from model.registry import RegistryError
 
     effective = settings(config)
@@ -200,7 +225,7 @@ def activate_command(
         inconclusive = gate["verdict"] == "inconclusive"
         reasons = [gate["shortfall"]] if inconclusive else gate["regressions"]
         if gate["verdict"] == "not worse":
-            console.print(f"promotion gate: {version} is not worse than {current.version} on the signed cases "
+            out.print(f"promotion gate: {version} is not worse than {current.version} on the signed cases "
                           f"(judged: {', '.join(gate['judged'])})", highlight=False)
     if reasons and not force:
         if inconclusive:
@@ -221,8 +246,8 @@ def activate_command(
                {"version": version, "previous": current.version if current else None, "reasons": reasons,
                 "verdict": "inconclusive" if inconclusive else "worse",
                 "margin": effective.model.promotion_margin, "min_cases": effective.model.promotion_min_cases})
-        console.print(f"forced past the promotion gate: {'; '.join(reasons)}", highlight=False)
-    console.print(f"active model version: {chosen.version} (Device UID {chosen.device_uid})")
+        out.print(f"forced past the promotion gate: {'; '.join(reasons)}", highlight=False)
+    out.print(f"active model version: {chosen.version} (Device UID {chosen.device_uid})")
 
 
 def _has_signoffs(effective: Settings) -> bool:
