@@ -91,6 +91,7 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int | Non
     inference = INFERENCE_QUEUE in queues
     if inference:
         _return_image_buffers_to_the_system()
+        _load_the_analyzer_when_a_pool_process_starts(settings)
     pool = "prefork" if inference else "threads"
     workers = concurrency or (1 if inference and DELIVERY_QUEUE not in queues else 2 if inference else 4)
     name = "+".join(queues)
@@ -118,6 +119,28 @@ def _return_image_buffers_to_the_system() -> None:
         libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     except (OSError, AttributeError):
         log.warning("cannot set the malloc thresholds of the inference processes (no glibc)")
+
+
+def _load_the_analyzer_when_a_pool_process_starts(settings: Settings) -> None:
+    """Each inference pool process loads the measurement pipeline and RetinalGPT as soon as it starts, in a
+    thread (Celery waits only a few seconds for a new pool process to report), instead of on its first study:
+    the first study after a start or a restart of the worker no longer waits for the model. A first task that
+    arrives earlier waits for the same load (:func:`worker.runtime.analyzer` holds a lock); a load that fails is
+    logged here and fails that study with its reason as before."""
+    from celery.signals import worker_process_init
+
+    def load() -> None:
+        from worker.runtime import analyzer
+
+        try:
+            analyzer(settings)
+        except Exception:  # noqa: BLE001 -- the job that needs it records the same failure on the study
+            log.exception("loading the analyzer at pool process start failed; the first study will retry it")
+
+    def start(**_: object) -> None:
+        threading.Thread(target=load, name="analyzer-preload", daemon=True).start()
+
+    worker_process_init.connect(start, weak=False)
 
 
 def _die_with_parent() -> None:

@@ -1,7 +1,7 @@
 """Per-process singletons built from the configuration: the study analyzer and the report options.
 
-The measurement pipeline and RetinalGPT are loaded once per worker process (DESIGN step 3) on first use and
-reused for every study. Heavy imports (torch) happen here, inside functions, so processes that never analyse
+The measurement pipeline and RetinalGPT are loaded once per worker process (DESIGN step 3) as the pool process
+starts (in a thread, :mod:`worker.roles`) or on first use, whichever comes first, and reused for every study. Heavy imports (torch) happen here, inside functions, so processes that never analyse
 (listener, API, delivery) never import them.
 """
 

@@ -1,6 +1,7 @@
 """End to end through real processes: a camera stores a study by C-STORE (dcmtk storescu), `retinalgpt up` runs
 node, inference and delivery on the embedded default, and an MLLP receiver (asyncio, ACKs built by hl7apy)
-gets one ORU^R01 per revision: final first, a correction (C) after `studies rerun`; an AE answer is retried."""
+gets one ORU^R01 per revision: final first, a correction (C) after `studies rerun`; an AE answer is retried. The
+inference pool process has loaded the model before the study arrives (it loads at start, not on the first study)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def test_camera_to_ehr_by_hl7_with_a_retry_and_a_corrected_revision(tmp_path: Pa
             wait_for(lambda: subprocess.run(["/usr/bin/echoscu", "-aet", "CAMERA", "-aec", "RETINALGPT", "127.0.0.1",
                                              str(node_port)], capture_output=True).returncode == 0, 90, "node echo",
                      diagnostics=diagnostics)
+            wait_for(lambda: "RetinalGPT retinalgpt-tiny" in roles.log("up") and "loaded from" in roles.log("up"), 120,
+                     "the inference process loading the model before any study arrives", diagnostics=diagnostics)
             study_uid, paths = op_files(tmp_path / "camera", retina_rgb)
             sent = subprocess.run(["/usr/bin/storescu", "-aet", "CAMERA", "-aec", "RETINALGPT", "127.0.0.1",
                                    str(node_port), *map(str, paths)], capture_output=True, text=True,
