@@ -6,12 +6,14 @@ study in Orthanc and the FHIR transaction to the FHIR server. Run on the embedde
 SQLAlchemy broker), on PostgreSQL + Redis and on PostgreSQL + RabbitMQ. On the embedded default the study's
 originals are then purged by retention and ``studies rerun`` fetches them back from Orthanc (the query/retrieve
 archive, C-GET): the revision-2 SR names the first as its predecessor and the same FHIR report is updated (still
-preliminary: nobody signed it).
+preliminary: nobody signed it). That run also reads the API and chats about a patient with distinctive
+identifiers, and then no log line or audit event of it holds them (issue 19 item 4).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import datetime as dt
 import io
 import json
@@ -35,7 +37,18 @@ from tests.support.orthanc import Orthanc
 from tests.support.roles import Roles, retinalgpt, wait_for
 from tests.support.services import postgres_database, rabbitmq_vhost, redis_database
 from worker.config import load_settings
-from worker.db import Analysis, Database, Delivery, DeliveryState, Job, JobState, Study, StudyState, utcnow
+from worker.db import (
+    Analysis,
+    AuditEvent,
+    Database,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    utcnow,
+)
 from worker.pipeline.retention import purge_expired
 from worker.pipeline.sources import ophthalmic_photograph
 
@@ -139,7 +152,8 @@ class _Stopper:
         self.pacs.stop()
 
 
-def op_files(folder: Path, retina: np.ndarray, size: int = 768) -> tuple[str, list[Path]]:
+def op_files(folder: Path, retina: np.ndarray, size: int = 768, *, patient_id: str = "E2E-1",
+             patient_name: str = "Test^Eye", birth_date: str | None = None) -> tuple[str, list[Path]]:
     """Two OP instances (right eye, mirrored left eye) of a new study, written as files."""
     right = np.asarray(Image.fromarray(retina).resize((size, size), Image.Resampling.LANCZOS))
     study_uid, series_uid = generate_uid(), generate_uid()
@@ -147,8 +161,10 @@ def op_files(folder: Path, retina: np.ndarray, size: int = 768) -> tuple[str, li
     paths = []
     for number, (eye, pixels) in enumerate(((Laterality.RIGHT, right), (Laterality.LEFT, right[:, ::-1])), 1):
         ds = ophthalmic_photograph(np.ascontiguousarray(pixels), study_instance_uid=study_uid,
-                                   series_instance_uid=series_uid, patient_id="E2E-1", patient_name="Test^Eye",
+                                   series_instance_uid=series_uid, patient_id=patient_id, patient_name=patient_name,
                                    laterality=eye, instance_number=number, accession_number="ACC1")
+        if birth_date is not None:
+            ds.PatientBirthDate = birth_date
         path = folder / f"{number}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -163,10 +179,11 @@ def node_answers_orthanc(s: Stack) -> bool:
     return True
 
 
-def camera_sends_study(s: Stack, retina: np.ndarray, folder: Path) -> str:
-    """Orthanc (as the camera) stores an OP study and sends it to our node by C-STORE."""
+def camera_sends_study(s: Stack, retina: np.ndarray, folder: Path, **patient: str) -> str:
+    """Orthanc (as the camera) stores an OP study (``patient``: :func:`op_files`' patient keywords) and sends it
+    to our node by C-STORE."""
     wait_for(lambda: node_answers_orthanc(s), 90, "our node to answer Orthanc's C-ECHO", diagnostics=s.diagnostics)
-    study_uid, paths = op_files(folder, retina)
+    study_uid, paths = op_files(folder, retina, **patient)
     for path in paths:
         s.pacs.upload(path)
     orthanc_study = s.pacs.study_id(study_uid)
@@ -218,11 +235,30 @@ def assert_delivered_once(s: Stack, study_uid: str) -> StudyAnalysis:
     return analysis
 
 
+PATIENT_ID = "PRIV-51873"
+FAMILY, GIVEN = "Privacyson", "Patricia"
+BIRTH_DATE = "19470203"
+TOKEN = "e2e-read-token-4kQ9sXv2"
+IDENTIFIERS = (PATIENT_ID, FAMILY, GIVEN, BIRTH_DATE, "1947-02-03", TOKEN)
+"""What must never appear in a log line or an audit event (issue 19 item 4)."""
+
+
 def test_camera_to_pacs_and_ehr_on_embedded_default_with_rerun(tmp_path: Path, retina_rgb: np.ndarray) -> None:
+    """`retinalgpt up` (node, workers, API) on the embedded default: Orthanc as the camera sends a study of a
+    patient with distinctive identifiers; its results reach the PACS, the EHR and a folder; the EHR searches the
+    API by the patient's MRN (worklist and FHIR, one client careless enough to put its token in the query string)
+    and a clinician asks RetinalGPT a question that names the patient; retention purges the originals and a
+    re-run fetches them back from Orthanc for revision 2. Then no log line and no audit event of the whole run
+    holds the patient's name, ID or birth date, or the token (issue 19 item 4)."""
     with stack(tmp_path) as s:
-        s.roles.start("up", "up", "--no-api")
+        api_port = free_port()
+        with s.config.open("a") as config:  # TOML: plain tables may follow the [[destinations]] array
+            config.write(f'[api]\nhost = "127.0.0.1"\nport = {api_port}\n'
+                         f'tokens = [{{ name = "ehr", sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}" }}]\n')
+        s.roles.start("up", "up")
         assert retinalgpt("echo", "pacs", config=s.config).returncode == 0
-        study_uid = camera_sends_study(s, retina_rgb, tmp_path / "camera")
+        study_uid = camera_sends_study(s, retina_rgb, tmp_path / "camera", patient_id=PATIENT_ID,
+                                       patient_name=f"{FAMILY}^{GIVEN}", birth_date=BIRTH_DATE)
         results_in_pacs(s, study_uid)
         wait_for(lambda: (st := s.study(study_uid)) and st.state == StudyState.DELIVERED, 120, "state delivered",
                  diagnostics=s.diagnostics)
@@ -230,6 +266,7 @@ def test_camera_to_pacs_and_ehr_on_embedded_default_with_rerun(tmp_path: Path, r
         reports = fhir_reports(s)
         assert len(reports) == 1 and reports[0]["status"] == "preliminary"  # unsigned AI result
         first_sr = _srs(s, study_uid)[0]
+        _ehr_reads_and_a_clinician_asks(s, f"http://127.0.0.1:{api_port}", study_uid)
 
         # retention purges the delivered study's originals; the re-run fetches them back from Orthanc (C-GET)
         settings = load_settings(s.config)
@@ -257,6 +294,47 @@ def test_camera_to_pacs_and_ehr_on_embedded_default_with_rerun(tmp_path: Path, r
             rows = session.scalars(select(Analysis).order_by(Analysis.revision)).all()
             assert [(r.revision, r.superseded) for r in rows] == [(1, True), (2, False)]
         db.dispose()
+        s.roles.stop_all()
+        _no_identifier_in_logs_or_audit(s, tmp_path / "logs")
+
+
+def _ehr_reads_and_a_clinician_asks(s: Stack, api: str, study_uid: str) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    wait_for(lambda: _up(f"{api}/healthz"), 60, "the API", diagnostics=s.diagnostics)
+    worklist = httpx.get(f"{api}/api/worklist", params={"patient_id": PATIENT_ID}, headers=auth, timeout=30)
+    assert worklist.status_code == 200 and worklist.json()["total"] == 1, worklist.text
+    patients = httpx.get(f"{api}/fhir/r4/Patient", params={"identifier": PATIENT_ID, "access_token": TOKEN},
+                         headers=auth, timeout=30)
+    assert patients.status_code in {200, 400}, patients.text  # unknown parameter or match: either is fine
+    question = f"Does {GIVEN} {FAMILY} ({PATIENT_ID}, born 1947-02-03) need a referral?"
+    chat = httpx.post(f"{api}/api/studies/{study_uid}/chat", json={"question": question}, headers=auth, timeout=180)
+    assert chat.status_code == 200, chat.text
+
+
+def _no_identifier_in_logs_or_audit(s: Stack, logs_folder: Path) -> None:
+    logs = {path.name: path.read_text(errors="replace") for path in logs_folder.glob("*.log")}
+    assert logs and sum(len(text.splitlines()) for text in logs.values()) > 20  # the run did log
+    assert "retinalgpt.access: GET /api/worklist 200" in logs["up.log"]
+    leaks = [f"{name}: {line}" for name, text in logs.items() for line in text.splitlines()
+             if any(identifier in line for identifier in IDENTIFIERS)]
+    assert leaks == [], "\n".join(leaks[:20])
+    db = s.db
+    try:
+        with db.session() as session:
+            events = session.scalars(select(AuditEvent)).all()
+    finally:
+        db.dispose()
+    assert {"study.complete", "study.analysed", "chat"} <= {e.action for e in events}
+    audited = [json.dumps({"actor": e.actor, "action": e.action, "detail": e.detail}) for e in events]
+    leaked = [line for line in audited if any(identifier in line for identifier in IDENTIFIERS)]
+    assert leaked == [], "\n".join(leaked[:20])
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _srs(s: Stack, study_uid: str) -> list[pydicom.Dataset]:
