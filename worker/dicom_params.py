@@ -61,25 +61,23 @@ def peer_params(settings: Settings, destination: Destination | str) -> PeerParam
     dest = settings.destination(destination) if isinstance(destination, str) else destination
     if dest.kind != "dicom" or dest.ae_title is None or dest.host is None or dest.port is None:
         raise ConfigError(f"destination {dest.name!r} is not a DICOM destination")
-    return PeerParams(
-        ae_title=dest.ae_title,
-        host=dest.host,
-        port=dest.port,
-        calling_ae_title=settings.dicom.ae_title,
-        timeout=dest.timeout,
-        max_pdu_size=settings.dicom.max_pdu_size,
-        tls=tls_params(dest.tls),
-    )
+    return _called_peer(settings, dest.ae_title, dest.host, dest.port, dest.timeout, dest.tls)
 
 
 def archive_params(settings: Settings, archive: Archive) -> PeerParams:
     """The query/retrieve peer of an ``[[archives]]`` entry; our AE title calls it."""
+    return _called_peer(settings, archive.ae_title, archive.host, archive.port, archive.timeout, archive.tls)
+
+
+def _called_peer(settings: Settings, ae_title: str, host: str, port: int, timeout: float,
+                 tls: TlsSettings) -> PeerParams:
+    """A peer our node calls: its address, with our AE title, PDU size and the peer's TLS settings."""
     return PeerParams(
-        ae_title=archive.ae_title,
-        host=archive.host,
-        port=archive.port,
+        ae_title=ae_title,
+        host=host,
+        port=port,
         calling_ae_title=settings.dicom.ae_title,
-        timeout=archive.timeout,
+        timeout=timeout,
         max_pdu_size=settings.dicom.max_pdu_size,
-        tls=tls_params(archive.tls),
+        tls=tls_params(tls),
     )
