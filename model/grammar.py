@@ -52,6 +52,12 @@ class _Line:
     literal: str
     check: LineCheck | None = None
 
+    @classmethod
+    def starting(cls, literal: str, rest: str, check: LineCheck | None = None) -> _Line:
+        """The line ``literal`` (matched as written) followed by the pattern ``rest``: the literal the cheap
+        test reads and the pattern's start are one text."""
+        return cls(_compile(regex.escape(literal) + rest), literal, check)
+
     def matches(self, line: str, *, partial: bool) -> bool:
         if not (line.startswith(self.literal) or (partial and self.literal.startswith(line))):
             return False
@@ -131,7 +137,7 @@ def _compile(pattern: str) -> regex.Pattern[str]:
 def _modality_quality() -> list[_OrderedLines]:
     modalities = "|".join(regex.escape(m) for m in protocol.MODALITIES)
     qualities = "|".join(regex.escape(w) for w in protocol.QUALITY_WORDS.values())
-    line = _Line(_compile(rf"This is a (?:{modalities})\.(?: Image quality: (?:{qualities})\.)?"), "This is a ")
+    line = _Line.starting("This is a ", rf"(?:{modalities})\.(?: Image quality: (?:{qualities})\.)?")
     return [_OrderedLines((line,))]
 
 
@@ -142,26 +148,21 @@ def _disease() -> list[_OrderedLines]:
             value = rf"grade [0-{max_grade(condition)}]"
         else:
             value = "(?:absent|present)"
-        name = protocol.CONDITION_NAMES[condition]
-        kinds.append(_Line(_compile(rf"{regex.escape(name)}: {value}\."), f"{name}: "))
+        kinds.append(_Line.starting(f"{protocol.CONDITION_NAMES[condition]}: ", rf"{value}\."))
     return [_OrderedLines(tuple(kinds))]
 
 
 def _vascular() -> list[_OrderedLines]:
-    return [
-        _OrderedLines(
-            tuple(_Line(_compile(rf"{regex.escape(key)} is {_VALUE}"), f"{key} is ") for key in protocol.VASCULAR_FEATURES)
-        )
-    ]
+    return [_OrderedLines(tuple(_Line.starting(f"{key} is ", _VALUE) for key in protocol.VASCULAR_FEATURES))]
 
 
 def _lesions() -> list[_OrderedLines]:
     boxes = rf"{_BOX}(?:, {_BOX}){{0,{MAX_BOXES_PER_TYPE - 1}}}"
     kinds = tuple(
-        _Line(_compile(rf"{regex.escape(name)}: {boxes}\."), f"{name}: ", _boxes_ordered)
+        _Line.starting(f"{name}: ", rf"{boxes}\.", _boxes_ordered)
         for name in (protocol.LESION_NAMES[kind] for kind in protocol.LesionType)
     )
-    return [_OrderedLines((_Line(_compile(r"No lesions detected\."), "No lesions detected."),)), _OrderedLines(kinds)]
+    return [_OrderedLines((_Line.starting("No lesions detected.", ""),)), _OrderedLines(kinds)]
 
 
 def _boxes_ordered(line: str) -> bool:
