@@ -22,10 +22,50 @@ INTENDED_USE = (
 )
 
 
+CALIBRATION_NOTE = (
+    "Expected calibration error (10 equal-width bins) of P(present) with its bootstrap 95 % interval. A perfectly "
+    "calibrated model does not measure 0 on a hundred images: the next column is the ECE such a model shows with "
+    "these predictions (labels drawn from the probabilities themselves), and p the share of those draws that "
+    "reach the measured ECE — a small p is miscalibration the test images can see, a large one is within their noise."
+)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.3f}"
     return str(value)
+
+
+def _ece_detail(auc: dict[str, Any]) -> str:
+    """`` (95 % CI; calibrated: …) | value (low–high); median / q of a calibrated model, p`` where recorded."""
+    if "ece_ci95" not in auc:
+        return f" | {_fmt(auc['ece'])}"
+    low, high = auc["ece_ci95"]
+    calibrated = auc["ece_calibrated"]
+    return (f" (95 % CI; a calibrated model on as many images: median, 95th percentile; p) | {_fmt(auc['ece'])} "
+            f"({_fmt(low)}–{_fmt(high)}; {_fmt(calibrated['median'])}, {_fmt(calibrated['quantile'])}; "
+            f"p = {_fmt(auc['ece_p_value'])})")
+
+
+def calibration_table(report: dict[str, Any]) -> list[str]:
+    """Pooled expected calibration error per task (development test splits, then all including the
+    evaluation-only sets): the ECE with its bootstrap interval beside the ECE a perfectly calibrated model shows on
+    as many images, and the share of such models that would measure at least as much (p)."""
+    pooled = report.get("calibration", {})
+    if not pooled:
+        return []
+    lines = ["| task | test splits | n | ECE (95 % CI) | calibrated model: median, 95th percentile | p |",
+             "|---|---|---|---|---|---|"]
+    for task, scopes in pooled.items():
+        for scope in ("development", "all"):
+            entry = scopes.get(scope)
+            if entry is None or "ci95" not in entry:
+                continue
+            low, high = entry["ci95"]
+            calibrated = entry["calibrated_ece"]
+            lines.append(f"| {task} | {scope} | {entry['n']} | {_fmt(entry['ece'])} ({_fmt(low)}–{_fmt(high)}) | "
+                         f"{_fmt(calibrated['median'])}, {_fmt(calibrated['quantile'])} | {_fmt(entry['p_value'])} |")
+    return lines
 
 
 def metrics_table(report: dict[str, Any]) -> list[str]:
@@ -37,7 +77,7 @@ def metrics_table(report: dict[str, Any]) -> list[str]:
             lines.append(f"| {name} | {task} | ROC AUC (95 % CI) | {_fmt(auc['auc'])}{interval} | "
                          f"{auc['n']} ({auc['positives']} positive) |")
             if "ece" in auc:
-                lines.append(f"| {name} | {task} | expected calibration error | {_fmt(auc['ece'])} | {auc['n']} |")
+                lines.append(f"| {name} | {task} | expected calibration error{_ece_detail(auc)} | {auc['n']} |")
         if "referable_operating_point" in result:
             op = result["referable_operating_point"]
             for what in ("sensitivity", "specificity"):
@@ -129,6 +169,9 @@ def write_model_card(model_dir: Path, command: str, report: dict[str, Any] | Non
         lines += ["## Test-split metrics", "",
                   f"Parse failures over {report.get('answers', 0)} answers: "
                   f"{100 * report.get('parse_failure_rate', 0.0):.2f}%", "", *metrics_table(report), ""]
+        pooled = calibration_table(report)
+        if pooled:
+            lines += ["### Calibration, test splits pooled per task", "", CALIBRATION_NOTE, "", *pooled, ""]
     if notes:
         lines += ["## Notes", "", notes, ""]
     path = model_dir / CARD_FILE

@@ -15,7 +15,8 @@ lesion type its own question and applies the stored calibration: the findings' P
 lesion-presence probabilities.
 
 Metrics (:mod:`training.metrics`): DR grade accuracy and quadratic-weighted kappa, ROC AUC of every binary label
-the dataset has with a bootstrap 95 % interval, expected calibration error, sensitivity and specificity of
+the dataset has with a bootstrap 95 % interval, expected calibration error with a bootstrap 95 % interval and the
+ECE a perfectly calibrated model would measure on as many images (consistency resampling), sensitivity and specificity of
 referable DR at the model's operating point (Wilson intervals), the share of images whose findings cover every
 trained condition, lesion box AP at IoU 0.5, answer-parse failure rate. Written as ``metrics.json``,
 ``report.md``, ROC curves, reliability diagrams and confusion matrices (PNG). ``metrics.json`` also records, per
@@ -37,7 +38,7 @@ from model import protocol
 from model.protocol import Task
 from model.schema import Condition, LandmarkType, LesionType, max_grade
 from training import metrics
-from training.calibration import expected_calibration_error, reliability
+from training.calibration import calibration_error_statistics, reliability
 from training.images import load_rgb
 from training.records import Record
 from training.tasks import TASKS_BY_NAME
@@ -226,9 +227,12 @@ def dataset_metrics(records: Sequence[Record], outcomes: Sequence[ImageOutcome],
         if pairs and len({y for y, _ in pairs}) == 2:
             truth, scores = [y for y, _ in pairs], [s for _, s in pairs]
             low, high = metrics.bootstrap_auc_ci(truth, scores)
+            calibration = calibration_error_statistics(truth, scores)
             out.setdefault("auc", {})[task] = {"auc": metrics.roc_auc(truth, scores), "ci95": [low, high],
                                                "n": len(pairs), "positives": int(sum(truth)),
-                                               "ece": expected_calibration_error(truth, scores)}
+                                               "ece": calibration["ece"], "ece_ci95": calibration["ci95"],
+                                               "ece_calibrated": calibration["calibrated_ece"],
+                                               "ece_p_value": calibration["p_value"]}
             if task == "referable_diabetic_retinopathy" and threshold is not None:
                 out["referable_operating_point"] = metrics.operating_point(truth, scores, threshold)
     completeness = [o.complete for o in outcomes if o.complete is not None]
@@ -342,8 +346,9 @@ def score_histograms(raw: dict[str, Any], bins: int = SCORE_BINS) -> dict[str, A
 
 
 def pooled_calibration(raw: dict[str, Any]) -> dict[str, Any]:
-    """Per task, pooled over the evaluated datasets: expected calibration error and the reliability diagram's
-    points (with and without the evaluation-only datasets)."""
+    """Per task, pooled over the evaluated datasets: expected calibration error with its bootstrap interval and
+    the ECE a calibrated model would show on as many images (:func:`training.calibration.calibration_error_statistics`),
+    and the reliability diagram's points (with and without the evaluation-only datasets)."""
     from training.adapters.shared import EVALUATION_ONLY
 
     out: dict[str, Any] = {}
@@ -352,7 +357,7 @@ def pooled_calibration(raw: dict[str, Any]) -> dict[str, Any]:
             pairs = [p for n in names for p in _labelled_scores(*raw[n], task)]
             if len({y for y, _ in pairs}) == 2:
                 truth, scores = [y for y, _ in pairs], [p for _, p in pairs]
-                out.setdefault(task, {})[scope] = {"ece": expected_calibration_error(truth, scores), "n": len(pairs),
+                out.setdefault(task, {})[scope] = {**calibration_error_statistics(truth, scores),
                                                    "reliability": reliability(truth, scores)}
     return out
 
@@ -361,7 +366,7 @@ def write_report(report: dict[str, Any], raw: dict[str, Any], output: Path) -> N
     """``metrics.json``, ``report.md``, ``roc_<dataset>.png`` and ``confusion_<dataset>.png`` in ``output``."""
     import matplotlib
 
-    from training.card import metrics_table
+    from training.card import calibration_table, metrics_table
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -370,7 +375,7 @@ def write_report(report: dict[str, Any], raw: dict[str, Any], output: Path) -> N
     (output / "metrics.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"# Evaluation of {report['model']}", "",
              f"Answers: {report['answers']}, parse failures: {100 * report['parse_failure_rate']:.1f}%", "",
-             *metrics_table(report)]
+             *metrics_table(report), "", *calibration_table(report)]
     (output / "report.md").write_text("\n".join(lines) + "\n")
     calibration = report.get("calibration", {})
     if calibration:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.calibration import expected_calibration_error, fit_calibration, reliability, sensitivity_threshold
+from training.calibration import (
+    calibration_error_statistics,
+    expected_calibration_error,
+    fit_calibration,
+    reliability,
+    sensitivity_threshold,
+)
 
 
 def test_fit_recovers_temperature_and_bias() -> None:
@@ -38,6 +44,31 @@ def test_expected_calibration_error() -> None:
     assert expected_calibration_error([0, 0, 0, 0], [0.9, 0.9, 0.9, 0.9]) == pytest.approx(0.9)
     points = reliability([0, 1, 1, 1], [0.05, 0.95, 0.95, 0.95])
     assert [(p["bin"], p["observed"], p["n"]) for p in points] == [(0, 0.0, 1), (9, 1.0, 3)]
+
+
+def test_expected_calibration_error_is_the_weighted_gap_of_every_bin() -> None:
+    rng = np.random.default_rng(3)
+    p = rng.random(500)
+    y = (rng.random(500) < p**2).astype(int)
+    expected = sum(point["n"] / 500 * abs(point["observed"] - point["predicted"]) for point in reliability(y, p))
+    assert expected_calibration_error(y, p) == pytest.approx(expected)
+    assert expected_calibration_error(y, p) > 0.1
+
+
+def test_calibration_error_statistics_tell_small_split_noise_from_miscalibration() -> None:
+    rng = np.random.default_rng(7)
+    p = rng.random(120)
+    calibrated = (rng.random(120) < p).astype(int)
+    honest = calibration_error_statistics(calibrated, p)
+    assert honest["n"] == 120
+    assert honest["ci95"][0] <= honest["ece"] <= honest["ci95"][1]
+    assert honest["calibrated_ece"]["median"] > 0.03  # 120 images: a calibrated model's ECE is not ≈ 0
+    assert honest["p_value"] > 0.05
+    overconfident = np.clip(p + 0.25 * np.sign(p - 0.5), 0.0, 1.0)
+    shifted = calibration_error_statistics(calibrated, overconfident)
+    assert shifted["ece"] > honest["calibrated_ece"]["quantile"]
+    assert shifted["p_value"] < 0.01
+    assert calibration_error_statistics(calibrated, p) == honest  # seeded: the same figures every run
 
 
 def test_sensitivity_threshold_is_the_highest_that_keeps_the_target() -> None:
