@@ -23,7 +23,8 @@ INTENDED_USE = (
 
 
 CALIBRATION_NOTE = (
-    "Expected calibration error (10 equal-width bins) of P(present) with its bootstrap 95 % interval. A perfectly "
+    "Expected calibration error (10 equal-width bins) of P(present); beside it the bootstrap bias-corrected ECE "
+    "with its basic bootstrap 95 % interval (the plug-in ECE of a small split is biased upwards). A perfectly "
     "calibrated model does not measure 0 on a hundred images: the next column is the ECE such a model shows with "
     "these predictions (labels drawn from the probabilities themselves), and p the share of those draws that "
     "reach the measured ECE — a small p is miscalibration the test images can see, a large one is within their noise."
@@ -37,14 +38,15 @@ def _fmt(value: Any) -> str:
 
 
 def _ece_detail(auc: dict[str, Any]) -> str:
-    """`` (95 % CI; calibrated: …) | value (low–high); median / q of a calibrated model, p`` where recorded."""
+    """The metric's name and value cells of a dataset's ECE row: the plug-in ECE, then (where recorded) the
+    bias-corrected ECE with its 95 % interval, a calibrated model's median and 95th percentile, and p."""
     if "ece_ci95" not in auc:
         return f" | {_fmt(auc['ece'])}"
     low, high = auc["ece_ci95"]
     calibrated = auc["ece_calibrated"]
-    return (f" (95 % CI; a calibrated model on as many images: median, 95th percentile; p) | {_fmt(auc['ece'])} "
-            f"({_fmt(low)}–{_fmt(high)}; {_fmt(calibrated['median'])}, {_fmt(calibrated['quantile'])}; "
-            f"p = {_fmt(auc['ece_p_value'])})")
+    return (f"; bias-corrected (95 % CI); a calibrated model on as many images: median, 95th percentile; p | "
+            f"{_fmt(auc['ece'])}; {_fmt(auc['ece_bias_corrected'])} ({_fmt(low)}–{_fmt(high)}); "
+            f"{_fmt(calibrated['median'])}, {_fmt(calibrated['quantile'])}; p = {_fmt(auc['ece_p_value'])}")
 
 
 def calibration_table(report: dict[str, Any]) -> list[str]:
@@ -54,8 +56,8 @@ def calibration_table(report: dict[str, Any]) -> list[str]:
     pooled = report.get("calibration", {})
     if not pooled:
         return []
-    lines = ["| task | test splits | n | ECE (95 % CI) | calibrated model: median, 95th percentile | p |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| task | test splits | n | ECE | bias-corrected ECE (95 % CI) | calibrated model: median, 95th percentile "
+             "| p |", "|---|---|---|---|---|---|---|"]
     for task, scopes in pooled.items():
         for scope in ("development", "all"):
             entry = scopes.get(scope)
@@ -63,7 +65,8 @@ def calibration_table(report: dict[str, Any]) -> list[str]:
                 continue
             low, high = entry["ci95"]
             calibrated = entry["calibrated_ece"]
-            lines.append(f"| {task} | {scope} | {entry['n']} | {_fmt(entry['ece'])} ({_fmt(low)}–{_fmt(high)}) | "
+            lines.append(f"| {task} | {scope} | {entry['n']} | {_fmt(entry['ece'])} | "
+                         f"{_fmt(entry['ece_bias_corrected'])} ({_fmt(low)}–{_fmt(high)}) | "
                          f"{_fmt(calibrated['median'])}, {_fmt(calibrated['quantile'])} | {_fmt(entry['p_value'])} |")
     return lines
 

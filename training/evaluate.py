@@ -15,8 +15,8 @@ lesion type its own question and applies the stored calibration: the findings' P
 lesion-presence probabilities.
 
 Metrics (:mod:`training.metrics`): DR grade accuracy and quadratic-weighted kappa, ROC AUC of every binary label
-the dataset has with a bootstrap 95 % interval, expected calibration error with a bootstrap 95 % interval and the
-ECE a perfectly calibrated model would measure on as many images (consistency resampling), sensitivity and specificity of
+the dataset has with a bootstrap 95 % interval, expected calibration error with its bootstrap bias correction and 95 % interval and
+the ECE a perfectly calibrated model would measure on as many images (consistency resampling), sensitivity and specificity of
 referable DR at the model's operating point (Wilson intervals), the share of images whose findings cover every
 trained condition, lesion box AP at IoU 0.5, answer-parse failure rate. Written as ``metrics.json``,
 ``report.md``, ROC curves, reliability diagrams and confusion matrices (PNG). ``metrics.json`` also records, per
@@ -230,7 +230,9 @@ def dataset_metrics(records: Sequence[Record], outcomes: Sequence[ImageOutcome],
             calibration = calibration_error_statistics(truth, scores)
             out.setdefault("auc", {})[task] = {"auc": metrics.roc_auc(truth, scores), "ci95": [low, high],
                                                "n": len(pairs), "positives": int(sum(truth)),
-                                               "ece": calibration["ece"], "ece_ci95": calibration["ci95"],
+                                               "ece": calibration["ece"],
+                                               "ece_bias_corrected": calibration["ece_bias_corrected"],
+                                               "ece_ci95": calibration["ci95"],
                                                "ece_calibrated": calibration["calibrated_ece"],
                                                "ece_p_value": calibration["p_value"]}
             if task == "referable_diabetic_retinopathy" and threshold is not None:

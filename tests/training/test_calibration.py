@@ -61,13 +61,15 @@ def test_calibration_error_statistics_tell_small_split_noise_from_miscalibration
     calibrated = (rng.random(120) < p).astype(int)
     honest = calibration_error_statistics(calibrated, p)
     assert honest["n"] == 120
-    assert honest["ci95"][0] <= honest["ece"] <= honest["ci95"][1]
+    assert honest["ci95"][0] <= honest["ece_bias_corrected"] <= honest["ci95"][1]
+    assert honest["ece_bias_corrected"] < honest["ece"]  # the plug-in ECE of a small split is biased upwards
     assert honest["calibrated_ece"]["median"] > 0.03  # 120 images: a calibrated model's ECE is not ≈ 0
     assert honest["p_value"] > 0.05
     overconfident = np.clip(p + 0.25 * np.sign(p - 0.5), 0.0, 1.0)
     shifted = calibration_error_statistics(calibrated, overconfident)
     assert shifted["ece"] > honest["calibrated_ece"]["quantile"]
     assert shifted["p_value"] < 0.01
+    assert shifted["ci95"][0] > honest["ci95"][1]
     assert calibration_error_statistics(calibrated, p) == honest  # seeded: the same figures every run
 
 
