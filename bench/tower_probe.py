@@ -6,7 +6,12 @@ passed through the frozen ImageNet tower, and its global-average-pooled head fea
 L2-regularised logistic regression per binary task (training.tasks) is fitted on the train features (standardised;
 λ chosen by 5-fold cross-validation on train) and scored by ROC AUC on every test split that labels the task.
 
-    python bench/tower_probe.py --sizes 224,384,512 [--variant lite0] [--max-train 400]
+    python bench/tower_probe.py --sizes 224,384,512 [--variant lite0] [--max-train 400] [--normalise local-contrast]
+
+``--normalise local-contrast`` probes the tower on photographs with their local background removed (each framed
+photograph minus its Gaussian blur, σ = size / 30, scaled ×4 around mid-grey inside 90 % of the FOV; B. Graham's
+preprocessing that won the Kaggle 2015 DR challenge): a test of whether camera colour and illumination are what the
+external sets differ in.
 
 Prints one table per size and writes bench/out/tower_probe.json.
 """
@@ -45,6 +50,22 @@ def features(model: EfficientNetLiteVisionModel, pixels: np.ndarray) -> np.ndarr
             x = torch.from_numpy(np.array(pixels[start:start + 32])).permute(0, 3, 1, 2).float() / 255.0
             out.append(model.feature_map((x - 0.5) / 0.5).mean(dim=(2, 3)).numpy())
     return np.concatenate(out)
+
+
+def local_contrast(pixels: np.ndarray) -> np.ndarray:
+    """Graham's local-contrast normalisation of framed ``N×S×S×3`` uint8 photographs (FOV centred, filling S)."""
+    from scipy.ndimage import gaussian_filter
+
+    size = pixels.shape[1]
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - (size - 1) / 2) ** 2 + (xx - (size - 1) / 2) ** 2 <= (0.45 * size) ** 2
+    out = np.empty_like(pixels)
+    for i, image in enumerate(pixels):
+        rgb = image.astype(np.float32)
+        blurred = gaussian_filter(rgb, sigma=(size / 30, size / 30, 0))
+        normalised = np.clip(4 * (rgb - blurred) + 128, 0, 255)
+        out[i] = np.where(inside[..., None], normalised, 128).astype(np.uint8)
+    return out
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
@@ -86,6 +107,7 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=None, help="train records per dataset (seeded sample)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("bench/out/cache"))
+    parser.add_argument("--normalise", choices=("none", "local-contrast"), default="none")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -103,6 +125,8 @@ def main() -> None:
         started = time.time()
         pixels = cached_pixels(records, size, args.cache, preprocess=lambda rgb, s=size: fov_square(rgb, s),
                                tag="fov_square")
+        if args.normalise == "local-contrast":
+            pixels = local_contrast(np.asarray(pixels))
         model = EfficientNetLiteVisionModel(EfficientNetLiteConfig(variant=args.variant, image_size=size)).eval()
         load_imagenet_state_dict(model, torch.load(imagenet_weights_file(args.variant), map_location="cpu"))
         feats = features(model, pixels)
@@ -128,7 +152,7 @@ def main() -> None:
         print(f"size {size}: features in {seconds:.0f} s", flush=True)
         for dataset, aucs in table.items():
             print(f"  {dataset:20s} " + "  ".join(f"{k} {v:.3f}" for k, v in aucs.items()), flush=True)
-    out = Path("bench/out/tower_probe.json")
+    out = Path("bench/out/tower_probe.json" if args.normalise == "none" else f"bench/out/tower_probe-{args.normalise}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
 
 
