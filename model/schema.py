@@ -19,9 +19,11 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 """1.1: ``ImageAnalysis.not_assessed`` (conditions the model was not trained to assess). 1.2: ``Source.CLINICIAN``
-(a lesion box drawn by the clinician who signed the result). Each version reads every earlier document."""
+(a lesion box drawn by the clinician who signed the result). 1.3: a finding whose grade the signing clinician set
+or corrected has ``Source.CLINICIAN`` (before, it kept the model's source with the clinician's grade). Each version
+reads every earlier document."""
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 """A number in the closed unit interval (normalised coordinate, probability, score)."""
@@ -115,8 +117,8 @@ class VesselType(StrEnum):
 
 class Source(StrEnum):
     """Who produced a value: the language model (``model``), the measurement pipeline (``measured``), or the
-    clinician who signed the result off (``clinician``: a lesion box drawn for a lesion the AI missed; it has no
-    score)."""
+    clinician who signed the result off (``clinician``: a lesion box drawn for a lesion the AI missed, or a grade the
+    clinician set or corrected; neither has a score or probability)."""
 
     MODEL = "model"
     MEASURED = "measured"
@@ -179,6 +181,10 @@ class Finding(_Model):
                 raise ValueError(f"{self.condition.value} needs {top + 1} grade probabilities")
             if abs(sum(self.grade_probabilities) - 1.0) > 1e-3:
                 raise ValueError("grade probabilities must sum to 1")
+        if self.source == Source.CLINICIAN and (
+            self.grade is None or self.probability is not None or self.grade_probabilities is not None
+        ):
+            raise ValueError("a finding the clinician set has a grade and no probability")
         return self
 
     @property

@@ -112,7 +112,8 @@ CONDITIONS: dict[Condition, Code] = {
 OBSERVER_TYPE = Code("121005", "DCM", "Observer Type")
 OBSERVER_PERSON = Code("121006", "DCM", "Person")
 """Observer Type = Person (PS3.16 TID 1002, CID 270): the qualitative evaluation of a TID 1410 region a clinician
-drew at sign-off (``Source.CLINICIAN``), where an AI region names its algorithm (TID 4019) instead."""
+drew at sign-off, or of the TID 1501 group of the grades a clinician set (``Source.CLINICIAN``), where an AI group
+names its algorithm (TID 4019) instead."""
 NOT_ASSESSED = Code("373121007", "SCT", "Not Evaluated")
 """Coded value of a condition the reading model was never trained to assess (``ImageAnalysis.not_assessed``):
 the standard "Not Evaluated" value DICOM already uses for an evaluation that was not made (PS3.16 CID 3703

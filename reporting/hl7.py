@@ -185,6 +185,7 @@ class _Builder:
                  verification: Verification | None = None) -> None:
         self.analysis, self.context, self.options = analysis, context, options
         self.status = result_status(analysis, options, verification)
+        self.verification = verification
         self.observed = study_time(context)
         self.analysed = hl7_time(analysis.created)
         self.order: Group | None = None
@@ -275,7 +276,7 @@ class _Builder:
 
     def _obx(self, value_type: str, identifier: str, value: str, sub_id: str = "", *, units: str = "",
              reference: str = "", flag: str = "", method: str = "", equipment: ModelIdentity | None = None,
-             notes: list[str] | None = None) -> Segment:
+             observer: str = "", notes: list[str] | None = None) -> Segment:
         assert self.order is not None
         group = self.order.add_group("ORU_R01_OBSERVATION")
         self.count += 1
@@ -295,6 +296,8 @@ class _Builder:
         obx.obx_11 = self.status
         if self.observed:
             obx.obx_14 = self.observed
+        if observer:
+            obx.obx_16 = observer
         if method:
             obx.obx_17 = method
         if equipment is not None:
@@ -307,6 +310,14 @@ class _Builder:
             nte.nte_2 = "L"
             nte.nte_3 = text(note)
         return obx
+
+    def _clinician(self) -> str:
+        """OBX-16 Responsible Observer (XCN: ID ^ family ^ given) of a grade the signing clinician set; the OBX names
+        no equipment (OBX-18) and no derivation (OBX-17), which describe the algorithm's values."""
+        if self.verification is None:
+            return ""
+        family, _, given = self.verification.observer_name.partition("^")
+        return "^".join(text(part) for part in (self.verification.observer_id, family, given.split("^")[0]))
 
     def _study_level(self) -> None:
         a = self.analysis
@@ -334,6 +345,11 @@ class _Builder:
             item += 1
             finding_sub = f"{number}.{item}"
             grade = finding.grade if finding.grade is not None else int(finding.present)
+            if finding.source == Source.CLINICIAN:
+                self._obx("CWE", coded(codes.CONDITIONS[finding.condition]),
+                          coded(codes.grade_code(finding.condition, grade)), finding_sub,
+                          observer=self._clinician())
+                continue
             derived = coded(codes.DERIVATION[finding.source])
             identity = self.model if finding.source == Source.MODEL else self.pipeline
             self._obx("CWE", coded(codes.CONDITIONS[finding.condition]),

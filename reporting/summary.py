@@ -63,7 +63,8 @@ def notes(analysis: StudyAnalysis, unmatched: Sequence[ImageAnalysis] = ()) -> l
 
 
 def finding_text(finding: Finding) -> str:
-    """``Diabetic retinopathy: grade 2 (moderate NPDR), p=0.91``."""
+    """``Diabetic retinopathy: grade 2 (moderate NPDR), p=0.91``; a grade the signing clinician set ends
+    ``, set by the clinician``."""
     name = condition_name(finding.condition)
     parts: list[str] = []
     if finding.grade is not None:
@@ -75,6 +76,8 @@ def finding_text(finding: Finding) -> str:
             parts.append("present" if finding.grade else "absent")
     if finding.probability is not None:
         parts.append(f"p={finding.probability:.2f}")
+    if finding.source == Source.CLINICIAN:
+        parts.append("set by the clinician")
     return f"{name}: {', '.join(parts) or NOT_ASSESSED}"
 
 

@@ -6,8 +6,8 @@ free-text comment. Signing, in one transaction:
 
 * stores the next revision of the study (``revision + 1``): an :class:`~worker.db.Analysis` holding the
   clinician's values (model monitoring counts the AI's analysis of the signed revision, never this one):
-  corrected findings lose the AI probability they no longer describe; wrong boxes are removed, missed ones added
-  with the source ``clinician``; the comment becomes a note; and a :class:`~worker.db.SignOff` row keeping who
+  a grade the clinician set or corrected becomes a finding with the source ``clinician`` and no AI probability;
+  wrong boxes are removed, missed ones added with the source ``clinician``; the comment becomes a note; and a :class:`~worker.db.SignOff` row keeping who
   signed, as which observer and organisation, what changed and the AI's original analysis;
 * creates that revision's delivery rows (the outbox, :func:`worker.pipeline.delivery.create_outbox`), so the
   bookkeeper re-issues the SR (VERIFIED, Verifying Observer; it lists the previous SR as predecessor), the FHIR
@@ -170,11 +170,12 @@ def corrected(analysis: StudyAnalysis, request: SignOffRequest) -> tuple[StudyAn
             before = finding.grade if finding is not None else None
             if finding is not None and before == fix.grade:
                 continue
+            graded = Finding(condition=fix.condition, grade=fix.grade, source=Source.CLINICIAN)
             if finding is None:
-                img.findings.append(Finding(condition=fix.condition, grade=fix.grade))
+                img.findings.append(graded)
                 img.not_assessed = [c for c in img.not_assessed if c != fix.condition]
             else:
-                finding.grade, finding.probability, finding.grade_probabilities = fix.grade, None, None
+                img.findings[img.findings.index(finding)] = graded
             changes.append({"kind": "grade", "eye": fix.eye, "sop_instance_uid": img.sop_instance_uid,
                             "condition": fix.condition.value, "ai": before, "clinician": fix.grade})
     by_uid = {img.sop_instance_uid: img for img in result.images if img.sop_instance_uid}

@@ -239,6 +239,7 @@ class ObservationFactory:
         verification: Verification | None = None,
     ) -> None:
         self.analysis = analysis
+        self.verification = verification
         self.status = fhir_status(verification)
         self.patient_ref = patient_ref
         self.study_ref = study_ref
@@ -285,6 +286,8 @@ class ObservationFactory:
             out.append(r4(Observation, obs))
         elif dr is not None and dr.grade is not None and side:
             obs = self._base(img, ds, "dr-severity", codeable(codes.LOINC_DR_SEVERITY[side]), self.main_uid)
+            if dr.source == Source.CLINICIAN:
+                self._by_clinician(obs)
             obs["valueCodeableConcept"] = codeable(
                 codes.LOINC_DR_ANSWERS[dr.grade], codes.ICDR_GRADES[dr.grade], text=summary.finding_text(dr)
             )
@@ -318,7 +321,7 @@ class ObservationFactory:
             components.append(
                 {"code": codeable(codes.QUALITY_RATING), "valueQuantity": quantity(img.quality.score, "1")}
             )
-        for finding in img.findings:
+        for finding in (f for f in img.findings if f.source != Source.CLINICIAN):
             condition = codes.CONDITIONS[finding.condition]
             components.append({"code": codeable(condition), "valueCodeableConcept": _finding_value(finding)})
             if finding.probability is not None:
@@ -352,7 +355,22 @@ class ObservationFactory:
         if notes:
             findings["note"] = [{"text": n} for n in notes]
         out.append(r4(Observation, findings))
+        graded = [f for f in img.findings if f.source == Source.CLINICIAN]
+        if graded:
+            clinician = self._base(img, ds, "clinician-findings",
+                                   codeable(codes.EYE_FINDINGS, text=f"{summary.image_title(img)}: graded by the "
+                                            "clinician at sign-off"), self.main_uid)
+            self._by_clinician(clinician)
+            clinician["component"] = [{"code": codeable(codes.CONDITIONS[f.condition]),
+                                       "valueCodeableConcept": _finding_value(f)} for f in graded]
+            out.append(r4(Observation, clinician))
         return out
+
+    def _by_clinician(self, observation: Resource) -> None:
+        """The signing clinician, not the algorithm, made ``observation``: performer instead of device."""
+        observation.pop("device", None)
+        if self.verification is not None:
+            observation["performer"] = [clinician_reference(self.verification)]
 
     def screening(self) -> Resource | None:
         """Study-level autonomous AI DR screening result (LOINC 105914-6), when the model graded DR or DME
@@ -398,6 +416,8 @@ class ObservationFactory:
             data["dataAbsentReason"] = _not_performed(unscreened)
         else:
             data["valueCodeableConcept"] = codeable(answer)
+        if any(f.source == Source.CLINICIAN for f in grades) and self.verification is not None:
+            data["performer"] = [clinician_reference(self.verification)]  # it answers from the clinician's grades
         return r4(Observation, data)
 
 

@@ -9,7 +9,9 @@ values; a disagreement between one and the measurement is a coded flag. Each les
 becomes a TID 1410 Planar ROI group with a closed POLYLINE SCOORD on its source image. Every group carries a
 TID 4019 Algorithm Identification (PS3.16 TID 1500, 1501, 1410, 300, 4019) — except a lesion the clinician drew
 at sign-off (``Source.CLINICIAN``): its group names no algorithm, has the qualitative evaluation Observer Type =
-Person (DCM 121005 / 121006) and a tracking identifier ending "drawn by clinician".
+Person (DCM 121005 / 121006) and a tracking identifier ending "drawn by clinician". Likewise the grades the
+clinician set or corrected at sign-off are not in the AI's group: they form a second TID 1501 group of the image
+without an algorithm, with Observer Type = Person, tracked as "graded by clinician".
 """
 
 from __future__ import annotations
@@ -81,8 +83,11 @@ class ImageGroups:
         )
 
     def for_image(self, img: ImageAnalysis, ds: Dataset) -> list[ImagingGroup]:
-        """The TID 1501 group of ``img`` followed by one TID 1410 group per region."""
+        """The TID 1501 group of ``img`` (and one of the clinician's grades, if any), then one TID 1410 group per
+        region."""
         groups: list[ImagingGroup] = [self._image_group(img, ds)]
+        if any(f.source == Source.CLINICIAN for f in img.findings):
+            groups.append(self._clinician_group(img, ds))
         groups += [self._lesion_group(img, ds, n, lesion) for n, lesion in enumerate(img.lesions, 1)]
         groups += [
             self._landmark_group(img, ds, landmark)
@@ -99,7 +104,7 @@ class ImageGroups:
                 hd.sr.QualitativeEvaluation(codes.QUALITY_ASSESSMENT, codes.QUALITY_VALUES[img.quality.grade])
             )
             measurements.append(self._number(codes.QUALITY_RATING, img.quality.score, "1", Source.MEASURED))
-        for finding in img.findings:
+        for finding in (f for f in img.findings if f.source != Source.CLINICIAN):
             condition = codes.CONDITIONS[finding.condition]
             if finding.grade is not None or finding.probability is not None:
                 grade = finding.grade if finding.grade is not None else int(finding.present)
@@ -135,6 +140,23 @@ class ImageGroups:
             finding_sites=[_finding_site(img, ds)],
             measurements=measurements or None,
             qualitative_evaluations=evaluations or None,
+            source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)],
+        )
+
+    def _clinician_group(self, img: ImageAnalysis, ds: Dataset) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        """TID 1501 group of the grades the signing clinician set: no TID 4019 algorithm, Observer Type = Person."""
+        evaluations = [hd.sr.QualitativeEvaluation(codes.OBSERVER_TYPE, codes.OBSERVER_PERSON)]
+        evaluations += [
+            hd.sr.QualitativeEvaluation(codes.CONDITIONS[f.condition], codes.grade_code(f.condition, f.grade))
+            for f in img.findings
+            if f.source == Source.CLINICIAN and f.grade is not None
+        ]
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=self._tracking(img.sop_instance_uid, "graded by clinician", ds.SOPInstanceUID),
+            finding_type=codes.IMAGE_FINDINGS,
+            finding_category=codes.FINDING_CATEGORY_ANATOMY,
+            finding_sites=[_finding_site(img, ds)],
+            qualitative_evaluations=evaluations,
             source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)],
         )
 

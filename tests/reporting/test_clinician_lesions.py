@@ -74,7 +74,7 @@ def test_fhir_and_key_image_name_the_clinicians_box(built) -> None:
 def test_stored_analyses_without_the_source_still_read_and_drawn_boxes_have_no_score(built) -> None:
     _, analysis, _, _ = built
     stored = json.loads(analysis.model_dump_json())
-    assert stored["schema_version"] == SCHEMA_VERSION == "1.2"
+    assert stored["schema_version"] == SCHEMA_VERSION == "1.3"
     assert stored["images"][0]["lesions"][-1]["source"] == "clinician"
     stored["schema_version"] = "1.1"
     for image in stored["images"]:

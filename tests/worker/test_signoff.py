@@ -122,6 +122,9 @@ def test_signing_with_a_correction_reissues_verified_sr_final_fhir_and_hl7(world
         stored = session.scalars(select(Analysis).where(Analysis.revision == 2)).one().result
         assert stored["images"][0]["findings"][0]["grade"] == 3 and stored["images"][0]["lesions"][0]["box"] == [
             0.6, 0.3, 0.7, 0.4]
+        assert stored["images"][0]["findings"][0]["source"] == "clinician"  # her grade, not the AI's
+        assert stored["images"][0]["findings"][0]["probability"] is None
+        assert stored["images"][1]["findings"][0]["source"] == "model"
         assert stored["images"][0]["lesions"][0]["source"] == "clinician"  # drawn by the clinician, not the AI
         assert stored["images"][1]["findings"][0]["grade"] == 2  # the left eye as the AI graded it
         (audit,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "study.signed")).all()
@@ -153,6 +156,7 @@ def test_signing_with_a_correction_reissues_verified_sr_final_fhir_and_hl7(world
     assert "Smith^Jane" in verifying and "Eye Clinic" in verifying and "api:dr-smith" in verifying
     assert "Verified by a clinician: Smith^Jane (Eye Clinic)" in dump and "not verified by a clinician" not in dump
     assert '"Tracking Identifier")="haemorrhage 1 drawn by clinician"' in dump
+    assert f'"Tracking Identifier")="graded by clinician {right}'[:80] in dump
     assert '(,,"Observer Type")=(121006,DCM,"Person")' in dump
 
     held = {pacs.get(f"/instances/{i['ID']}/tags?simplify")["SOPInstanceUID"]: pacs.get(
@@ -168,6 +172,10 @@ def test_signing_with_a_correction_reissues_verified_sr_final_fhir_and_hl7(world
     assert "not verified" not in report["conclusion"] and "Verified by a clinician" in report["conclusion"]
     notes = [n["text"] for o in _bundle_resource(world, 2, "Observation") for n in o.get("note", [])]
     assert "Hemorrhage drawn by the clinician at sign-off (missed by the AI), box [0.60, 0.30, 0.70, 0.40]." in notes
+    graded = [o for o in _bundle_resource(world, 2, "Observation") if o["identifier"][0]["value"].endswith(
+        f"{right}/clinician-findings")]
+    assert len(graded) == 1 and "device" not in graded[0]
+    assert graded[0]["performer"][0]["identifier"]["value"] == "api:dr-smith"
     (provenance,) = _bundle_resource(world, 2, "Provenance")
     assert any(a["type"]["coding"][0]["code"] == "verifier" for a in provenance["agent"])
     bundle = json.loads((_results(world, 2) / "fhir-bundle.json").read_text())
