@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 SCHEMA_VERSION = "1.3"
 """1.1: ``ImageAnalysis.not_assessed`` (conditions the model was not trained to assess). 1.2: ``Source.CLINICIAN``
 (a lesion box drawn by the clinician who signed the result). 1.3: a finding whose grade the signing clinician set
-or corrected has ``Source.CLINICIAN`` (before, it kept the model's source with the clinician's grade). Each version
+or corrected has ``Source.CLINICIAN`` (before, it kept the model's source with the clinician's grade), and
+``StudyAnalysis.referral_source`` says whether she set the referral. Each version
 reads every earlier document."""
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -333,6 +334,11 @@ class StudyAnalysis(_Model):
     images: list[ImageAnalysis] = Field(default_factory=list)
     impression: str = ""
     referral: Referral = Referral.NONE
+    referral_source: Source = Field(
+        default=Source.MODEL,
+        description="who set the referral: the product's rule over the AI and measured findings (model) or the "
+        "clinician who signed the result off (clinician; schema 1.3)",
+    )
     notes: list[str] = Field(default_factory=list, description="e.g. 'RetinalGPT not configured'")
     created: dt.datetime = Field(default_factory=lambda: dt.datetime.now(dt.UTC))
 

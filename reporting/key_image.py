@@ -49,7 +49,7 @@ def summary_lines(analysis: StudyAnalysis, img: ImageAnalysis,
     if drawn:
         names = sorted({codes.LESIONS[lesion.type].meaning.lower() for lesion in drawn})
         lines.append(f"Red boxes: drawn by the clinician ({', '.join(names)})")
-    lines.append(f"Referral: {analysis.referral.value}")
+    lines.append(summary.referral_text(analysis).rstrip("."))
     lines.append(summary.verification_statement(verification))
     return lines
 

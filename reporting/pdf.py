@@ -155,7 +155,8 @@ def render_pdf(analysis: StudyAnalysis, sources: Sequence[Dataset], notes: Seque
             ),
             styles["Normal"],
         ),
-        Paragraph(f"<b>Referral</b>: {escape(analysis.referral.value)}", styles["Normal"]),
+        Paragraph(f"<b>Referral</b>: {escape(summary.referral_text(analysis).removeprefix('Referral: ').rstrip('.'))}",
+                  styles["Normal"]),
     ]
     if analysis.impression:
         flow.append(Paragraph(f"<b>Impression</b>: {escape(analysis.impression)}", styles["Normal"]))

@@ -195,13 +195,19 @@ def image_title(img: ImageAnalysis) -> str:
     return f"{side.capitalize()}{quality}"
 
 
+def referral_text(analysis: StudyAnalysis) -> str:
+    """``Referral: urgent.``, or ``Referral: urgent, set by the clinician.`` when she set it at sign-off."""
+    by = ", set by the clinician" if analysis.referral_source == Source.CLINICIAN else ""
+    return f"Referral: {analysis.referral.value}{by}."
+
+
 def conclusion(analysis: StudyAnalysis) -> str:
     """One paragraph: impression, referral, per image the present findings and the conditions not assessed,
     the disagreement flags, and the notes."""
     lines: list[str] = []
     if analysis.impression:
         lines.append(analysis.impression.strip())
-    lines.append(f"Referral: {analysis.referral.value}.")
+    lines.append(referral_text(analysis))
     for img in analysis.images:
         lines.append(image_text(analysis, img))
         lines += [disagreement_text(d) for d in img.disagreements]

@@ -204,7 +204,7 @@ def corrected(analysis: StudyAnalysis, request: SignOffRequest) -> tuple[StudyAn
                         "type": missed.type.value, "box": list(missed.box)})
     if request.referral is not None and request.referral != result.referral:
         changes.append({"kind": "referral", "ai": result.referral.value, "clinician": request.referral.value})
-        result.referral = request.referral
+        result.referral, result.referral_source = request.referral, Source.CLINICIAN
     return result, changes
 
 

@@ -281,7 +281,8 @@ def restore_sop_classes(items: Sequence[Dataset], restore: dict[str, str]) -> No
 
 
 def qualitative_evaluations(analysis: StudyAnalysis, notes: Sequence[str]) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 document-level Qualitative Evaluations: referral, impression and notes as text."""
+    """TID 1500 row 12 document-level Qualitative Evaluations: referral, impression and notes as text; a referral
+    the signing clinician set is said so in a comment (the document's observer context is the algorithm)."""
     container = hd.sr.ContainerContentItem(
         name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
@@ -296,6 +297,8 @@ def qualitative_evaluations(analysis: StudyAnalysis, notes: Sequence[str]) -> hd
                 codes.IMPRESSION, analysis.impression, hd.sr.RelationshipTypeValues.CONTAINS
             )
         )
+    if analysis.referral_source == Source.CLINICIAN:
+        notes = [summary.referral_text(analysis), *notes]
     items += [
         hd.sr.TextContentItem(codes.COMMENT, note, hd.sr.RelationshipTypeValues.CONTAINS) for note in notes
     ]

@@ -2,7 +2,8 @@
 clinician's in every result object, never the algorithm's: the SR puts it in a TID 1501 group of its own without
 an algorithm (Observer Type = Person, tracked "graded by clinician") and leaves it out of the AI's group; FHIR
 gives it the clinician as performer and no device; the HL7 OBX names the clinician as responsible observer and
-no equipment; the texts say "set by the clinician"."""
+no equipment; the texts say "set by the clinician". A referral she set (``StudyAnalysis.referral_source``) is
+likewise hers in the HL7 OBX, the texts and an SR comment."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import highdicom as hd
 import pytest
 from pydantic import ValidationError
 
-from model.schema import Condition, Finding, Source
+from model.schema import Condition, Finding, Referral, Source
 from reporting import build_report_objects, codes, summary
 from reporting.hl7 import OruOptions, build_oru
+from reporting.key_image import summary_lines
+from reporting.sr.sop import build_sr
 from reporting.verification import Verification, verification_note
 from tests.reporting.reporting_fixtures import OPTIONS, make_analysis, write_all
 from tests.reporting.test_fhir import r4_validate
@@ -116,3 +119,21 @@ def test_texts_say_the_clinician_set_it_and_clinician_findings_carry_no_probabil
         Finding(condition=Condition.GLAUCOMA, grade=1, probability=0.7, source=Source.CLINICIAN)
     with pytest.raises(ValidationError, match="grade and no probability"):
         Finding(condition=Condition.GLAUCOMA, source=Source.CLINICIAN)
+
+
+def test_a_referral_the_clinician_set_is_hers(built) -> None:
+    sources, analysis, _, _ = built
+    theirs = analysis.model_copy(update={"referral": Referral.URGENT, "referral_source": Source.CLINICIAN})
+    assert "Referral: urgent, set by the clinician." in summary.conclusion(theirs)
+    assert "Referral: routine." in summary.conclusion(analysis.model_copy(update={"referral": Referral.ROUTINE}))
+    assert "Referral: urgent, set by the clinician" in summary_lines(theirs, theirs.images[0])
+    referral = codes.REFERRAL.value
+    (obx,) = [o for o in _observations(build_oru(theirs, sources[0], OruOptions(control_id="G2"), None, SIGNED))
+              if _component(o.obx_3, 0) == referral]
+    assert obx.obx_16.to_er7() == "api:dr-smith^Smith^Jane" and obx.obx_18.to_er7() == ""
+    (ai,) = [o for o in _observations(build_oru(analysis, sources[0], OruOptions(control_id="G3"), None, SIGNED))
+             if _component(o.obx_3, 0) == referral]
+    assert ai.obx_16.to_er7() == "" and _component(ai.obx_18, 0).startswith("RetinalGPT")
+    comments = [i.TextValue for i in build_sr(theirs, sources, OPTIONS, verification=SIGNED).ContentSequence[-1]
+                .ContentSequence if i.ValueType == "TEXT"]
+    assert "Referral: urgent, set by the clinician." in comments
