@@ -152,7 +152,8 @@ def main() -> None:
         print(f"size {size}: features in {seconds:.0f} s", flush=True)
         for dataset, aucs in table.items():
             print(f"  {dataset:20s} " + "  ".join(f"{k} {v:.3f}" for k, v in aucs.items()), flush=True)
-    out = Path("bench/out/tower_probe.json" if args.normalise == "none" else f"bench/out/tower_probe-{args.normalise}.json")
+    suffix = "" if args.normalise == "none" else f"-{args.normalise}"
+    out = Path(f"bench/out/tower_probe{suffix}.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -324,10 +324,11 @@ class _Builder:
         self._obx("ST", coded(STUDY_INSTANCE_UID), text(a.study_instance_uid))
         if a.impression:
             self._obx("TX", coded(codes.IMPRESSION), text(a.impression.strip()), equipment=self.model)
+        referral = coded(codes.REFERRAL_VALUES[a.referral])
         if a.referral_source == Source.CLINICIAN:
-            self._obx("CWE", coded(codes.REFERRAL), coded(codes.REFERRAL_VALUES[a.referral]), observer=self._clinician())
+            self._obx("CWE", coded(codes.REFERRAL), referral, observer=self._clinician())
         else:
-            self._obx("CWE", coded(codes.REFERRAL), coded(codes.REFERRAL_VALUES[a.referral]), equipment=self.model)
+            self._obx("CWE", coded(codes.REFERRAL), referral, equipment=self.model)
 
     def _image(self, number: int, img: ImageAnalysis) -> None:
         sub = str(number)

@@ -121,6 +121,7 @@ def render_pdf(analysis: StudyAnalysis, sources: Sequence[Dataset], notes: Seque
         topMargin=15 * mm,
         bottomMargin=15 * mm,
     )
+    referral = summary.referral_text(analysis).removeprefix("Referral: ").rstrip(".")
     flow: list = [
         Paragraph(TITLE, styles["Title"]),
         Paragraph(f"<b>{escape(statement)}</b>", styles["Normal"]),
@@ -155,8 +156,7 @@ def render_pdf(analysis: StudyAnalysis, sources: Sequence[Dataset], notes: Seque
             ),
             styles["Normal"],
         ),
-        Paragraph(f"<b>Referral</b>: {escape(summary.referral_text(analysis).removeprefix('Referral: ').rstrip('.'))}",
-                  styles["Normal"]),
+        Paragraph(f"<b>Referral</b>: {escape(referral)}", styles["Normal"]),
     ]
     if analysis.impression:
         flow.append(Paragraph(f"<b>Impression</b>: {escape(analysis.impression)}", styles["Normal"]))

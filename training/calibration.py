@@ -10,9 +10,9 @@ perfectly (maximum a posteriori; with hundreds of images it is negligible).
 Reliability: expected calibration error (ECE, Naeini et al. AAAI 2015; Guo et al. ICML 2017) of P(present) with
 ten equal-width bins, Σ_b (n_b / n)·|mean label_b − mean P_b|. On a test split of a hundred images the ECE of a
 perfectly calibrated model is itself several hundredths (each bin's observed frequency is a binomial mean), so
-:func:`calibration_error_statistics` reports it with a bootstrap bias correction and interval, and against the ECE a
-calibrated model would show on the same predictions (consistency resampling, Bröcker & Smith, Weather and Forecasting 2007:
-labels drawn from the predicted probabilities themselves).
+:func:`calibration_error_statistics` reports it with a bootstrap bias correction and interval, and against the
+ECE a calibrated model would show on the same predictions (consistency resampling, Bröcker & Smith, Weather and
+Forecasting 2007: labels drawn from the predicted probabilities themselves).
 
 Operating point of referable DR: the highest threshold on calibrated P(DR grade ≥ 2) whose validation sensitivity
 reaches the recipe's target (screening programmes favour sensitivity), so that specificity is as high as it can be
@@ -107,8 +107,8 @@ def calibration_error_statistics(labels: Sequence[int], probabilities: Sequence[
     return {"ece": observed, "ece_bias_corrected": max(0.0, float(2 * observed - bootstrap.mean())),
             "ci95": [max(0.0, float(2 * observed - np.quantile(bootstrap, 1 - alpha))),
                      max(0.0, float(2 * observed - np.quantile(bootstrap, alpha)))],
-            "calibrated_ece": {"median": float(np.median(calibrated)), "quantile": float(np.quantile(calibrated, level)),
-                               "level": level},
+            "calibrated_ece": {"median": float(np.median(calibrated)),
+                               "quantile": float(np.quantile(calibrated, level)), "level": level},
             "p_value": float((calibrated >= observed - 1e-12).mean()), "n": int(y.size)}
 
 

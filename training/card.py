@@ -56,8 +56,8 @@ def calibration_table(report: dict[str, Any]) -> list[str]:
     pooled = report.get("calibration", {})
     if not pooled:
         return []
-    lines = ["| task | test splits | n | ECE | bias-corrected ECE (95 % CI) | calibrated model: median, 95th percentile "
-             "| p |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | test splits | n | ECE | bias-corrected ECE (95 % CI) "
+             "| calibrated model: median, 95th percentile | p |", "|---|---|---|---|---|---|---|"]
     for task, scopes in pooled.items():
         for scope in ("development", "all"):
             entry = scopes.get(scope)

@@ -15,10 +15,10 @@ lesion type its own question and applies the stored calibration: the findings' P
 lesion-presence probabilities.
 
 Metrics (:mod:`training.metrics`): DR grade accuracy and quadratic-weighted kappa, ROC AUC of every binary label
-the dataset has with a bootstrap 95 % interval, expected calibration error with its bootstrap bias correction and 95 % interval and
-the ECE a perfectly calibrated model would measure on as many images (consistency resampling), sensitivity and specificity of
-referable DR at the model's operating point (Wilson intervals), the share of images whose findings cover every
-trained condition, lesion box AP at IoU 0.5, answer-parse failure rate. Written as ``metrics.json``,
+the dataset has with a bootstrap 95 % interval, expected calibration error with its bootstrap bias correction
+and 95 % interval and the ECE a perfectly calibrated model would measure on as many images (consistency
+resampling), sensitivity and specificity of referable DR at the model's operating point (Wilson intervals), the
+share of images whose findings cover every trained condition, lesion box AP at IoU 0.5, answer-parse failure rate. Written as ``metrics.json``,
 ``report.md``, ROC curves, reliability diagrams and confusion matrices (PNG). ``metrics.json`` also records, per
 condition, a histogram of the test images' probabilities (``score_histograms``): the reference distribution the
 worker's drift check (:mod:`worker.monitoring`) compares production probabilities with.
@@ -348,8 +348,8 @@ def score_histograms(raw: dict[str, Any], bins: int = SCORE_BINS) -> dict[str, A
 
 
 def pooled_calibration(raw: dict[str, Any]) -> dict[str, Any]:
-    """Per task, pooled over the evaluated datasets: expected calibration error with its bootstrap interval and
-    the ECE a calibrated model would show on as many images (:func:`training.calibration.calibration_error_statistics`),
+    """Per task, pooled over the evaluated datasets: expected calibration error with its bootstrap interval and the
+    ECE a calibrated model would show on as many images (:func:`~training.calibration.calibration_error_statistics`),
     and the reliability diagram's points (with and without the evaluation-only datasets)."""
     from training.adapters.shared import EVALUATION_ONLY
 

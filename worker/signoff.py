@@ -7,8 +7,9 @@ free-text comment. Signing, in one transaction:
 * stores the next revision of the study (``revision + 1``): an :class:`~worker.db.Analysis` holding the
   clinician's values (model monitoring counts the AI's analysis of the signed revision, never this one):
   a grade the clinician set or corrected becomes a finding with the source ``clinician`` and no AI probability;
-  wrong boxes are removed, missed ones added with the source ``clinician``; the comment becomes a note; and a :class:`~worker.db.SignOff` row keeping who
-  signed, as which observer and organisation, what changed and the AI's original analysis;
+  wrong boxes are removed, missed ones added with the source ``clinician``; the comment becomes a note; and a
+  :class:`~worker.db.SignOff` row keeping who signed, as which observer and organisation, what changed and the AI's
+  original analysis;
 * creates that revision's delivery rows (the outbox, :func:`worker.pipeline.delivery.create_outbox`), so the
   bookkeeper re-issues the SR (VERIFIED, Verifying Observer; it lists the previous SR as predecessor), the FHIR
   DiagnosticReport (``final``, or ``amended`` when something changed, with the clinician as resultsInterpreter)

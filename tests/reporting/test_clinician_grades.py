@@ -19,11 +19,13 @@ from model.schema import Condition, Finding, Referral, Source
 from reporting import build_report_objects, codes, summary
 from reporting.hl7 import OruOptions, build_oru
 from reporting.key_image import summary_lines
+from reporting.pdf import render_pdf
 from reporting.sr.sop import build_sr
 from reporting.verification import Verification, verification_note
 from tests.reporting.reporting_fixtures import OPTIONS, make_analysis, write_all
 from tests.reporting.test_fhir import r4_validate
 from tests.reporting.test_hl7 import _component, _observations
+from tests.reporting.test_pdf_key_image import pdf_text
 
 SIGNED = Verification(observer_name="Smith^Jane", observer_id="api:dr-smith", organisation="Eye Clinic",
                       verified_at=dt.datetime(2026, 12, 3, 14, 5, tzinfo=dt.UTC), changed=True)
@@ -83,14 +85,15 @@ def test_fhir_names_the_clinician_as_performer_of_the_grade(built, tmp_path) -> 
     by_kind = {}
     for o in observations:
         by_kind.setdefault(o["identifier"][0]["value"].rsplit("/", 1)[-1], []).append(o)
-    severity = [o for o in by_kind["dr-severity"] if o["bodySite"]["coding"][0]["code"] == codes.BODY_SITE_RIGHT_EYE.value]
+    right_eye = codes.BODY_SITE_RIGHT_EYE.value
+    severity = [o for o in by_kind["dr-severity"] if o["bodySite"]["coding"][0]["code"] == right_eye]
     assert len(severity) == 1 and "device" not in severity[0] and severity[0]["performer"] == [CLINICIAN]
     (clinician,) = by_kind["clinician-findings"]
     assert "device" not in clinician and clinician["performer"] == [CLINICIAN]
     assert [c["valueCodeableConcept"]["text"] for c in clinician["component"]] == [
         "Diabetic retinopathy: grade 3 (severe NPDR), set by the clinician"]
     dr = codes.CONDITIONS[Condition.DIABETIC_RETINOPATHY].value
-    right_ai = next(o for o in by_kind["findings"] if o["bodySite"]["coding"][0]["code"] == codes.BODY_SITE_RIGHT_EYE.value)
+    right_ai = next(o for o in by_kind["findings"] if o["bodySite"]["coding"][0]["code"] == right_eye)
     assert "device" in right_ai and all(c["code"]["coding"][0]["code"] != dr for c in right_ai["component"])
     (screening,) = by_kind["dr-screening"]
     assert screening["performer"] == [CLINICIAN] and "device" in screening  # the AI's result from her grades
@@ -127,6 +130,7 @@ def test_a_referral_the_clinician_set_is_hers(built) -> None:
     assert "Referral: urgent, set by the clinician." in summary.conclusion(theirs)
     assert "Referral: routine." in summary.conclusion(analysis.model_copy(update={"referral": Referral.ROUTINE}))
     assert "Referral: urgent, set by the clinician" in summary_lines(theirs, theirs.images[0])
+    assert "urgent, set by the clinician" in pdf_text(render_pdf(theirs, sources, [], SIGNED))
     referral = codes.REFERRAL.value
     (obx,) = [o for o in _observations(build_oru(theirs, sources[0], OruOptions(control_id="G2"), None, SIGNED))
               if _component(o.obx_3, 0) == referral]

@@ -194,7 +194,8 @@ def test_signing_with_a_correction_reissues_verified_sr_final_fhir_and_hl7(world
     with world.db.session() as session:
         third_result = session.scalars(select(Analysis).where(Analysis.revision == 3)).one().result
         assert third_result["referral"] == "urgent" and third_result["referral_source"] == "clinician"
-        assert session.scalars(select(Analysis).where(Analysis.revision == 2)).one().result["referral_source"] == "model"
+        second_result = session.scalars(select(Analysis).where(Analysis.revision == 2)).one().result
+        assert second_result["referral_source"] == "model"
     third = pydicom.dcmread(_results(world, 3) / "sr.dcm")
     assert third.VerifyingObserverSequence[0].VerifyingObserverName == "Jones^Tom"
     assert (third.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
