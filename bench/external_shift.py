@@ -73,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=BUNDLED)
     args = parser.parse_args()
+    if not (SHARED / "idrid_grading").is_dir():
+        raise SystemExit(f"needs the shared IDRiD grading set in {SHARED / 'idrid_grading'}")
     engine = RetinalGPTEngine.load(args.model, EngineOptions())
     records = [r for r in load_dataset("idrid_grading", SHARED / "idrid_grading") if r.split == "test"]
     truth = [int(r.grades[Condition.DIABETIC_RETINOPATHY] >= REFERABLE_GRADE) for r in records]
