@@ -34,11 +34,10 @@ from typer.testing import CliRunner
 
 from model.registry import ModelRegistry
 from model.schema import Condition, Finding, ImageAnalysis, Laterality, ModelIdentity, StudyAnalysis
+from tests.support.model_site import two_version_site
 from worker.cli.app import app
 from worker.config import ApiToken, ConfigError, load_settings
 from worker.db import Analysis, AuditEvent, Database, SignOff, Study, StudyState
-from worker.db.migrate import upgrade
-from worker.runtime import bundled_model
 from worker.signoff import GradeCorrection, SignOffRequest, sign
 
 DR = Condition.DIABETIC_RETINOPATHY
@@ -65,12 +64,7 @@ def _analysis(uid: str, version: str, probability: float) -> dict:
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config = tmp_path / "retinalgpt.toml"
     config.write_text(f'home = "{tmp_path / "home"}"\n[model]\npromotion_margin = 0.05\npromotion_min_cases = 4\n')
-    monkeypatch.setenv("RETINALGPT_CONFIG", str(config))
-    settings = load_settings(config)
-    upgrade(settings.database.url)
-    registry = ModelRegistry(settings.model.registry)
-    registry.register(bundled_model(), version="v1", activate=True)
-    registry.register(bundled_model(), version="v2")
+    settings = two_version_site(config, monkeypatch)
     db = Database(settings.database.url)
     with db.session() as session:
         for uid, (_, p1, p2) in CASES.items():
@@ -152,17 +146,23 @@ def test_activate_gate_refuses_worse_candidate_unless_forced(site: Path) -> None
     code, out = run("model", "activate", "v2", "--force")
     assert code == 0, out
     assert "forced past the promotion gate" in out
+    event = _forced_to_v2(site)
+    assert event.actor.startswith("cli:") and event.detail["version"] == "v2" and event.detail["previous"] == "v1"
+    assert event.detail["margin"] == 0.05 and any("AUC" in r for r in event.detail["reasons"])
+
+    code, out = run("model", "activate", "v1")  # better than v2 on the signed cases: the gate lets it through
+    assert code == 0 and "not worse" in out and "active model version: v1" in out
+
+
+def _forced_to_v2(site: Path) -> AuditEvent:
+    """After a forced activation: v2 is active and the one ``model.activated_forced`` audit event, returned."""
     settings = load_settings(site)
     assert ModelRegistry(settings.model.registry).active().version == "v2"
     db = Database(settings.database.url)
     with db.reading() as session:
         (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "model.activated_forced")).all()
     db.dispose()
-    assert event.actor.startswith("cli:") and event.detail["version"] == "v2" and event.detail["previous"] == "v1"
-    assert event.detail["margin"] == 0.05 and any("AUC" in r for r in event.detail["reasons"])
-
-    code, out = run("model", "activate", "v1")  # better than v2 on the signed cases: the gate lets it through
-    assert code == 0 and "not worse" in out and "active model version: v1" in out
+    return event
 
 
 def test_too_few_signed_cases_are_inconclusive_and_activate_refuses_unless_forced(site: Path) -> None:
@@ -184,12 +184,7 @@ def test_too_few_signed_cases_are_inconclusive_and_activate_refuses_unless_force
 
     code, out = run("model", "activate", "v2", "--force")
     assert code == 0 and "forced past the promotion gate: inconclusive" in out, out
-    settings = load_settings(site)
-    assert ModelRegistry(settings.model.registry).active().version == "v2"
-    db = Database(settings.database.url)
-    with db.reading() as session:
-        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "model.activated_forced")).all()
-    db.dispose()
+    event = _forced_to_v2(site)
     assert event.detail["verdict"] == "inconclusive" and event.detail["min_cases"] == 5
     assert event.detail["previous"] == "v1" and "4 signed studies" in event.detail["reasons"][0]
 

@@ -21,17 +21,15 @@ from typer.testing import CliRunner
 
 from model.registry import ModelRegistry
 from tests.dicom_node.dicom_fixtures import storescu
+from tests.support.model_site import two_version_site
 from tests.support.net import free_port
 from tests.support.roles import Roles, wait_for
 from worker.celery_app import shadow_priority
 from worker.cli.app import app
-from worker.config import load_settings
 from worker.db import Analysis, AuditEvent, Delivery, Study, StudyState
-from worker.db.migrate import upgrade
 from worker.db.queries import current_analysis
 from worker.pipeline.delivery import deliver_revision, latest_analysis
 from worker.roles import start_node_role
-from worker.runtime import bundled_model
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -56,12 +54,7 @@ def test_candidate_runs_in_shadow_without_delivering(tmp_path: Path, op_file, mo
         '[pipeline]\nheartbeat_seconds = 1\n'
         f'[[destinations]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n'
     )
-    monkeypatch.setenv("RETINALGPT_CONFIG", str(config))
-    settings = load_settings(config)
-    upgrade(settings.database.url)
-    registry = ModelRegistry(settings.model.registry)
-    registry.register(bundled_model(), version="v1", activate=True)
-    registry.register(bundled_model(), version="v2")
+    settings = two_version_site(config, monkeypatch)
     code, out = run("model", "shadow", "v1")
     assert code != 0 and "is the active version" in out
     code, out = run("model", "shadow", "v2")

@@ -18,16 +18,13 @@ import pytest
 from sqlalchemy import update
 from typer.testing import CliRunner
 
-from model.registry import ModelRegistry
+from tests.support.model_site import two_version_site
 from tests.support.services import redis_database
 from worker.celery_app import SHADOW_STUDY, make_celery, shadow_priority
 from worker.cli.app import app as cli
-from worker.config import load_settings
 from worker.db import Analysis, AuditEvent, Database, SignOff, Study, StudyState, utcnow
-from worker.db.migrate import upgrade
 from worker.pipeline.bookkeeper import Bookkeeper
 from worker.pipeline.jobs import Pipeline
-from worker.runtime import bundled_model
 
 MINUTE = dt.timedelta(minutes=1)
 
@@ -71,12 +68,7 @@ def test_lost_shadow_messages_are_sent_again_bounded(tmp_path: Path, monkeypatch
         config = tmp_path / "retinalgpt.toml"
         config.write_text(f'home = "{tmp_path / "home"}"\n[broker]\nurl = "{broker}"\n'
                           "[pipeline]\nrequeue_after_seconds = 2\nshadow_resend_per_sweep = 2\nmax_attempts = 2\n")
-        monkeypatch.setenv("RETINALGPT_CONFIG", str(config))
-        settings = load_settings(config)
-        upgrade(settings.database.url)
-        registry = ModelRegistry(settings.model.registry)
-        registry.register(bundled_model(), version="v1", activate=True)
-        registry.register(bundled_model(), version="v2")
+        settings = two_version_site(config, monkeypatch)
         db = Database(settings.database.url)
         bookkeeper = Bookkeeper(Pipeline(settings, db, make_celery(settings)))
         assert bookkeeper.sweep()["shadows"] == 0 and _queued(settings) == []  # no shadow version
