@@ -66,11 +66,16 @@ def expected_calibration_error(labels: Sequence[int], probabilities: Sequence[fl
     return float(_binned_ece(y[None, :], p[None, :], bins)[0])
 
 
+def _bin_index(probabilities: np.ndarray, bins: int) -> np.ndarray:
+    """The equal-width bin of every probability (1.0 falls in the last bin)."""
+    return np.minimum((probabilities * bins).astype(int), bins - 1)
+
+
 def _binned_ece(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> np.ndarray:
     """ECE of each row of ``labels`` / ``probabilities`` (shape resamples × images): Σ_b |Σ label − Σ P| / n over
     the images of bin b, which equals Σ_b (n_b / n)·|mean label_b − mean P_b|."""
     rows, n = probabilities.shape
-    index = np.minimum((probabilities * bins).astype(int), bins - 1) + bins * np.arange(rows)[:, None]
+    index = _bin_index(probabilities, bins) + bins * np.arange(rows)[:, None]
     gap = np.bincount(index.ravel(), weights=(labels - probabilities).ravel(), minlength=rows * bins)
     return np.abs(gap.reshape(rows, bins)).sum(axis=1) / n
 
@@ -116,7 +121,7 @@ def reliability(labels: Sequence[int], probabilities: Sequence[float], bins: int
     """Per non-empty bin: mean probability, observed frequency and count (a reliability diagram's points)."""
     y = np.asarray(labels, dtype=float)
     p = np.asarray(probabilities, dtype=float)
-    index = np.minimum((p * bins).astype(int), bins - 1)
+    index = _bin_index(p, bins)
     return [{"bin": b, "predicted": float(p[index == b].mean()), "observed": float(y[index == b].mean()),
              "n": int((index == b).sum())} for b in range(bins) if (index == b).any()]
 
