@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -53,6 +54,19 @@ def _pool_children(pid: int) -> list[int]:
     return [int(child) for child in out.split()]
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of ``pid`` in clock ticks (fields 14 and 15 of /proc/PID/stat, proc(5))."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _idle(pid: int, quiet: float = 1.0) -> bool:
+    """Whether ``pid`` used no CPU for ``quiet`` seconds."""
+    before = _cpu_ticks(pid)
+    time.sleep(quiet)
+    return _cpu_ticks(pid) == before
+
+
 def test_killed_idle_pool_process_worker_exits_for_restart_and_readiness_follows(tmp_path: Path) -> None:
     api_port = free_port()
     config = tmp_path / "config.toml"
@@ -92,8 +106,10 @@ def test_killed_idle_pool_process_worker_exits_for_restart_and_readiness_follows
                  diagnostics=logs)
         first = pipeline.enqueue(_study(db, tmp_path / "gone.dcm"), 1, actor="drill")
         wait_for(lambda: job_state(first) == JobState.DEAD, 60, "the first job", diagnostics=logs)
-
         (child,) = _pool_children(worker.pid)
+        # the job row is dead a moment before the task returns: a pool process killed in that moment loses a task,
+        # which the pool notices, takes back and carries on from instead of stalling — so wait until it is idle
+        wait_for(lambda: _idle(child), 30, "the pool process to go idle", diagnostics=logs)
         os.kill(child, signal.SIGKILL)  # idle: its task is done
         second = pipeline.enqueue(_study(db, tmp_path / "gone-too.dcm"), 1, actor="drill")
         wait_for(lambda: worker.poll() is not None, 60, "the stalled worker to exit", diagnostics=logs)
